@@ -1,0 +1,96 @@
+"""The block-device interface every swap device implements (FreeBSD's swdevt strategy).
+
+A device is an array of ``nblocks`` blocks of ``block_size`` bytes. Requests
+name a first block and a list of buffers that cover consecutive blocks; a
+device performs one vectored operation per contiguous request (one system
+call for a file). Failures raise ``DeviceError`` carrying the errno, so the
+pager can tell a transient error (EAGAIN, ENOMEM) from a hard one (EIO).
+
+Conformance: ``vmpager.testing.devices.check_block_device`` runs the shared
+suite against any implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["BlockDevice", "DeviceStatistics", "ReadableBuffer", "WritableBuffer"]
+
+#: Buffers the device reads from (write requests).
+ReadableBuffer = bytes | bytearray | memoryview
+#: Buffers the device fills (read requests).
+WritableBuffer = bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatistics:
+    """Counters of one device since it was opened."""
+
+    name: str
+    block_size: int
+    nblocks: int
+    read_ops: int
+    write_ops: int
+    blocks_read: int
+    blocks_written: int
+    discard_ops: int
+    flush_ops: int
+    read_errors: int
+    write_errors: int
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    """A fixed-size array of blocks that swap pages are stored in.
+
+    Contract for every method taking ``blk`` and buffers: each buffer's length
+    is a positive multiple of ``block_size``; the buffers cover the blocks
+    ``blk .. blk + total // block_size - 1`` in order, all inside the device,
+    else ``ValueError``. Calls may come from several threads at once for
+    disjoint ranges; they block until the I/O is done.
+    """
+
+    @property
+    def name(self) -> str:
+        """A human-readable name (a path, ``ram:N``, ``redis://...``)."""
+        ...
+
+    @property
+    def block_size(self) -> int:
+        """Bytes per block (the VM page size)."""
+        ...
+
+    @property
+    def nblocks(self) -> int:
+        """Number of blocks."""
+        ...
+
+    def read_blocks(self, blk: int, buffers: Sequence[WritableBuffer]) -> None:
+        """Fill ``buffers`` from the blocks starting at ``blk``; DeviceError on failure."""
+        ...
+
+    def write_blocks(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
+        """Store ``buffers`` at the blocks starting at ``blk``; DeviceError on failure.
+
+        When this returns the data is on the device as far as later reads are
+        concerned (it may still be in a volatile write cache until ``flush``).
+        """
+        ...
+
+    def discard(self, blk: int, nblocks: int) -> None:
+        """Tell the device the blocks' contents are no longer needed (TRIM)."""
+        ...
+
+    def flush(self) -> None:
+        """Make every completed write durable (fsync)."""
+        ...
+
+    def close(self) -> None:
+        """Release the device; later calls raise ``ValueError``. Idempotent."""
+        ...
+
+    def statistics(self) -> DeviceStatistics:
+        """Counters since the device was opened."""
+        ...
