@@ -42,9 +42,11 @@ from vmpager.errors import InvariantViolation
 from vmpager.units import check_int
 
 __all__ = [
+    "CONTENTS",
     "DEFAULT_ACCESSES",
     "DEFAULT_PASSES",
     "DEFAULT_SEED",
+    "PATTERNS",
     "SPLITMIX64_GAMMA",
     "ZIPF_EXPONENT",
     "Content",
