@@ -256,6 +256,8 @@ class MemoryBackend:
             self._zero_locked(offset, length, may_trim=may_trim)
 
     def _zero_locked(self, offset: int, length: int, *, may_trim: bool) -> None:
+        if length == 0:
+            return
         bs = self._block_size
         pages = self._pages
         end = offset + length
