@@ -223,7 +223,8 @@ class MemoryBackend:
 
     def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
         """Copy ``data`` into the pages at ``offset``, allocating pages as needed."""
-        view = memoryview(data).cast("B")
+        view = data if isinstance(data, memoryview) and data.format == "B" else memoryview(data)
+        view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
         length = len(view)
         self._check_range(offset, length)
         bs = self._block_size
@@ -231,6 +232,15 @@ class MemoryBackend:
         with self._lock:
             self._write_ops += 1
             self._bytes_written += length
+            if length == bs and not offset % bs:
+                # One aligned page, the common case: a single copy, no zero-fill.
+                index = offset // bs
+                page = pages.get(index)
+                if page is None:
+                    pages[index] = bytearray(view)
+                else:
+                    page[:] = view
+                return
             pos = 0
             while pos < length:
                 index, in_page = divmod(offset + pos, bs)
