@@ -36,7 +36,7 @@ def backend() -> MemoryBackend:
     return RecordingBackend(16 * MIB)
 
 
-@pytest.fixture(params=["tcp", "unix"])
+@pytest.fixture(params=["tcp", "unix", "tcp-workers"])
 def server(
     request: pytest.FixtureRequest, backend: MemoryBackend, tmp_path: Path
 ) -> Iterator[NbdServer]:
@@ -44,6 +44,8 @@ def server(
     kwargs: dict[str, object] = {"descriptions": {"disk": "test disk"}}
     if request.param == "unix":
         kwargs["unix_path"] = tmp_path / "nbd.sock"
+    if request.param == "tcp-workers":
+        kwargs["workers_per_connection"] = 3
     with NbdServer(exports, **kwargs) as srv:  # type: ignore[arg-type]
         yield srv
         srv.check()

@@ -20,11 +20,14 @@ lengths = st.integers(0, 20000)
 
 class ServerMachine(RuleBasedStateMachine):
     clients = Bundle("clients")
+    workers = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.backend = MemoryBackend(SIZE)
-        self.server = NbdServer({"m": self.backend}, sparse_read_bytes=8192).start()
+        self.server = NbdServer(
+            {"m": self.backend}, sparse_read_bytes=8192, workers_per_connection=self.workers
+        ).start()
         self.model = bytearray(SIZE)
         self.cookie = 0
         self.open: list[RawNbdClient] = []
@@ -139,4 +142,14 @@ class ServerMachine(RuleBasedStateMachine):
 TestServerMachine = ServerMachine.TestCase
 TestServerMachine.settings = settings(
     max_examples=25, stateful_step_count=30, deadline=None, derandomize=True
+)
+
+
+class PooledServerMachine(ServerMachine):
+    workers = 2
+
+
+TestPooledServerMachine = PooledServerMachine.TestCase
+TestPooledServerMachine.settings = settings(
+    max_examples=10, stateful_step_count=30, deadline=None, derandomize=True
 )

@@ -32,7 +32,9 @@ payload, and a write is acknowledged only after ``Backend.write`` returned.
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -45,7 +47,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, cast
 
 from vmpager.errors import InvariantViolation, SwapExhausted
 from vmpager.nbd import protocol as p
@@ -91,6 +93,12 @@ _ALLOWED_FLAGS: Final[dict[int, int]] = {
 }
 
 
+_WRITE_FLAGS: Final = _ALLOWED_FLAGS[p.NBD_CMD_WRITE]
+_READ_FLAGS: Final = _ALLOWED_FLAGS[p.NBD_CMD_READ]
+_pack_simple = p.SIMPLE_REPLY.pack
+_pack_data_header = p.CHUNK_OFFSET_DATA_HEADER.pack
+
+
 @dataclass(frozen=True, slots=True)
 class NbdServerStatistics:
     """Counters of one server since it started (all connections, live and finished)."""
@@ -113,7 +121,7 @@ class NbdServerStatistics:
 
 
 class _Counters:
-    """Per-connection counters: only the connection's own thread writes them."""
+    """Counters written by exactly one thread (a connection thread or one of its workers)."""
 
     __slots__ = (
         "block_status",
@@ -187,6 +195,12 @@ class NbdServer:
     closed at accept. A client that stalls the handshake longer than
     ``handshake_timeout_s`` per message is dropped.
 
+    ``workers_per_connection=0`` (the default, fastest for backends that
+    answer from memory) runs each connection's requests in order in its own
+    thread; ``N > 0`` gives every connection N worker threads, so a backend
+    whose calls block on device I/O (and release the GIL) serves up to N
+    requests of one client at once, replying as each finishes.
+
     ``start()`` binds and returns at once; ``serve_forever()`` blocks until
     ``close()``; the server is a context manager. The server never closes
     its backends.
@@ -206,6 +220,7 @@ class NbdServer:
         sparse_read_bytes: int | None = 64 * 1024,
         max_connections: int = 64,
         handshake_timeout_s: float = 30.0,
+        workers_per_connection: int = 0,
     ) -> None:
         if not isinstance(exports, Mapping) or not exports:
             raise ValueError("exports must be a non-empty mapping of export name to backend")
@@ -247,6 +262,9 @@ class NbdServer:
             else check_int(sparse_read_bytes, "sparse_read_bytes", minimum=1)
         )
         self._max_connections = check_int(max_connections, "max_connections", minimum=1)
+        self._workers_per_connection = check_int(
+            workers_per_connection, "workers_per_connection", maximum=256
+        )
         if not handshake_timeout_s > 0:
             raise ValueError(f"handshake_timeout_s must be > 0, got {handshake_timeout_s}")
         self._handshake_timeout_s = float(handshake_timeout_s)
@@ -408,7 +426,7 @@ class NbdServer:
             total = _Counters()
             total.add(self._retired)
             for connection in self._connections.values():
-                total.add(connection.counters)
+                total.add(connection.snapshot_counters())
             return NbdServerStatistics(
                 connections_accepted=self._accepted,
                 connections_active=len(self._connections),
@@ -481,7 +499,7 @@ class NbdServer:
     def _retire(self, connection: _Connection) -> None:
         with self._lock:
             if self._connections.pop(connection.cid, None) is not None:
-                self._retired.add(connection.counters)
+                self._retired.add(connection.snapshot_counters())
 
     def _lookup(self, name: str) -> _Export | None:
         export = self._exports.get(name)
@@ -542,6 +560,32 @@ class _Connection:
         self._pending: list[bytes | bytearray | memoryview] = []
         self._pending_bytes = 0
         self._spare = bytearray()
+        # Set by the pooled request loop: replies are then sent under the lock, and
+        # each worker thread counts into its own counters (listed in all_counters).
+        self._send_lock: threading.Lock | None = None
+        self._local: threading.local | None = None
+        self._counters_lock = threading.Lock()
+        self.all_counters: list[_Counters] = [self.counters]
+
+    def _counters(self) -> _Counters:
+        """The counters the calling thread may write."""
+        local = self._local
+        if local is None:
+            return self.counters
+        counters: _Counters | None = getattr(local, "counters", None)
+        if counters is None:
+            counters = local.counters = _Counters()
+            with self._counters_lock:
+                self.all_counters.append(counters)
+        return counters
+
+    def snapshot_counters(self) -> _Counters:
+        """Sum of this connection's counters (for statistics; live values may move on)."""
+        total = _Counters()
+        with self._counters_lock:
+            for counters in self.all_counters:
+                total.add(counters)
+        return total
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -626,6 +670,13 @@ class _Connection:
         self._pending_bytes = 0
 
     def _queue(self, *buffers: bytes | bytearray | memoryview) -> None:
+        """Queue one whole reply; with worker threads, send it at once under the send lock."""
+        send_lock = self._send_lock
+        if send_lock is not None:
+            with send_lock:
+                self._pending.extend(buffers)
+                self._send_pending()
+            return
         self._pending.extend(buffers)
         for buffer in buffers:
             self._pending_bytes += len(buffer)
@@ -832,7 +883,7 @@ class _Connection:
 
     def _error(self, cookie: int, error: int, message: str) -> None:
         """Queue an error reply (an ERROR chunk when structured replies were negotiated)."""
-        self.counters.error_replies += 1
+        self._counters().error_replies += 1
         if self.structured:
             text = message.encode()[:MAX_STRING_BYTES]
             payload = struct.pack(">IH", error, len(text)) + text
@@ -851,32 +902,28 @@ class _Connection:
 
     def _transmission(self) -> None:
         """Serve requests until NBD_CMD_DISC, EOF or a protocol error."""
+        workers = self.server._workers_per_connection
+        if workers:
+            self._transmission_pooled(workers)
+        else:
+            self._transmission_inline()
+
+    def _transmission_inline(self) -> None:
+        """The request loop that runs every request in this thread, in order."""
         export = self.export
         assert export is not None
         backend = export.backend
         size = export.size_bytes
         max_payload = self.server._max_payload
-        read_only = self.server._read_only
-        structured = self.structured
-        counters = self.counters
         sock = self.sock
         unpack_request = p.REQUEST.unpack_from
         request_size = p.REQUEST.size
-        pack_simple = p.SIMPLE_REPLY.pack
-        pack_data_header = p.CHUNK_OFFSET_DATA_HEADER.pack
-        queue = self._queue
         pending = self._pending
-        sparse_read_bytes = self.server._sparse_read_bytes
         request_magic = p.REQUEST_MAGIC
-        simple_magic = p.SIMPLE_REPLY_MAGIC
-        structured_magic = p.STRUCTURED_REPLY_MAGIC
-        done = p.NBD_REPLY_FLAG_DONE
-        offset_data = p.NBD_REPLY_TYPE_OFFSET_DATA
         cmd_read = p.NBD_CMD_READ
         cmd_write = p.NBD_CMD_WRITE
-        flag_fua = p.NBD_CMD_FLAG_FUA
-        write_flags = _ALLOWED_FLAGS[p.NBD_CMD_WRITE]
-        read_flags = _ALLOWED_FLAGS[p.NBD_CMD_READ]
+        do_read = self._read
+        do_write = self._write
 
         buf = bytearray(RECV_BUFFER_BYTES)
         view = memoryview(buf)
@@ -926,75 +973,163 @@ class _Connection:
                     data[:have] = view[start:end]
                     start = end = 0
                     self._recv_exact_into(data[have:])
-                bad_flags = flags & ~write_flags
-                if bad_flags:
-                    self._error(cookie, p.NBD_EINVAL, f"unsupported flags {bad_flags:#x}")
-                elif read_only:
-                    self._error(cookie, p.NBD_EPERM, "export is read-only")
-                elif offset + length > size:
-                    self._error(cookie, p.NBD_ENOSPC, f"write past the end ({size} bytes)")
-                else:
-                    try:
-                        if length:
-                            backend.write(offset, data, fua=bool(flags & flag_fua))
-                    except Exception as exc:
-                        self._backend_error(cookie, exc, "write", offset, length)
-                    else:
-                        counters.writes += 1
-                        counters.bytes_written += length
-                        queue(pack_simple(simple_magic, 0, cookie))
+                do_write(backend, size, flags, cookie, offset, length, data)
                 del data
-                continue
-
-            if command == cmd_read:
-                bad_flags = flags & ~read_flags
-                if bad_flags or (flags & p.NBD_CMD_FLAG_DF and not structured):
-                    self._error(cookie, p.NBD_EINVAL, f"unsupported flags {flags:#x}")
-                elif offset + length > size:
-                    self._error(cookie, p.NBD_EINVAL, f"read past the end ({size} bytes)")
-                elif length > max_payload:
-                    error = p.NBD_EOVERFLOW if structured else p.NBD_EINVAL
-                    self._error(cookie, error, f"read length {length} > maximum {max_payload}")
-                elif not structured:
-                    out = bytearray(length)
-                    try:
-                        backend.read_into(offset, memoryview(out))
-                    except Exception as exc:
-                        self._backend_error(cookie, exc, "read", offset, length)
-                    else:
-                        counters.reads += 1
-                        counters.bytes_read += length
-                        queue(pack_simple(simple_magic, 0, cookie), out)
-                elif length == 0:
-                    counters.reads += 1
-                    queue(self._none_chunk(cookie))
-                elif (
-                    sparse_read_bytes is not None
-                    and length >= sparse_read_bytes
-                    and not flags & p.NBD_CMD_FLAG_DF
-                ):
-                    self._sparse_read(backend, cookie, offset, length)
-                else:
-                    out = bytearray(length)
-                    try:
-                        backend.read_into(offset, memoryview(out))
-                    except Exception as exc:
-                        self._backend_error(cookie, exc, "read", offset, length)
-                    else:
-                        counters.reads += 1
-                        counters.bytes_read += length
-                        queue(
-                            pack_data_header(
-                                structured_magic, done, offset_data, cookie, length + 8, offset
-                            ),
-                            out,
-                        )
-                continue
-
-            if command == p.NBD_CMD_DISC:
+            elif command == cmd_read:
+                do_read(backend, size, flags, cookie, offset, length)
+            elif command == p.NBD_CMD_DISC:
                 self._send_pending()
                 raise _Disconnect("client sent NBD_CMD_DISC")
-            self._other_command(backend, size, flags, command, cookie, offset, length)
+            else:
+                self._other_command(backend, size, flags, command, cookie, offset, length)
+
+    def _transmission_pooled(self, workers: int) -> None:
+        """The request loop that hands requests to ``workers`` threads of this connection.
+
+        Replies are sent as requests finish (out of order); at most
+        ``4 * workers`` requests are in flight, so memory stays bounded. On
+        DISC, EOF or a protocol error, the requests in flight finish and are
+        answered before the connection closes.
+        """
+        export = self.export
+        assert export is not None
+        backend = export.backend
+        size = export.size_bytes
+        max_payload = self.server._max_payload
+        self._send_lock = threading.Lock()
+        self._local = threading.local()
+        slots = threading.BoundedSemaphore(4 * workers)
+        reader = cast(io.BufferedReader, self.sock.makefile("rb", buffering=RECV_BUFFER_BYTES))
+        header = bytearray(p.REQUEST.size)
+
+        def run(
+            flags: int, command: int, cookie: int, offset: int, length: int, data: bytearray
+        ) -> None:
+            try:
+                if command == p.NBD_CMD_WRITE:
+                    self._write(backend, size, flags, cookie, offset, length, data)
+                elif command == p.NBD_CMD_READ:
+                    self._read(backend, size, flags, cookie, offset, length)
+                else:
+                    self._other_command(backend, size, flags, command, cookie, offset, length)
+            except OSError as exc:
+                log.info("NBD client %s: reply not sent: %s", self.peer, exc)
+                self.shutdown(socket.SHUT_RDWR)
+            except Exception:
+                log.exception("NBD client %s: internal error; connection dropped", self.peer)
+                self.shutdown(socket.SHUT_RDWR)
+            finally:
+                slots.release()
+
+        with (
+            concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix=f"vmpager-nbd-conn-{self.cid}-worker"
+            ) as pool,
+            reader,
+        ):
+            while True:
+                if reader.readinto(header) != len(header):
+                    raise _Disconnect("client closed the connection")
+                magic, flags, command, cookie, offset, length = p.REQUEST.unpack(header)
+                if magic != p.REQUEST_MAGIC:
+                    raise _ProtocolError(f"bad request magic {magic:#x}")
+                data = bytearray()
+                if command == p.NBD_CMD_WRITE:
+                    if length > max_payload:
+                        raise _ProtocolError(
+                            f"write payload {length} exceeds maximum {max_payload}"
+                        )
+                    data = bytearray(length)
+                    if reader.readinto(data) != length:
+                        raise _Disconnect("client closed the connection inside a write")
+                elif command == p.NBD_CMD_DISC:
+                    raise _Disconnect("client sent NBD_CMD_DISC")
+                slots.acquire()
+                pool.submit(run, flags, command, cookie, offset, length, data)
+
+    def _write(
+        self,
+        backend: Backend,
+        size: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: bytearray | memoryview,
+    ) -> None:
+        """NBD_CMD_WRITE whose payload has been received into ``data``."""
+        bad_flags = flags & ~_WRITE_FLAGS
+        if bad_flags:
+            self._error(cookie, p.NBD_EINVAL, f"unsupported flags {bad_flags:#x}")
+        elif self.server._read_only:
+            self._error(cookie, p.NBD_EPERM, "export is read-only")
+        elif offset + length > size:
+            self._error(cookie, p.NBD_ENOSPC, f"write past the end ({size} bytes)")
+        else:
+            try:
+                if length:
+                    backend.write(offset, data, fua=bool(flags & p.NBD_CMD_FLAG_FUA))
+            except Exception as exc:
+                self._backend_error(cookie, exc, "write", offset, length)
+            else:
+                counters = self._counters()
+                counters.writes += 1
+                counters.bytes_written += length
+                self._queue(_pack_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _read(
+        self, backend: Backend, size: int, flags: int, cookie: int, offset: int, length: int
+    ) -> None:
+        """NBD_CMD_READ: a simple reply, one data chunk, or data and hole chunks."""
+        structured = self.structured
+        bad_flags = flags & ~_READ_FLAGS
+        if bad_flags or (flags & p.NBD_CMD_FLAG_DF and not structured):
+            self._error(cookie, p.NBD_EINVAL, f"unsupported flags {flags:#x}")
+            return
+        if offset + length > size:
+            self._error(cookie, p.NBD_EINVAL, f"read past the end ({size} bytes)")
+            return
+        max_payload = self.server._max_payload
+        if length > max_payload:
+            error = p.NBD_EOVERFLOW if structured else p.NBD_EINVAL
+            self._error(cookie, error, f"read length {length} > maximum {max_payload}")
+            return
+        if structured:
+            if length == 0:
+                self._counters().reads += 1
+                self._queue(self._none_chunk(cookie))
+                return
+            sparse_read_bytes = self.server._sparse_read_bytes
+            if (
+                sparse_read_bytes is not None
+                and length >= sparse_read_bytes
+                and not flags & p.NBD_CMD_FLAG_DF
+            ):
+                self._sparse_read(backend, cookie, offset, length)
+                return
+        out = bytearray(length)
+        try:
+            backend.read_into(offset, memoryview(out))
+        except Exception as exc:
+            self._backend_error(cookie, exc, "read", offset, length)
+            return
+        counters = self._counters()
+        counters.reads += 1
+        counters.bytes_read += length
+        if structured:
+            self._queue(
+                _pack_data_header(
+                    p.STRUCTURED_REPLY_MAGIC,
+                    p.NBD_REPLY_FLAG_DONE,
+                    p.NBD_REPLY_TYPE_OFFSET_DATA,
+                    cookie,
+                    length + 8,
+                    offset,
+                ),
+                out,
+            )
+        else:
+            self._queue(_pack_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie), out)
 
     def _payload_buffer(self, length: int) -> memoryview:
         """A buffer for a write payload too big for the receive buffer (reused when small)."""
@@ -1081,8 +1216,9 @@ class _Connection:
         except Exception as exc:
             self._backend_error(cookie, exc, "read", offset, length)
             return
-        self.counters.reads += 1
-        self.counters.bytes_read += length
+        counters = self._counters()
+        counters.reads += 1
+        counters.bytes_read += length
         self._queue(*buffers)
 
     def _other_command(
@@ -1096,7 +1232,7 @@ class _Connection:
         length: int,
     ) -> None:
         """Everything but READ, WRITE and DISC (which the request loop handles inline)."""
-        counters = self.counters
+        counters = self._counters()
         allowed = _ALLOWED_FLAGS.get(command)
         if allowed is None:
             self._error(cookie, p.NBD_EINVAL, f"unknown command {command}")
@@ -1184,7 +1320,7 @@ class _Connection:
         if sys.byteorder == "little":
             descriptors.byteswap()
         payload = struct.pack(">I", BASE_ALLOCATION_ID) + descriptors.tobytes()
-        self.counters.block_status += 1
+        self._counters().block_status += 1
         self._queue(
             p.CHUNK_HEADER.pack(
                 p.STRUCTURED_REPLY_MAGIC,
