@@ -43,6 +43,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -480,8 +481,13 @@ class NbdServer:
         while True:
             try:
                 sock, peer = listener.accept()
-            except OSError:
-                return  # the listener was shut down by close()
+            except OSError as exc:
+                if self._closing:
+                    return  # the listener was shut down by close()
+                # Out of descriptors or a connection reset before accept: keep serving.
+                log.warning("NBD accept failed: %s", exc)
+                time.sleep(0.05)
+                continue
             with self._lock:
                 refuse = self._closing or len(self._connections) >= self._max_connections
                 if refuse:
