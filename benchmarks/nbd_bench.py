@@ -10,7 +10,9 @@ Workloads (each run against both servers, interleaved, ``--reps`` times):
 For every run the benchmark records IOPS and the server's CPU time per
 request (our server runs in this process, whose main thread only waits for
 the client; nbdkit's comes from /proc/PID/stat), then prints JSON with the
-medians and the ratio ours / nbdkit. Needs qemu-utils, fio, libnbd-bin and
+medians and the ratios ours / nbdkit. "vmpager" is the default server (each
+connection's requests run in its own thread); "vmpager_workers4" is the same
+backend with ``workers_per_connection=4``. Needs qemu-utils, fio, libnbd-bin and
 nbdkit. Usage::
 
     python benchmarks/nbd_bench.py [--reps 5] [--count 20000] [--fio-seconds 5] \
@@ -157,6 +159,42 @@ def measure(run: Callable[[], float], cpu_s: Callable[[], float]) -> tuple[float
     return iops, cpu / requests * 1e6 if requests else 0.0, wall
 
 
+class DeviceLikeBackend(MemoryBackend):
+    """A MemoryBackend whose reads block ``delay_s`` without the GIL, like a device read."""
+
+    def __init__(self, size_bytes: int, delay_s: float) -> None:
+        super().__init__(size_bytes)
+        self.delay_s = delay_s
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        time.sleep(self.delay_s)
+        super().read_into(offset, buffer)
+
+
+def blocking_backend_section(reps: int, count: int, delay_s: float) -> dict[str, Any]:
+    """qemu-img bench reads against a backend that blocks: inline vs worker threads."""
+    backend = DeviceLikeBackend(64 * MIB, delay_s)
+    runs: dict[str, list[float]] = {"inline": [], "workers4": [], "workers16": []}
+    servers = {
+        "inline": NbdServer({"b": backend}).start(),
+        "workers4": NbdServer({"b": backend}, workers_per_connection=4).start(),
+        "workers16": NbdServer({"b": backend}, workers_per_connection=16).start(),
+    }
+    try:
+        for _ in range(reps):
+            for name, server in servers.items():
+                runs[name].append(qemu_img_bench(server.url(), count, False))
+    finally:
+        for server in servers.values():
+            server.close()
+    return {
+        "read_delay_us": delay_s * 1e6,
+        "requests_per_run": count,
+        **{f"{name}_iops_median": round(statistics.median(r)) for name, r in runs.items()},
+        **{f"{name}_iops_runs": [round(x) for x in r] for name, r in runs.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -170,9 +208,13 @@ def main() -> None:
 
     backend = MemoryBackend(IMAGE_BYTES)
     ours = NbdServer({"bench": backend}).start()
+    # The same backend behind worker threads: what the hand-off costs when the
+    # backend answers from memory (the mode exists for backends that block).
+    pooled = NbdServer({"bench": backend}, workers_per_connection=4).start()
     theirs = Nbdkit(IMAGE_BYTES)
     servers: dict[str, tuple[str, Callable[[], float]]] = {
         "vmpager": (ours.url(), time.process_time),
+        "vmpager_workers4": (pooled.url(), time.process_time),
         "nbdkit": (theirs.url(), theirs.cpu_s),
     }
     workloads: dict[str, Callable[[str], float]] = {
@@ -189,12 +231,13 @@ def main() -> None:
             # Reads must find data, not holes: fill both images the same way.
             image = Path(tmp) / "fill.img"
             image.write_bytes(np.random.default_rng(1).bytes(IMAGE_BYTES))
-            for url, _ in servers.values():
+            for url in (ours.url(), theirs.url()):  # the two vmpager servers share a backend
                 subprocess.run(["nbdcopy", str(image), url], check=True)
         for rep in range(args.reps):
             for workload, run in workloads.items():
-                # Alternate which server goes first so drift hits both alike.
-                order = list(servers) if rep % 2 == 0 else list(reversed(servers))
+                # Rotate which server goes first so drift hits all alike.
+                names = list(servers)
+                order = names[rep % len(names) :] + names[: rep % len(names)]
                 for name in order:
                     url, cpu = servers[name]
                     raw[workload][name].append(measure(lambda: run(url), cpu))  # noqa: B023
@@ -204,6 +247,7 @@ def main() -> None:
                     )
     finally:
         ours.close()
+        pooled.close()
         theirs.close()
 
     results: dict[str, Any] = {}
@@ -215,10 +259,12 @@ def main() -> None:
                 "iops_runs": [round(r[0]) for r in runs],
                 "server_cpu_us_per_request_median": round(statistics.median(r[1] for r in runs), 1),
             }
-        entry["ratio_vmpager_over_nbdkit"] = round(
-            entry["vmpager"]["iops_median"] / entry["nbdkit"]["iops_median"], 3
-        )
+        for name in ("vmpager", "vmpager_workers4"):
+            entry[f"ratio_{name}_over_nbdkit"] = round(
+                entry[name]["iops_median"] / entry["nbdkit"]["iops_median"], 3
+            )
         results[workload] = entry
+    blocking = blocking_backend_section(args.reps, 2000, 200e-6)
     report = {
         "benchmark": "nbd_bench",
         "machine": machine(),
@@ -231,7 +277,9 @@ def main() -> None:
             "transport": "TCP 127.0.0.1",
         },
         "vmpager_server_statistics": dataclasses.asdict(ours.statistics()),
+        "vmpager_workers4_server_statistics": dataclasses.asdict(pooled.statistics()),
         "results": results,
+        "blocking_backend_qemu_img_bench_read_4k_qd16": blocking,
     }
     text = json.dumps(report, indent=2)
     print(text)
