@@ -400,6 +400,8 @@ def run_kernel(
             "--content", content,
             "--max-seconds", str(max_seconds),
         ]  # fmt: skip
+        # The machine is shared; the load says how much a number is worth.
+        loadavg_before = _read("/proc/loadavg")
         started = time.monotonic()
         process = subprocess.Popen(
             argv,
@@ -416,6 +418,7 @@ def run_kernel(
             process.communicate()
             raise
         wall_s = time.monotonic() - started
+        loadavg_after = _read("/proc/loadavg")
         cgroup_stats = cgroup.statistics()
     if process.returncode != 0:
         raise KernelBenchError(
@@ -435,6 +438,8 @@ def run_kernel(
         swap=swap.describe() if swap is not None and limit_mib is not None else None,
         verified=True,
         wall_s=round(wall_s, 3),
+        loadavg_before=loadavg_before,
+        loadavg_after=loadavg_after,
         swapins_per_access=pswpin / result["accesses"] if result["accesses"] else None,
         us_per_swapin=result["access_s"] * 1e6 / pswpin if pswpin > 0 else None,
         **cgroup_stats,
