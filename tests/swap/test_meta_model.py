@@ -275,6 +275,7 @@ class ChunkLoopMachine(SwapMetaMachine):
 
     thresholds = {  # noqa: RUF012
         "_LOOP_MAX_CHUNKS": 10**12,
+        "_LOOKUP_LOOP_MAX_CHUNKS": 10**12,
         "_BULK_FRACTION": 1,
         "_NUMPY_COALESCE_MIN": 10**12,
     }
@@ -285,6 +286,7 @@ class WholeObjectMachine(SwapMetaMachine):
 
     thresholds = {  # noqa: RUF012
         "_LOOP_MAX_CHUNKS": 0,
+        "_LOOKUP_LOOP_MAX_CHUNKS": 0,
         "_BULK_FRACTION": 10**12,
         "_NUMPY_COALESCE_MIN": 0,
     }

@@ -63,16 +63,26 @@ _LEAF_MASK: Final = _LEAF_CHUNKS - 1
 #: Index of a leaf's "chunks present" counter, stored after its 64 slot numbers.
 _LEAF_COUNT: Final = _LEAF_CHUNKS
 #: Object ids, page indexes and blocks must fit in int64 (the vectorised views).
-_VALUE_MAX: Final = (1 << 63) - 1
+_VALUE_BITS: Final = 63
+_VALUE_MAX: Final = (1 << _VALUE_BITS) - 1
+# The hot paths test an int x with ``x >> _VALUE_BITS``: it is zero exactly
+# when 0 <= x <= _VALUE_MAX, one operation instead of two comparisons; any
+# other value goes to check_int for conversion or a precise error.
 _INT32_MAX: Final = (1 << 31) - 1
 
 _EMPTY_LEAF: Final = array("i", [-1] * _LEAF_CHUNKS + [0])
 #: Bytes of one empty chunk: -1 is all ones in two's complement at any width.
 _EMPTY_CHUNK_I: Final = b"\xff" * (4 * SWAP_META_PAGES)
 _EMPTY_CHUNK_Q: Final = b"\xff" * (8 * SWAP_META_PAGES)
+_NONE_CHUNK_I: Final = array("i", [SWAPBLK_NONE] * SWAP_META_PAGES)
+_NONE_CHUNK_Q: Final = array("q", [SWAPBLK_NONE] * SWAP_META_PAGES)
 
-#: Range operations spanning at most this many chunks walk the chunks one by
-#: one; beyond it they work on whole-object numpy arrays when that is cheaper.
+#: lookup_range walks up to this many chunks one by one in plain Python
+#: (about 0.3 us a chunk); longer ranges are gathered with numpy per leaf
+#: (about 10 us of fixed cost).
+_LOOKUP_LOOP_MAX_CHUNKS = 32
+#: free_range and transfer walk up to this many chunks (moved pages / 16 for
+#: transfer) one by one; beyond it they may rebuild whole-object arrays.
 _LOOP_MAX_CHUNKS = 8
 #: A range operation takes the whole-object path when it spans at least
 #: 1/_BULK_FRACTION of the object's chunks (its cost is linear in the object).
@@ -102,6 +112,11 @@ class MetaStatistics:
         return self.bytes_used / self.pages if self.pages else 0.0
 
 
+def _numpy_type(blocks: array[int]) -> type[np.int32] | type[np.int64]:
+    """The numpy type of a blocks array's items."""
+    return np.int32 if blocks.typecode == "i" else np.int64
+
+
 class _ObjectMeta:
     """The metadata of one object; see the module docstring for the layout."""
 
@@ -116,8 +131,7 @@ class _ObjectMeta:
 
     def blocks_view(self) -> Int64Array:
         """The blocks as an (nslots, 16) int64 copy (safe to keep)."""
-        dtype = np.int32 if self.blocks.typecode == "i" else np.int64
-        view = np.frombuffer(self.blocks, dtype=dtype)
+        view = np.frombuffer(self.blocks, dtype=_numpy_type(self.blocks))
         # astype copies, so no view of the array.array outlives this call (a
         # live export would make the next resize raise BufferError).
         return view.astype(np.int64).reshape(-1, SWAP_META_PAGES)
@@ -175,6 +189,17 @@ def _object_from_arrays(pindexes: Int64Array, blks: Int64Array) -> _ObjectMeta:
     return obj
 
 
+#: Copied for short results: a slice copy is several times cheaper than np.full.
+_NO_BLOCKS: Final = np.full(4096, SWAPBLK_NONE, dtype=np.int64)
+
+
+def _no_blocks(npages: int) -> Int64Array:
+    """A fresh int64 array of npages SWAPBLK_NONE."""
+    if npages <= len(_NO_BLOCKS):
+        return _NO_BLOCKS[:npages].copy()
+    return np.full(npages, SWAPBLK_NONE, dtype=np.int64)
+
+
 def _check_value(value: SupportsIndex, name: str, minimum: int = 0) -> int:
     """Slow path of argument checking: convert index-like values or raise."""
     return check_int(value, name, minimum=minimum, maximum=_VALUE_MAX)
@@ -213,11 +238,11 @@ class SwapMeta:
         seed. Assigning the block the page already has is a ``ValueError``
         (freeing it would leave a free block assigned). O(1).
         """
-        if type(oid) is not int or oid < 0 or oid > _VALUE_MAX:
+        if type(oid) is not int or oid >> _VALUE_BITS:
             oid = _check_value(oid, "oid")
-        if type(pindex) is not int or pindex < 0 or pindex > _VALUE_MAX:
+        if type(pindex) is not int or pindex >> _VALUE_BITS:
             pindex = _check_value(pindex, "pindex")
-        if type(blk) is not int or blk < 0 or blk > _VALUE_MAX:
+        if type(blk) is not int or blk >> _VALUE_BITS:
             blk = _check_value(blk, "blk", minimum=SWAPBLK_NONE)
             if blk == SWAPBLK_NONE:
                 self.free(oid, pindex)
@@ -257,9 +282,9 @@ class SwapMeta:
 
     def lookup(self, oid: int, pindex: int) -> int:
         """The block of page ``pindex`` of ``oid``, or ``SWAPBLK_NONE``. O(1)."""
-        if type(oid) is not int or oid < 0 or oid > _VALUE_MAX:
+        if type(oid) is not int or oid >> _VALUE_BITS:
             oid = _check_value(oid, "oid")
-        if type(pindex) is not int or pindex < 0 or pindex > _VALUE_MAX:
+        if type(pindex) is not int or pindex >> _VALUE_BITS:
             pindex = _check_value(pindex, "pindex")
         obj = self._objects.get(oid)
         if obj is None:
@@ -273,34 +298,18 @@ class SwapMeta:
             return SWAPBLK_NONE
         return obj.blocks[(slot << _CHUNK_SHIFT) | (pindex & _CHUNK_MASK)]
 
+    # pop and free repeat the look-up inline rather than share a helper: a
+    # method call is a third of their cost, and they run on every pagein.
+
     def pop(self, oid: int, pindex: int) -> int:
         """Remove the page's block without freeing it (SWM_POP). O(1).
 
         Returns the block, now owned by the caller, or ``SWAPBLK_NONE``.
         """
-        if type(oid) is not int or oid < 0 or oid > _VALUE_MAX:
+        if type(oid) is not int or oid >> _VALUE_BITS:
             oid = _check_value(oid, "oid")
-        if type(pindex) is not int or pindex < 0 or pindex > _VALUE_MAX:
+        if type(pindex) is not int or pindex >> _VALUE_BITS:
             pindex = _check_value(pindex, "pindex")
-        return self._remove(oid, pindex)
-
-    def free(self, oid: int, pindex: int) -> bool:
-        """Remove the page's block and free it (SWM_FREE). O(1).
-
-        Returns False, and frees nothing, when the page had no block.
-        """
-        if type(oid) is not int or oid < 0 or oid > _VALUE_MAX:
-            oid = _check_value(oid, "oid")
-        if type(pindex) is not int or pindex < 0 or pindex > _VALUE_MAX:
-            pindex = _check_value(pindex, "pindex")
-        blk = self._remove(oid, pindex)
-        if blk < 0:
-            return False
-        self._free_blocks(blk, 1)
-        return True
-
-    def _remove(self, oid: int, pindex: int) -> int:
-        """Clear one page's entry; returns its block (not freed) or SWAPBLK_NONE."""
         obj = self._objects.get(oid)
         if obj is None:
             return SWAPBLK_NONE
@@ -317,11 +326,12 @@ class SwapMeta:
         if old < 0:
             return SWAPBLK_NONE
         self._total -= 1
-        obj.npages -= 1
-        if obj.npages == 0:
+        npages = obj.npages - 1
+        if npages == 0:
             # Last page of the object: drop the whole record at once.
             del self._objects[oid]
             return old
+        obj.npages = npages
         blocks[i] = SWAPBLK_NONE
         counts = obj.counts
         left = counts[slot] - 1
@@ -329,6 +339,47 @@ class SwapMeta:
         if left == 0:
             self._release_slot(obj, slot, chunk)
         return old
+
+    def free(self, oid: int, pindex: int) -> bool:
+        """Remove the page's block and free it (SWM_FREE). O(1).
+
+        Returns False, and frees nothing, when the page had no block.
+        """
+        if type(oid) is not int or oid >> _VALUE_BITS:
+            oid = _check_value(oid, "oid")
+        if type(pindex) is not int or pindex >> _VALUE_BITS:
+            pindex = _check_value(pindex, "pindex")
+        obj = self._objects.get(oid)
+        if obj is None:
+            return False
+        chunk = pindex >> _CHUNK_SHIFT
+        leaf = obj.leaves.get(chunk >> _LEAF_SHIFT)
+        if leaf is None:
+            return False
+        slot = leaf[chunk & _LEAF_MASK]
+        if slot < 0:
+            return False
+        i = (slot << _CHUNK_SHIFT) | (pindex & _CHUNK_MASK)
+        blocks = obj.blocks
+        old = blocks[i]
+        if old < 0:
+            return False
+        self._total -= 1
+        npages = obj.npages - 1
+        if npages == 0:
+            # Last page of the object: drop the whole record at once.
+            del self._objects[oid]
+            self._free_blocks(old, 1)
+            return True
+        obj.npages = npages
+        blocks[i] = SWAPBLK_NONE
+        counts = obj.counts
+        left = counts[slot] - 1
+        counts[slot] = left
+        if left == 0:
+            self._release_slot(obj, slot, chunk)
+        self._free_blocks(old, 1)
+        return True
 
     @staticmethod
     def _release_slot(obj: _ObjectMeta, slot: int, chunk: int) -> None:
@@ -368,27 +419,30 @@ class SwapMeta:
         oid, start, npages = self._check_range(oid, start, npages)
         obj = self._objects.get(oid)
         if obj is None or npages == 0:
-            return np.full(npages, SWAPBLK_NONE, dtype=np.int64)
+            return _no_blocks(npages)
         first = start >> _CHUNK_SHIFT
         last = (start + npages - 1) >> _CHUNK_SHIFT
         nchunks = last - first + 1
         leaves = obj.leaves
-        if nchunks <= _LOOP_MAX_CHUNKS:
-            out = np.full(npages, SWAPBLK_NONE, dtype=np.int64)
+        if nchunks <= _LOOKUP_LOOP_MAX_CHUNKS:
+            # Gathered in an array.array of the blocks' own type and converted
+            # once: far cheaper than one numpy slice assignment per chunk.
             blocks = obj.blocks
+            gathered = array(blocks.typecode)
+            none_chunk = _NONE_CHUNK_I if blocks.typecode == "i" else _NONE_CHUNK_Q
+            pindex = start
             end = start + npages
-            for chunk in range(first, last + 1):
+            while pindex < end:
+                chunk = pindex >> _CHUNK_SHIFT
+                stop = min(end, (chunk + 1) << _CHUNK_SHIFT)
                 leaf = leaves.get(chunk >> _LEAF_SHIFT)
-                if leaf is None:
-                    continue
-                slot = leaf[chunk & _LEAF_MASK]
-                if slot < 0:
-                    continue
-                lo = max(start, chunk << _CHUNK_SHIFT)
-                hi = min(end, (chunk + 1) << _CHUNK_SHIFT)
-                base = (slot << _CHUNK_SHIFT) - (chunk << _CHUNK_SHIFT)
-                out[lo - start : hi - start] = blocks[base + lo : base + hi]
-            return out
+                if leaf is not None and (slot := leaf[chunk & _LEAF_MASK]) >= 0:
+                    base = (slot - chunk) << _CHUNK_SHIFT
+                    gathered += blocks[base + pindex : base + stop]
+                else:
+                    gathered += none_chunk[: stop - pindex]
+                pindex = stop
+            return np.array(gathered, dtype=np.int64)
         positions: list[Int64Array] = []
         slots: list[Int64Array] = []
         for key in self._leaf_keys(obj, first >> _LEAF_SHIFT, last >> _LEAF_SHIFT):
@@ -404,7 +458,13 @@ class SwapMeta:
             del leaf_slots
         padded = np.full((nchunks, SWAP_META_PAGES), SWAPBLK_NONE, dtype=np.int64)
         if positions:
-            padded[np.concatenate(positions)] = obj.blocks_view()[np.concatenate(slots)]
+            # Gather straight from a view of the blocks (no copy of the whole
+            # object); the view dies here, before anything can resize the array.
+            view = np.frombuffer(obj.blocks, dtype=_numpy_type(obj.blocks))
+            padded[np.concatenate(positions)] = view.reshape(-1, SWAP_META_PAGES)[
+                np.concatenate(slots)
+            ]
+            del view
         offset = start & _CHUNK_MASK
         return padded.reshape(-1)[offset : offset + npages]
 
@@ -456,9 +516,14 @@ class SwapMeta:
                 if slot < 0:
                     continue
                 blocks = obj.blocks
-                base = (slot << _CHUNK_SHIFT) - (chunk << _CHUNK_SHIFT)
+                base = (slot - chunk) << _CHUNK_SHIFT
                 lo = max(start, chunk << _CHUNK_SHIFT) + base
                 hi = min(end, (chunk + 1) << _CHUNK_SHIFT) + base
+                if hi - lo == SWAP_META_PAGES:
+                    # The whole chunk goes: no need to clear its entries.
+                    removed.extend([blk for blk in blocks[lo:hi] if blk >= 0])
+                    self._release_slot(obj, slot, chunk)
+                    continue
                 nfreed = 0
                 for i in range(lo, hi):
                     blk = blocks[i]
@@ -498,7 +563,7 @@ class SwapMeta:
         Returns how many blocks were freed; consecutive block numbers go back
         in one ``free_blocks`` call.
         """
-        if type(oid) is not int or oid < 0 or oid > _VALUE_MAX:
+        if type(oid) is not int or oid >> _VALUE_BITS:
             oid = _check_value(oid, "oid")
         obj = self._objects.pop(oid, None)
         if obj is None:
@@ -528,9 +593,9 @@ class SwapMeta:
         anything changes, so an exception from it leaves both objects as they
         were. Cost: O(pages of src + pages of dst).
         """
-        if type(src_oid) is not int or src_oid < 0 or src_oid > _VALUE_MAX:
+        if type(src_oid) is not int or src_oid >> _VALUE_BITS:
             src_oid = _check_value(src_oid, "src_oid")
-        if type(dst_oid) is not int or dst_oid < 0 or dst_oid > _VALUE_MAX:
+        if type(dst_oid) is not int or dst_oid >> _VALUE_BITS:
             dst_oid = _check_value(dst_oid, "dst_oid")
         offset_pages = _check_value(offset_pages, "offset_pages")
         dst_npages = _check_value(dst_npages, "dst_npages")
@@ -577,7 +642,7 @@ class SwapMeta:
 
     def count(self, oid: int) -> int:
         """How many pages of ``oid`` have a block. O(1)."""
-        if type(oid) is not int or oid < 0 or oid > _VALUE_MAX:
+        if type(oid) is not int or oid >> _VALUE_BITS:
             oid = _check_value(oid, "oid")
         obj = self._objects.get(oid)
         return 0 if obj is None else obj.npages
@@ -592,7 +657,7 @@ class SwapMeta:
         A snapshot taken at the call: the caller may change the metadata
         while iterating. O(pages of oid).
         """
-        if type(oid) is not int or oid < 0 or oid > _VALUE_MAX:
+        if type(oid) is not int or oid >> _VALUE_BITS:
             oid = _check_value(oid, "oid")
         obj = self._objects.get(oid)
         if obj is None:
@@ -737,9 +802,12 @@ class SwapMeta:
 
     @staticmethod
     def _check_range(oid: int, start: int, npages: int) -> tuple[int, int, int]:
-        oid = _check_value(oid, "oid")
-        start = _check_value(start, "start")
-        npages = _check_value(npages, "npages")
+        if type(oid) is not int or oid >> _VALUE_BITS:
+            oid = _check_value(oid, "oid")
+        if type(start) is not int or start >> _VALUE_BITS:
+            start = _check_value(start, "start")
+        if type(npages) is not int or npages >> _VALUE_BITS:
+            npages = _check_value(npages, "npages")
         return oid, start, npages
 
     @staticmethod
