@@ -87,6 +87,27 @@ _FIB: tuple[int, ...] = (
 )  # fmt: skip
 
 
+#: Requests up to this many blocks take the fast paths of alloc and free.
+_FAST_MAX = 64
+#: _RUNS[n]: n low bits set.
+_RUNS: tuple[int, ...] = tuple((1 << n) - 1 for n in range(_FAST_MAX + 1))
+
+
+def _shift_steps(count: int) -> tuple[int, ...]:
+    """Shift amounts with which ``_run_starts`` turns single free bits into runs of ``count``."""
+    steps: list[int] = []
+    covered = 1
+    while covered < count:
+        step = covered if covered <= count - covered else count - covered
+        steps.append(step)
+        covered += step
+    return tuple(steps)
+
+
+#: _SHIFTS[n]: the shift-and steps for runs of n blocks.
+_SHIFTS: tuple[tuple[int, ...], ...] = tuple(_shift_steps(n) for n in range(_FAST_MAX + 1))
+
+
 def _run_starts(bits: int, count: int) -> int:
     """Mask of positions ``p`` where bits ``p .. p + count - 1`` of ``bits`` are all set.
 
@@ -99,6 +120,32 @@ def _run_starts(bits: int, count: int) -> int:
         bits &= bits >> step
         covered += step
     return bits
+
+
+def _longest_run(bits: int) -> int:
+    """Length of the longest run of set bits in a non-negative ``bits``.
+
+    Doubles the run length while runs that long exist, then refines by
+    halving steps: about ``2 log2(longest)`` big-int operations.
+    """
+    if not bits:
+        return 0
+    length = 1
+    while True:
+        longer = bits & (bits >> length)
+        if not longer:
+            break
+        bits = longer
+        length <<= 1
+    # Runs of `length` blocks start at the set bits of `bits`; none of 2 * length.
+    step = length >> 1
+    while step:
+        longer = bits & (bits >> step)
+        if longer:
+            bits = longer
+            length += step
+        step >>= 1
+    return length
 
 
 def _trailing_ones(bits: int) -> int:
@@ -330,21 +377,72 @@ class Blist:
         moves to the end of the run (0 if that is the end of the space).
 
         Raises ``ValueError``/``TypeError`` for ``count < 1`` or ``maxcount <
-        count``. Cost: O(log nblocks) node visits plus O(taken / leaf_bits).
+        count``. Cost: O(log nblocks) node visits plus O(taken / leaf_bits);
+        a run of up to 64 blocks found in the cursor's leaf costs a few big-int
+        operations.
         """
+        if maxcount is None and count.__class__ is int and 0 < count <= _FAST_MAX:
+            # Fast path: the run lies in the cursor's leaf. A run that fits
+            # there is the first fit: an earlier candidate would have to start
+            # at or after the cursor and reach past the leaf, hence start later.
+            cursor = self._cursor
+            leaf_index = cursor >> self._lshift
+            offset = cursor & self._lmask
+            leaves = self._leaves
+            bits = leaves[leaf_index]
+            mask = _RUNS[count] << offset
+            if bits & mask != mask:
+                starts = bits >> offset
+                for step in _SHIFTS[count]:
+                    starts &= starts >> step
+                if not starts:
+                    if bits >> self._lmask:
+                        # The top block is free: a run may cross into the next leaf.
+                        return self._alloc_slow(count, count)
+                    # Nothing starts in this leaf from the cursor on: remember the
+                    # leaf's longest run and go on from the next leaf.
+                    longest = _longest_run(bits)
+                    leaf_hints = self._hints[0]
+                    if leaf_hints[leaf_index] > longest:
+                        leaf_hints[leaf_index] = longest
+                    return self._place(count, count, (leaf_index + 1) << self._lshift)
+                skip = (starts & -starts).bit_length() - 1
+                cursor += skip
+                mask <<= skip
+            bits ^= mask
+            leaves[leaf_index] = bits
+            if not bits:
+                self._clear_nonempty(leaf_index)
+            end = cursor + count
+            self._cursor = end if end != self._nblocks else 0
+            self._avail -= count
+            self._alloc_calls += 1
+            self._blocks_allocated += count
+            return cursor, count
+        return self._alloc_slow(count, maxcount)
+
+    def _alloc_slow(self, count: int, maxcount: int | None) -> tuple[int, int] | None:
+        """``alloc`` by a walk of the tree from the cursor (and from 0), validating arguments."""
         if maxcount is None:
             count = maxcount = check_int(count, "count", minimum=1)
         else:
             count = check_int(count, "count", minimum=1)
             maxcount = check_int(maxcount, "maxcount", minimum=count)
+        return self._place(count, maxcount, self._cursor)
+
+    def _place(self, count: int, maxcount: int, start: int) -> tuple[int, int] | None:
+        """Allocate by a walk of the tree: first fit from ``start``, then once from block 0.
+
+        ``start`` is the cursor, or a later block when the blocks from the
+        cursor up to ``start`` are known to hold no candidate.
+        """
         self._alloc_calls += 1
         if count > self._avail:
             self._alloc_failures += 1
             return None
         self._slow_searches += 1
-        cursor = self._cursor
-        blk = self._find(cursor, count)
-        if blk < 0 and cursor:
+        blk = self._find(start, count)
+        if blk < 0 and self._cursor:
             self._alloc_retries += 1
             blk = self._find(0, count)
         if blk < 0:
@@ -365,6 +463,26 @@ class Blist:
         space or any block in it is already free (a double free). Cost:
         O(height + count / leaf_bits).
         """
+        if blk.__class__ is int and count.__class__ is int and 0 < count <= _FAST_MAX and blk >= 0:
+            # Fast path: the range lies in one leaf.
+            offset = blk & self._lmask
+            if offset + count <= self._lbits and blk + count <= self._nblocks:
+                leaf_index = blk >> self._lshift
+                leaves = self._leaves
+                bits = leaves[leaf_index]
+                mask = _RUNS[count] << offset
+                if not bits & mask:
+                    leaves[leaf_index] = bits | mask
+                    if not bits:
+                        self._set_nonempty(leaf_index)
+                    fshift = self._fshift
+                    for hints in self._hints:
+                        hints[leaf_index] = _UNBOUNDED
+                        leaf_index >>= fshift
+                    self._avail += count
+                    self._free_calls += 1
+                    self._blocks_freed += count
+                    return
         blk, count = self._check_range(blk, count)
         first_free = self._first_free_in(blk, count)
         if first_free >= 0:
@@ -549,40 +667,39 @@ class Blist:
         return -1
 
     def _leaf_find(self, leaf: int, start: int, count: int) -> int:
+        """First fit for ``count`` blocks starting in ``leaf`` at or after ``start``, or -1.
+
+        A run wholly inside the leaf is found by shift-and steps; failing
+        that, the free run reaching the leaf's top is a candidate if it
+        continues far enough into the next leaves. On failure with the top
+        block taken, the leaf's hint becomes its longest free run.
+        """
         base = leaf << self._lshift
+        bits = self._leaves[leaf]
         offset = start - base if start > base else 0
-        bits = self._leaves[leaf] >> offset
-        width = self._lbits - offset
-        if count <= width:
-            # Positions past the leaf count as free, so a run that reaches the
-            # top of the leaf is a candidate; whether it continues into the
-            # next leaves is checked below.
-            extended = bits | (((1 << (count - 1)) - 1) << width)
-            starts = _run_starts(extended, count) & ((1 << width) - 1)
-            if not starts:
-                self._lower_leaf_hint(leaf, count - 1 + offset)
-                return -1
-            pos = (starts & -starts).bit_length() - 1
-            if pos + count <= width:
-                return base + offset + pos
+        window = bits >> offset
+        if count <= _FAST_MAX:
+            starts = window
+            for step in _SHIFTS[count]:
+                starts &= starts >> step
         else:
-            # Only the free run that reaches the top of the leaf can be long enough.
-            if not bits >> (width - 1):
-                self._lower_leaf_hint(leaf, count - 1 + offset)
-                return -1
-            pos = (~bits & ((1 << width) - 1)).bit_length()
-        blk = base + offset + pos
+            starts = _run_starts(window, count)
+        if starts:
+            return base + offset + (starts & -starts).bit_length() - 1
+        if not bits >> self._lmask:
+            longest = _longest_run(bits)
+            hints = self._hints[0]
+            if hints[leaf] > longest:
+                hints[leaf] = longest
+            return -1
+        # The top block is free: the run reaching it may continue in the next leaves.
+        top_run = (~bits & self._full_leaf).bit_length()
+        blk = base + (top_run if top_run > offset else offset)
         if self._free_run_length(blk, count) >= count:
             return blk
-        # The run continues into the next leaf but not far enough. The hint
-        # stays: freeing blocks there could make this leaf's run long enough.
+        # Not far enough. The hint stays: freeing blocks in the next leaf could
+        # make this run long enough.
         return -1
-
-    def _lower_leaf_hint(self, leaf: int, bound: int) -> None:
-        """Record that no run longer than ``bound`` starts in ``leaf`` (its top block is taken)."""
-        hints = self._hints[0]
-        if hints[leaf] > bound:
-            hints[leaf] = bound
 
     def _is_free_or_past(self, blk: int) -> bool:
         """True when ``blk`` is a free block (False for blocks past the end)."""
