@@ -442,7 +442,10 @@ class Blist:
             return None
         self._slow_searches += 1
         blk = self._find(start, count)
-        if blk < 0 and self._cursor:
+        # A walk that began past the cursor's leaf did not cover the tree from
+        # block 0, so repeat it even when the cursor is 0: then the hints on
+        # the way record the failure.
+        if blk < 0 and (self._cursor or start):
             self._alloc_retries += 1
             blk = self._find(0, count)
         if blk < 0:
