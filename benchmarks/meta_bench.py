@@ -3,7 +3,9 @@
 Memory: one object with N assigned pages (N = 1M and 4M by default) in three
 layouts -- ``dense`` (pages 0..N-1), ``alternate`` (every other page of
 0..2N-1) and ``random_half`` (each page of 0..2N-1 with probability 1/2,
-fixed seed; every chunk is about half full, the worst of the three).
+fixed seed; every chunk is about half full, the worst of the three), plus
+``random_half`` again with block numbers past 2**32, which need the 64-bit
+block storage.
 Reported per layout: bytes per assigned page as measured by tracemalloc (all
 memory the structure allocated, minus what was freed) and as
 ``statistics().bytes_used`` estimates it. A plain dict {(oid, pindex): blk}
@@ -58,6 +60,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(mem_kib / 2**20, 1),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
+        "loadavg_at_start": os.getloadavg(),
     }
 
 
@@ -77,9 +80,10 @@ def layout(name: str, npages: int, seed: int = 1) -> np.ndarray:
     raise ValueError(name)
 
 
-def memory(npages: int, name: str) -> dict[str, Any]:
+def memory(npages: int, name: str, wide: bool = False) -> dict[str, Any]:
+    """Bytes per assigned page of one object; ``wide`` puts the blocks past 2**32."""
     pindexes = layout(name, npages).tolist()
-    blks = np.random.default_rng(2).permutation(len(pindexes)).tolist()
+    blks = (np.random.default_rng(2).permutation(len(pindexes)) + (2**32 if wide else 0)).tolist()
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -99,7 +103,7 @@ def memory(npages: int, name: str) -> dict[str, Any]:
         "bytes_per_page_estimated": round(stats.bytes_per_page, 2),
     }
     del meta
-    if npages <= 1 << 20:
+    if npages <= 1 << 20 and not wide:
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
@@ -293,6 +297,12 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(","))
         for name in args.layouts.split(",")
     }
+    # Block numbers past 2**31 - 1 (swap spaces over 8 TiB of 4 KiB pages)
+    # need 64-bit storage: the worst layout again, at the first size.
+    first_size = int(args.sizes.split(",")[0])
+    report["memory"][f"random_half_{first_size}_blocks_past_2**32"] = memory(
+        first_size, "random_half", wide=True
+    )
     report["single_page_ops"] = single_page_ops(args.ops_pages, args.runs)
     report["range_ops"] = range_ops(args.ops_pages, args.runs)
     text = json.dumps(report, indent=2)
