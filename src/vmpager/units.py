@@ -65,7 +65,11 @@ def parse_size(
 
 
 def check_int(
-    value: SupportsIndex, name: str, *, minimum: int = 0, maximum: int | None = None,
+    value: SupportsIndex,
+    name: str,
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
     multiple: int = 1,
 ) -> int:
     """Return ``value`` as an int after checking its type and range.

@@ -1,0 +1,3 @@
+from vmpager.cli import main
+
+raise SystemExit(main())

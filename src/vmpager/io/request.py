@@ -1,0 +1,52 @@
+"""An I/O request between a pager and the swap space (struct buf for paging)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vmpager.errors import DeviceError
+
+if TYPE_CHECKING:
+    from vmpager.vm.page import Page
+
+__all__ = ["IOKind", "IORequest"]
+
+
+class IOKind(enum.Enum):
+    """The in-flight class a request is counted in (nsw_rcount, nsw_wcount_*)."""
+
+    READ = "read"
+    WRITE_SYNC = "write_sync"
+    WRITE_ASYNC = "write_async"
+
+
+@dataclass(slots=True, eq=False)
+class IORequest:
+    """One contiguous device transfer of whole pages.
+
+    ``buffers`` are frame views (one per page) covering blocks
+    ``blk .. blk + len(buffers) - 1``; ``pages`` are the pages they belong to,
+    busy for the life of the request. ``iodone`` runs under the VM lock when
+    the transfer ends, with ``error`` set on failure.
+    """
+
+    kind: IOKind
+    blk: int
+    buffers: list[memoryview]
+    pages: list[Page]
+    iodone: Callable[[IORequest], None]
+    error: DeviceError | None = None
+    #: Index into ``pages`` of the page the caller waits for (reads), or -1.
+    reqpage: int = -1
+    done: bool = field(default=False)
+
+    @property
+    def npages(self) -> int:
+        return len(self.buffers)
+
+    @property
+    def is_write(self) -> bool:
+        return self.kind is not IOKind.READ

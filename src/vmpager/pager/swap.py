@@ -1,0 +1,279 @@
+"""The swap pager: anonymous objects paged to the swap space (FreeBSD swap_pager.c).
+
+Per object, ``SwapMeta`` maps page indices to swap blocks; ``SwapSpace``
+allocates blocks over the swap devices. An anonymous object has no swap
+until its first pageout (OBJT_DEFAULT becoming OBJT_SWAP).
+
+- ``put_pages``: assign the largest run of blocks the cluster allows,
+  halving on failure down to four pages, then FAIL the rest; a run never
+  crosses a stripe or device. Synchronous unless the caller is the page
+  daemon; asynchronous writes are bounded by ``swap_async_max``. Pages stay
+  dirty until their write completes: completion marks them clean; a failed
+  write leaves them dirty, reactivates them and disposes of the blocks as
+  the write-error policy says.
+- ``get_pages``: one vectored read of the contiguous run around the
+  requested page. A read error invalidates the pages read, and the caller
+  raises ``DeviceError``: a page with a swap copy never reads as zeros.
+- ``page_run`` (haspage with before/after), ``unswapped``, ``free_space``,
+  ``dealloc``.
+
+Every method runs with the VM lock held; device transfers run with it
+released while the pages involved are busy or writing.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from vmpager.errors import DeviceError
+from vmpager.io.request import IOKind, IORequest
+from vmpager.pager.protocol import PagerResult
+from vmpager.swap.meta import SWAPBLK_NONE, SwapMeta
+from vmpager.vm.config import WriteErrorPolicy
+
+if TYPE_CHECKING:
+    from vmpager.swap.space import SwapSpace
+    from vmpager.vm.object import VMObject
+    from vmpager.vm.page import Page
+    from vmpager.vm.system import VM
+
+__all__ = ["SwapPager"]
+
+log = logging.getLogger("vmpager.swap")
+
+#: Smallest run putpages keeps halving towards before it gives up on a chunk.
+_MIN_HALVING_NPAGES = 4
+
+
+def _halving_floor(npages: int) -> int:
+    """The last size the seed's halving loop tries for a request of ``npages``."""
+    while npages > _MIN_HALVING_NPAGES:
+        npages >>= 1
+    return max(npages, 1)
+
+
+class SwapPager:
+    """Pager for anonymous memory; one per VM."""
+
+    kind = "swap"
+
+    def __init__(self, vm: VM, space: SwapSpace) -> None:
+        self._vm = vm
+        self.space = space
+        self.meta = SwapMeta(self._free_blocks)
+        self._policy = vm.config.write_error_policy
+
+    # -- block bookkeeping ------------------------------------------------
+
+    def _free_blocks(self, blk: int, nblocks: int) -> None:
+        self.space.free(blk, nblocks)
+        self._vm._swap_freed()
+
+    def _is_transient(self, err: DeviceError) -> bool:
+        if self._policy is WriteErrorPolicy.NETBSD:
+            return err.errno == errno.ENOMEM
+        return err.errno == errno.EAGAIN
+
+    # -- queries ------------------------------------------------------------
+
+    def has_page(self, obj: VMObject, pindex: int) -> bool:
+        return self.meta.lookup(obj.oid, pindex) != SWAPBLK_NONE
+
+    def page_run(
+        self, obj: VMObject, pindex: int, before_max: int, after_max: int
+    ) -> tuple[int, int] | None:
+        before_max = min(before_max, pindex)
+        after_max = max(0, min(after_max, obj.npages - 1 - pindex))
+        first = pindex - before_max
+        blocks = self.meta.lookup_range(obj.oid, first, before_max + 1 + after_max).tolist()
+        blk0 = blocks[before_max]
+        if blk0 == SWAPBLK_NONE:
+            return None
+        before = 0
+        while (
+            before < min(before_max, blk0) and blocks[before_max - before - 1] == blk0 - before - 1
+        ):
+            before += 1
+        after = 0
+        while after < after_max and blocks[before_max + after + 1] == blk0 + after + 1:
+            after += 1
+        # One transfer must stay inside one stripe / device.
+        while before and self.space.run_limit(blk0 - before) <= before:
+            before -= 1
+        after = min(after, self.space.run_limit(blk0) - 1)
+        return before, after
+
+    def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
+        # uao_cluster: the aligned window of one maximal transfer around pindex.
+        n = self._vm.config.cluster_max_npages
+        lo = pindex - pindex % n
+        return lo, min(lo + n, obj.npages)
+
+    # -- page-in --------------------------------------------------------------
+
+    def get_pages(self, obj: VMObject, pages: Sequence[Page], reqpage: int) -> PagerResult:
+        vm = self._vm
+        blk = self.meta.lookup(obj.oid, pages[reqpage].pindex)
+        if blk == SWAPBLK_NONE:
+            return PagerResult.FAIL
+        first_blk = blk - reqpage
+        frames = vm.frames
+        request = IORequest(
+            IOKind.READ,
+            first_blk,
+            [frames.frame_view(p.frame) for p in pages],
+            list(pages),
+            self._read_done,
+            reqpage=reqpage,
+        )
+        vm.inflight.acquire(IOKind.READ)
+        token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
+        try:
+            vm._perform_unlocked(request)
+        finally:
+            vm.pagermap.map_out(token)
+            vm.inflight.release(IOKind.READ)
+        vm.counters.pageins += 1
+        vm.counters.pagein_pages += len(pages)
+        self._read_done(request)
+        if request.error is not None:
+            vm._note_read_error(request.error)
+            return PagerResult.ERROR
+        return PagerResult.OK
+
+    def _read_done(self, request: IORequest) -> None:
+        vm = self._vm
+        err = request.error
+        if err is not None:
+            log.error("swap_pager: I/O error - pagein failed; %s", err)
+            vm.counters.read_errors += 1
+        for i, page in enumerate(request.pages):
+            if i == request.reqpage:
+                continue  # stays busy for the caller
+            if err is not None:
+                vm._free_page(page)
+            else:
+                page.dirty = False
+                page.busy = False
+                vm.queues.deactivate(page)
+        vm._cond.notify_all()
+
+    # -- pageout ----------------------------------------------------------------
+
+    def put_pages(self, obj: VMObject, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
+        vm = self._vm
+        if not vm._in_daemon():
+            sync = True  # only the page daemon writes asynchronously
+        obj.swap_backed = True
+        results = [PagerResult.FAIL] * len(pages)
+        cluster_max = vm.config.cluster_max_npages
+        i = 0
+        count = len(pages)
+        while i < count:
+            n = min(count - i, cluster_max)
+            got = self.space.alloc(n, min_count=_halving_floor(n))
+            if got is None:
+                # No run even at the smallest size: these pages stay dirty.
+                for page in pages[i : i + n]:
+                    page.writing = False
+                    vm.queues.activate(page)
+                    if page.wanted:
+                        page.wanted = False
+                vm.counters.pageout_fail_pages += n
+                vm._cond.notify_all()
+                i += n
+                continue
+            blk, n = got
+            chunk = list(pages[i : i + n])
+            oid = obj.oid
+            for j, page in enumerate(chunk):
+                self.meta.build(oid, page.pindex, blk + j)
+            kind = IOKind.WRITE_SYNC if sync else IOKind.WRITE_ASYNC
+            request = IORequest(
+                kind,
+                blk,
+                [vm.frames.frame_view(p.frame) for p in chunk],
+                chunk,
+                self._write_done,
+            )
+            vm.counters.pageouts += 1
+            vm.counters.pageout_pages += n
+            vm.counters.note_cluster(n)
+            if sync:
+                vm.inflight.acquire(kind)
+                token = vm.pagermap.map_in(n, daemon=vm._in_daemon())
+                try:
+                    vm._perform_unlocked(request)
+                finally:
+                    vm.pagermap.map_out(token)
+                    vm.inflight.release(kind)
+                chunk_results = self._finish_write(request)
+                results[i : i + n] = chunk_results
+            else:
+                vm.inflight.acquire(kind)  # waits while swap_async_max writes are out
+                vm.engine.submit(request)
+                results[i : i + n] = [PagerResult.PEND] * n
+            i += n
+        return results
+
+    def _write_done(self, request: IORequest) -> None:
+        """Completion of an asynchronous write (engine -> VM, lock held)."""
+        self._vm.inflight.release(request.kind)
+        self._finish_write(request)
+
+    def _finish_write(self, request: IORequest) -> list[PagerResult]:
+        vm = self._vm
+        err = request.error
+        queues = vm.queues
+        if err is None:
+            for page in request.pages:
+                page.writing = False
+                page.dirty = False
+                if page.wanted:
+                    page.wanted = False
+            vm._cond.notify_all()
+            if request.kind is IOKind.WRITE_ASYNC:
+                vm._written_clean(request.pages)
+            return [PagerResult.OK] * len(request.pages)
+        vm.counters.write_errors += 1
+        transient = self._is_transient(err)
+        mark_bad = not transient and self._policy is not WriteErrorPolicy.FREEBSD
+        log.warning(
+            "swap_pager: I/O error - pageout failed; %s (%s)",
+            err,
+            "transient" if transient else ("blocks marked bad" if mark_bad else "hard"),
+        )
+        for j, page in enumerate(request.pages):
+            oid = page.obj.oid
+            assert self.meta.lookup(oid, page.pindex) == request.blk + j
+            if mark_bad:
+                self.meta.pop(oid, page.pindex)
+            else:
+                self.meta.free(oid, page.pindex)
+            page.writing = False
+            page.dirty = True
+            queues.activate(page)
+            page.wanted = False
+        if mark_bad:
+            self.space.mark_bad(request.blk, len(request.pages))
+            vm.counters.bad_blocks_marked += len(request.pages)
+        vm._cond.notify_all()
+        result = PagerResult.AGAIN if transient else PagerResult.ERROR
+        return [result] * len(request.pages)
+
+    # -- metadata operations ------------------------------------------------------
+
+    def unswapped(self, obj: VMObject, pindex: int) -> None:
+        if obj.swap_backed:
+            self.meta.free(obj.oid, pindex)
+
+    def free_space(self, obj: VMObject, start: int, npages: int) -> None:
+        if obj.swap_backed:
+            self.meta.free_range(obj.oid, start, npages)
+
+    def dealloc(self, obj: VMObject) -> None:
+        if obj.swap_backed:
+            self.meta.free_all(obj.oid)

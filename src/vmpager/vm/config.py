@@ -1,0 +1,59 @@
+"""Tuning of a VM: one frozen record, every quantity with its unit in its name."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["VMConfig", "WriteErrorPolicy"]
+
+
+class WriteErrorPolicy(enum.Enum):
+    """What a failed swap write means (the seeds and their descendants differ).
+
+    - ``SEED``: NetBSD 1.48 / OpenBSD: EAGAIN is transient (drop the cluster,
+      retry the one page; the blocks go back to the free pool); any other error
+      marks the blocks bad, and the page stays dirty and resident.
+    - ``NETBSD``: modern NetBSD: ENOMEM is transient, everything else marks bad.
+    - ``FREEBSD``: modern FreeBSD: never mark blocks bad; the page stays dirty
+      and the blocks are freed for a later try.
+    """
+
+    SEED = "seed"
+    NETBSD = "netbsd"
+    FREEBSD = "freebsd"
+
+
+@dataclass(frozen=True, slots=True)
+class VMConfig:
+    """Knobs of one VM. Defaults follow the seeds where they have a value.
+
+    Frame counts are derived from the memory budget by ``VM``; the fields here
+    are the policy around them.
+    """
+
+    #: Largest pageout cluster, in pages (MAX_PAGEOUT_CLUSTER / nsw_cluster_max).
+    cluster_max_npages: int = 16
+    #: Read-around window on each side of a faulting page (SWB_NPAGES / 2).
+    readaround_npages: int = 8
+    #: Asynchronous swap writes in flight at once (swap_async_max).
+    swap_async_max: int = 4
+    #: Swap buffer headers (nswbuf); reads get half, sync writes a quarter.
+    nswbuf: int = 32
+    #: Page daemon wakes when free frames fall below this (v_free_min), in frames.
+    free_min_nframes: int | None = None
+    #: Page daemon works until this many frames are free (v_free_target).
+    free_target_nframes: int | None = None
+    #: Frames only page-ins may take, so reads of swapped data keep working when
+    #: memory is full of dirty pages that swap cannot take.
+    read_reserve_nframes: int = 4
+    #: Pager map size (pager_map), in pages, and the part only the daemon may use.
+    pager_map_npages: int = 1024
+    pager_map_reserve_npages: int = 64
+    #: What a failed swap write means.
+    write_error_policy: WriteErrorPolicy = WriteErrorPolicy.SEED
+    #: Run the page daemon in its own thread; when False, a thread that needs a
+    #: frame runs the pageout scan itself with synchronous I/O (deterministic).
+    daemon_thread: bool = True
+    #: Worker threads that perform asynchronous device I/O.
+    io_workers: int = 2

@@ -1,0 +1,220 @@
+"""The fault path: make a page of an object resident (vm_fault).
+
+``hold_page`` returns, with the VM lock held, a resident page whose frame
+holds the data of ``(obj, pindex)``:
+
+1. resident in ``obj`` and idle: a hit;
+2. busy (being filled) or, for a write, being written out: wait, retry;
+3. not resident: walk the shadow chain; the first level that has the page
+   resident or on its pager supplies it; a read uses the backing page in
+   place, a write copies it up into ``obj`` (copy-on-write);
+4. on a pager: ``get_pages`` with read-around: the pages before and after
+   that are contiguous on the store, inside one stripe, not resident and
+   inside the object, up to the read-around window on each side;
+5. nowhere: a zero-filled page (clean for a read, dirty for a write).
+
+A thread that finds no free frame wakes the page daemon and waits; when
+neither memory nor swap can make room, a write raises ``SwapExhausted``.
+Page-ins may use the last ``read_reserve`` frames, so reading data that is
+already on swap keeps working when memory is full of unswappable dirt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vmpager.errors import DeviceError
+from vmpager.pager.protocol import PagerResult
+from vmpager.vm.page import Page
+
+if TYPE_CHECKING:
+    from vmpager.pager.protocol import Pager
+    from vmpager.vm.object import VMObject
+    from vmpager.vm.system import VM
+
+__all__ = ["hold_page"]
+
+
+def hold_page(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) -> Page:
+    """Return the resident page with the data of ``(obj, pindex)``; VM lock held.
+
+    For a write the page belongs to ``obj``, is idle and already marked dirty
+    (its stale swap copy freed), and ``overwrite`` (the caller replaces the
+    whole page) skips reading the old contents. For a read the page may
+    belong to a backing object. The page stays valid while the caller keeps
+    the lock.
+    """
+    pages = obj.pages
+    while True:
+        page = pages.get(pindex)
+        if page is not None:
+            if page.busy or (write and page.writing):
+                vm._wait_page(page)
+                continue
+            page.referenced = True
+            if page.prefetched:
+                page.prefetched = False
+                vm.counters.readaround_hits += 1
+            if write and not page.dirty:
+                vm._make_dirty(obj, page)
+            return page
+        page = _fault_in(vm, obj, pindex, write, overwrite)
+        if page is not None:
+            return page
+
+
+def _fault_in(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) -> Page | None:
+    """Bring the page in; None means "state changed while waiting, look again"."""
+    vm.counters.faults += 1
+    level: VMObject | None = obj
+    index = pindex
+    while level is not None:
+        if level is not obj:
+            source = level.pages.get(index)
+            if source is not None:
+                if source.busy:
+                    vm._wait_page(source)
+                    return None
+                if not write:
+                    source.referenced = True
+                    return source
+                return _copy_up(vm, obj, pindex, source, overwrite)
+        pager = vm._pager_for(level)
+        if pager is not None and pager.has_page(level, index):
+            if write and overwrite and level is obj:
+                # The whole page is replaced: its swap copy is stale, skip the read.
+                page = _new_page(vm, obj, pindex, for_read=False)
+                if page is not None:
+                    pager.unswapped(obj, pindex)
+                    page.dirty = True
+                    _finish_new(vm, page)
+                return page
+            if write and overwrite:
+                return _zero_or_blank(vm, obj, pindex, write=True, zero=False)
+            read = _page_in(vm, level, index)
+            if read is None or not write:
+                return read
+            if level is not obj:
+                return None  # resident in the backing object now: the next look copies it up
+            vm._make_dirty(obj, read)
+            return read
+        if level.backing is None:
+            break
+        index += level.backing_offset
+        level = level.backing
+    return _zero_or_blank(vm, obj, pindex, write=write, zero=not overwrite)
+
+
+def _new_page(vm: VM, obj: VMObject, pindex: int, *, for_read: bool) -> Page | None:
+    frame = vm._alloc_frame(for_read=for_read)
+    if frame is None:
+        vm._wait_for_frame(for_read=for_read)
+        return None
+    page = Page(obj, pindex, frame)
+    obj.pages[pindex] = page
+    return page
+
+
+def _finish_new(vm: VM, page: Page) -> None:
+    page.busy = False
+    vm.queues.activate(page)
+
+
+def _zero_or_blank(vm: VM, obj: VMObject, pindex: int, *, write: bool, zero: bool) -> Page | None:
+    page = _new_page(vm, obj, pindex, for_read=not write)
+    if page is None:
+        return None
+    if zero:
+        vm.frames.zero(page.frame)
+        vm.counters.zero_fills += 1
+    page.dirty = write
+    _finish_new(vm, page)
+    return page
+
+
+def _copy_up(vm: VM, obj: VMObject, pindex: int, source: Page, overwrite: bool) -> Page | None:
+    page = _new_page(vm, obj, pindex, for_read=False)
+    if page is None:
+        return None
+    if not overwrite:
+        # _new_page may not wait, so ``source`` is still resident and idle.
+        vm.frames.array[page.frame] = vm.frames.array[source.frame]
+    vm.counters.cow_copies += 1
+    page.dirty = True
+    _finish_new(vm, page)
+    return page
+
+
+def _page_in(vm: VM, obj: VMObject, pindex: int) -> Page | None:
+    """Read ``pindex`` of ``obj`` from its pager, with read-around."""
+    pager = vm._pager_for(obj)
+    assert pager is not None
+    page = _new_page(vm, obj, pindex, for_read=True)
+    if page is None:
+        return None
+    run_pages: list[Page] = [page]
+    try:
+        reqpage = _gather_readaround(vm, pager, obj, pindex, run_pages)
+        result = pager.get_pages(obj, run_pages, reqpage)
+    except BaseException:
+        # Leave nothing busy behind: pages not yet released are dropped (their
+        # data is still on the store).
+        for extra in run_pages:
+            if extra.busy and obj.pages.get(extra.pindex) is extra:
+                vm._free_page(extra)
+        raise
+    if result is PagerResult.OK:
+        page.dirty = False
+        _finish_new(vm, page)
+        vm._cond.notify_all()
+        return page
+    err = vm._take_read_error()
+    vm._free_page(page)
+    vm._cond.notify_all()
+    if err is None:
+        err = DeviceError(5, "swap", -1, f"page {obj.oid}:{pindex}: {result.value}")
+    raise err
+
+
+def _gather_readaround(
+    vm: VM, pager: Pager, obj: VMObject, pindex: int, run_pages: list[Page]
+) -> int:
+    """Extend ``run_pages`` (holding the requested page) with read-around pages.
+
+    Adds busy pages before and after ``pindex`` that the pager can read in
+    the same transfer, are not resident, and can get a frame without
+    waiting. Returns the index of the requested page in the run.
+    """
+    page = run_pages[0]
+    window = vm._readaround_npages(obj, pindex)
+    run = pager.page_run(obj, pindex, window, window)
+    if run is None:  # cannot happen while the lock is held since has_page
+        raise AssertionError(f"page {obj.oid}:{pindex} vanished from its pager")
+    before, after = run
+    pages_dict = obj.pages
+    head: list[Page] = []
+    for i in range(1, before + 1):
+        if pindex - i in pages_dict:
+            break
+        frame = vm._alloc_frame_for_readaround()
+        if frame is None:
+            break
+        extra = Page(obj, pindex - i, frame)
+        extra.prefetched = True
+        pages_dict[pindex - i] = extra
+        head.append(extra)
+    head.reverse()
+    run_pages[:0] = head
+    for i in range(1, after + 1):
+        if pindex + i in pages_dict:
+            break
+        frame = vm._alloc_frame_for_readaround()
+        if frame is None:
+            break
+        extra = Page(obj, pindex + i, frame)
+        extra.prefetched = True
+        pages_dict[pindex + i] = extra
+        run_pages.append(extra)
+    vm.counters.readaround_pages += len(run_pages) - 1
+    assert run_pages[len(head)] is page
+    return len(head)

@@ -1,0 +1,121 @@
+"""VM objects: what users allocate, read, write, clone and close (struct vm_object).
+
+An object is ``npages`` pages of ``page_size`` bytes. Its resident pages are
+in ``pages``; the rest live with its pager (swap for anonymous memory) or in
+a backing object (the shadow chain of a copy-on-write clone), or were never
+written and read as zeros.
+
+Methods here check arguments and forward to the VM, which does the work under
+its lock. All methods are thread-safe and block while paging.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from vmpager.errors import ObjectClosed
+from vmpager.units import check_int
+
+if TYPE_CHECKING:
+    from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
+    from vmpager.vm.page import Page
+    from vmpager.vm.system import VM
+
+__all__ = ["VMObject"]
+
+
+class VMObject:
+    """A region of virtual memory of ``size`` bytes (a multiple of the page size)."""
+
+    def __init__(self, vm: VM, oid: int, npages: int, kind: str) -> None:
+        self._vm = vm
+        self.oid = oid
+        self.npages = npages
+        self.kind = kind
+        self.pages: dict[int, Page] = {}
+        #: Has swap metadata (OBJT_SWAP rather than OBJT_DEFAULT).
+        self.swap_backed = False
+        #: Shadow chain: where pages this object lacks come from.
+        self.backing: VMObject | None = None
+        self.backing_offset = 0
+        #: Handles and shadows that keep this object alive.
+        self.refcount = 1
+        self.closed = False
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+        return self.npages * self._vm.page_size
+
+    @property
+    def page_size(self) -> int:
+        return self._vm.page_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        state = " closed" if self.closed else ""
+        return (
+            f"<VMObject {self.oid} {self.kind} {self.npages} pages, "
+            f"{len(self.pages)} resident{state}>"
+        )
+
+    # -- data -------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> tuple[int, int]:
+        if self.closed:
+            raise ObjectClosed(f"VM object {self.oid} is closed")
+        offset = check_int(offset, "offset", minimum=0, maximum=self.size)
+        length = check_int(length, "length", minimum=0, maximum=self.size - offset)
+        return offset, length
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset`` (zeros where never written).
+
+        Raises ``ValueError`` for a range outside the object and
+        ``DeviceError`` when a page's only copy cannot be read.
+        """
+        if self.closed:
+            raise ObjectClosed(f"VM object {self.oid} is closed")
+        return self._vm._read(self, offset, length)
+
+    def readinto(self, offset: int, buffer: WritableBuffer) -> int:
+        """Fill ``buffer`` with the bytes at ``offset``; returns its length."""
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise TypeError("buffer must be writable")
+        offset, length = self._check_range(offset, view.nbytes)
+        self._vm._readinto(self, offset, view)
+        return length
+
+    def write(self, offset: int, data: ReadableBuffer) -> int:
+        """Store ``data`` at ``offset``; returns the number of bytes written.
+
+        Raises ``SwapExhausted`` when neither memory nor swap can take the
+        new data (what was written before stays readable).
+        """
+        if isinstance(cast(object, data), str):
+            raise TypeError("data must be bytes-like, not str")
+        view = memoryview(data).cast("B")
+        offset, length = self._check_range(offset, view.nbytes)
+        self._vm._write(self, offset, view)
+        return length
+
+    def discard(self, offset: int, length: int) -> None:
+        """Forget a range: it reads as zeros; whole pages give back frames and swap."""
+        offset, length = self._check_range(offset, length)
+        self._vm._discard(self, offset, length)
+
+    def close(self) -> None:
+        """Release the object: its frames and swap return to the VM. Idempotent."""
+        if not self.closed:
+            self._vm._close_object(self)
+
+    def __enter__(self) -> VMObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

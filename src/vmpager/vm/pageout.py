@@ -1,0 +1,210 @@
+"""The page daemon: keeps free frames between the minimum and the target (vm_pageout).
+
+A scan first walks the inactive queue from its head (oldest first):
+
+- busy or being written: skip;
+- referenced since the last look: reactivate (second chance);
+- clean: free the frame (the swap copy, if any, stays valid);
+- dirty: launder it: ``pager_put`` clusters it with its dirty neighbours and
+  writes them (asynchronously when the daemon thread runs it).
+
+Then, if the inactive queue is shorter than its target, it ages the active
+queue: a referenced page gains activity (``act_count``), an unreferenced one
+loses it, and a page whose activity reaches zero is deactivated. Frequently
+used pages thus stay active longer than pages used once.
+
+The daemon runs in its own thread, woken when free frames fall below the
+minimum or a faulting thread waits for a frame; it reports "stuck" when a
+full scan made no progress and no write is in flight, so waiters can raise
+``SwapExhausted`` instead of waiting forever. With ``daemon_thread=False``
+the faulting thread runs the same scan itself with synchronous writes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vmpager.io.request import IOKind
+from vmpager.pager.protocol import PagerResult
+from vmpager.pager.put import pager_put
+from vmpager.vm.queues import ACT_ADVANCE, ACT_DECLINE, ACT_MAX
+
+if TYPE_CHECKING:
+    from vmpager.vm.system import VM
+
+__all__ = ["PageDaemon", "ScanResult"]
+
+
+@dataclass(slots=True)
+class ScanResult:
+    freed: int = 0
+    laundered_pages: int = 0
+    launder_failures: int = 0
+    deactivated: int = 0
+    reactivated: int = 0
+
+    @property
+    def progress(self) -> bool:
+        """Frames freed or writes started; aging counts only if nothing was refused.
+
+        Pages the pager refused (no swap) are reactivated and would be
+        deactivated again on the next pass: that cycle is not progress.
+        """
+        if self.freed or self.laundered_pages:
+            return True
+        return bool(self.deactivated) and not self.launder_failures
+
+
+class PageDaemon:
+    """Pageout policy and its thread; every method runs with the VM lock held."""
+
+    def __init__(self, vm: VM) -> None:
+        self._vm = vm
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.ident: int | None = None
+        self.scans = 0
+        self.wakeups = 0
+
+    # -- the scan -------------------------------------------------------------
+
+    def scan(self, target_free: int, *, asynchronous: bool) -> ScanResult:
+        """One pass over the queues, aiming for ``target_free`` free frames."""
+        vm = self._vm
+        frames = vm.frames
+        queues = vm.queues
+        inactive = queues.inactive
+        self.scans += 1
+        result = ScanResult()
+        max_npages = vm.config.cluster_max_npages
+
+        # Pages being written asynchronously will be freed on completion.
+        def short() -> bool:
+            pending = vm.inflight.in_flight(IOKind.WRITE_ASYNC) * max_npages
+            return frames.free_nframes + pending < target_free
+
+        budget = len(inactive)
+        while budget > 0 and inactive and short():
+            budget -= 1
+            page = next(iter(inactive))
+            if page.busy or page.writing:
+                inactive.move_to_end(page)
+                continue
+            if page.referenced:
+                page.referenced = False
+                page.act_count = min(page.act_count + ACT_ADVANCE, ACT_MAX)
+                queues.activate(page)
+                result.reactivated += 1
+                continue
+            if not page.dirty:
+                vm._free_page(page)
+                result.freed += 1
+                continue
+            pager = vm._pager_for(page.obj)
+            if pager is None:
+                queues.activate(page)
+                continue
+            inactive.move_to_end(page)
+            outcome = pager_put(pager, page.obj, page, sync=not asynchronous, max_npages=max_npages)
+            if outcome.result is PagerResult.PEND:
+                result.laundered_pages += outcome.cluster_npages
+            elif outcome.result is PagerResult.OK:
+                result.laundered_pages += outcome.cluster_npages
+                if vm._free_if_clean(page):
+                    result.freed += 1
+            else:
+                result.launder_failures += 1
+        self._age_active(result)
+        return result
+
+    def _age_active(self, result: ScanResult) -> None:
+        vm = self._vm
+        queues = vm.queues
+        active = queues.active
+        budget = len(active)
+        target = vm.inactive_target
+        while budget > 0 and active and len(queues.inactive) < target:
+            budget -= 1
+            page = next(iter(active))
+            if page.busy or page.writing:
+                active.move_to_end(page)
+                continue
+            if page.referenced:
+                page.referenced = False
+                page.act_count = min(page.act_count + ACT_ADVANCE, ACT_MAX)
+                active.move_to_end(page)
+                continue
+            page.act_count -= ACT_DECLINE
+            if page.act_count <= 0:
+                page.act_count = 0
+                queues.deactivate(page)
+                result.deactivated += 1
+            else:
+                active.move_to_end(page)
+
+    def run_until(self, target_free: int, *, asynchronous: bool) -> bool:
+        """Scan until ``target_free`` frames are free (counting writes in flight).
+
+        Returns False when a scan made no progress and nothing is in flight:
+        memory is full of pages nobody can take.
+        """
+        vm = self._vm
+        while True:
+            pending = vm.inflight.in_flight(IOKind.WRITE_ASYNC)
+            if vm.frames.free_nframes + pending * vm.config.cluster_max_npages >= target_free:
+                return True
+            result = self.scan(target_free, asynchronous=asynchronous)
+            if not result.progress and not self._reclaim_clean(target_free):
+                return vm.inflight.in_flight(IOKind.WRITE_ASYNC) > 0
+
+    def _reclaim_clean(self, target_free: int) -> int:
+        """Last resort when a pass freed nothing: free clean idle pages wherever they are.
+
+        Reached when swap refuses dirty pages; clean pages may then sit behind
+        them in the active queue, and page-ins need their frames. O(resident).
+        """
+        vm = self._vm
+        freed = 0
+        for queue in (vm.queues.inactive, vm.queues.active):
+            for page in [p for p in queue if not (p.dirty or p.busy or p.writing)]:
+                if vm.frames.free_nframes >= target_free:
+                    return freed
+                vm._free_page(page)
+                freed += 1
+        return freed
+
+    # -- the thread ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vmpager-pagedaemon", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        vm = self._vm
+        self.ident = threading.get_ident()
+        cond = vm._cond
+        with cond:
+            while not self._stop:
+                if not vm._daemon_needed():
+                    cond.wait()
+                    continue
+                self.wakeups += 1
+                if self.run_until(vm.free_target_nframes, asynchronous=True):
+                    vm._set_stuck(False)
+                    if vm.frames.free_nframes < vm.free_target_nframes:
+                        cond.wait(0.05)  # writes in flight will free frames
+                else:
+                    vm._set_stuck(True)
+                    cond.wait()
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        with self._vm._cond:
+            self._stop = True
+            self._vm._cond.notify_all()
+        thread.join()
+        self._thread = None

@@ -1,0 +1,96 @@
+"""The page queues the page daemon scans: active and inactive (vm_pagequeue).
+
+A resident page is on exactly one of: the active queue, the inactive queue,
+the wired set (never paged out), or no queue while it is busy being filled.
+Queues are ordered dicts: the head is the oldest page, ``move_to_end``
+requeues in O(1).
+
+Policy (FreeBSD's, simplified): pages enter active when faulted in by a
+caller and inactive when read around; the daemon ages active pages with an
+activity count (``act_count``: +ACT_ADVANCE when referenced, -ACT_DECLINE
+when not) and deactivates those that reach zero; on the inactive queue a
+referenced page is reactivated, a clean one freed and a dirty one laundered.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from vmpager.vm.page import QUEUE_ACTIVE, QUEUE_INACTIVE, QUEUE_NONE, QUEUE_WIRED, Page
+
+__all__ = ["ACT_ADVANCE", "ACT_DECLINE", "ACT_INIT", "ACT_MAX", "PageQueues", "QueueStatistics"]
+
+ACT_INIT = 0
+ACT_ADVANCE = 3
+ACT_DECLINE = 1
+ACT_MAX = 64
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    active: int
+    inactive: int
+    wired: int
+
+
+class PageQueues:
+    """Active and inactive queues plus the wired set; the VM lock guards them."""
+
+    def __init__(self) -> None:
+        self.active: OrderedDict[Page, None] = OrderedDict()
+        self.inactive: OrderedDict[Page, None] = OrderedDict()
+        self.wired: set[Page] = set()
+
+    def remove(self, page: Page) -> None:
+        """Take ``page`` off whatever queue it is on. O(1)."""
+        q = page.queue
+        if q == QUEUE_ACTIVE:
+            del self.active[page]
+        elif q == QUEUE_INACTIVE:
+            del self.inactive[page]
+        elif q == QUEUE_WIRED:
+            self.wired.discard(page)
+        page.queue = QUEUE_NONE
+
+    def activate(self, page: Page) -> None:
+        """Put ``page`` at the tail of the active queue. O(1)."""
+        if page.queue == QUEUE_ACTIVE:
+            self.active.move_to_end(page)
+            return
+        self.remove(page)
+        self.active[page] = None
+        page.queue = QUEUE_ACTIVE
+        if page.act_count < ACT_INIT:
+            page.act_count = ACT_INIT
+
+    def deactivate(self, page: Page) -> None:
+        """Put ``page`` at the tail of the inactive queue. O(1)."""
+        if page.queue == QUEUE_INACTIVE:
+            self.inactive.move_to_end(page)
+            return
+        self.remove(page)
+        self.inactive[page] = None
+        page.queue = QUEUE_INACTIVE
+
+    def wire(self, page: Page) -> None:
+        self.remove(page)
+        self.wired.add(page)
+        page.queue = QUEUE_WIRED
+
+    def statistics(self) -> QueueStatistics:
+        return QueueStatistics(len(self.active), len(self.inactive), len(self.wired))
+
+    def check(self) -> list[str]:
+        problems: list[str] = []
+        for name, queue, tag in (
+            ("active", self.active, QUEUE_ACTIVE),
+            ("inactive", self.inactive, QUEUE_INACTIVE),
+        ):
+            for page in queue:
+                if page.queue != tag:
+                    problems.append(f"{page!r} is on the {name} queue but tagged {page.queue}")
+        for page in self.wired:
+            if page.queue != QUEUE_WIRED:
+                problems.append(f"{page!r} is wired but tagged {page.queue}")
+        return problems

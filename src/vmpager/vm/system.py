@@ -1,0 +1,727 @@
+"""The VM: frames, objects, pagers, the page daemon and the I/O engine in one place.
+
+``VM`` is the public entry point. It owns one lock (the seeds' "Giant"
+lock) that guards every piece of VM state: objects, pages, queues, swap
+metadata and the swap allocator. Device transfers run with the lock
+released while the pages involved are busy; a single condition variable
+carries every wake-up (page no longer busy, frame freed, I/O slot free,
+daemon needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from vmpager.devices.file import FileDevice
+from vmpager.devices.protocol import BlockDevice
+from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted
+from vmpager.io.engine import IOEngine, ThreadedEngine
+from vmpager.io.inflight import InflightLimits
+from vmpager.io.request import IOKind, IORequest
+from vmpager.pager.pagermap import PagerMap
+from vmpager.pager.swap import SwapPager
+from vmpager.swap.space import SwapDeviceStatistics, SwapSpace
+from vmpager.units import check_int, parse_size
+from vmpager.vm.config import VMConfig
+from vmpager.vm.fault import hold_page
+from vmpager.vm.frames import FramePool
+from vmpager.vm.object import VMObject
+from vmpager.vm.page import QUEUE_NONE, Page
+from vmpager.vm.pageout import PageDaemon
+from vmpager.vm.queues import PageQueues
+from vmpager.vm.stats import Counters, VMStatistics
+
+if TYPE_CHECKING:
+    from vmpager.pager.protocol import Pager
+
+__all__ = ["VM"]
+
+log = logging.getLogger("vmpager")
+
+_MIN_NFRAMES = 4
+_DEFAULT_SWAP_MAX_BYTES = 64 << 30
+
+SwapSpec = str | BlockDevice | tuple[str, int | str]
+
+
+class VM:
+    """A virtual-memory system with a fixed memory budget and swap.
+
+    ``memory``: the budget for resident pages ("64M", or bytes).
+    ``swap``: None for the embedded default (a private, sparse swap file in
+    the temporary directory, unlinked as soon as it is open, sized to the
+    smaller of 64 GiB and 90 % of the free space there); otherwise a list of devices: "path:size"
+    strings (the file is created if missing), "path" for an existing file or
+    block device, (path, size) tuples, or ``BlockDevice`` objects; ``[]`` for
+    no swap at all. ``page_size``: a power of two >= 4096.
+    ``layout``: "per_device" (round-robin over devices) or "stripe" (the
+    seed's interleave). ``engine``: the asynchronous I/O engine (tests pass a
+    ``HeldEngine``).
+    """
+
+    def __init__(
+        self,
+        memory: int | str = "64M",
+        swap: Sequence[SwapSpec] | None = None,
+        page_size: int = 4096,
+        *,
+        config: VMConfig | None = None,
+        layout: str = "per_device",
+        engine: IOEngine | None = None,
+    ) -> None:
+        page_size = check_int(page_size, "page_size", minimum=4096, maximum=1 << 24)
+        if page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 4096, got {page_size}")
+        memory_bytes = parse_size(memory, "memory", minimum=_MIN_NFRAMES * page_size)
+        if layout not in ("per_device", "stripe"):
+            raise ValueError(f"layout must be 'per_device' or 'stripe', got {layout!r}")
+        self.config = config if config is not None else VMConfig()
+        self.page_size = page_size
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self.frames = FramePool(memory_bytes // page_size, page_size)
+        self.queues = PageQueues()
+        self.counters = Counters()
+        nframes = self.frames.nframes
+        cfg = self.config
+        self._read_reserve = min(cfg.read_reserve_nframes, nframes // 4)
+        free_min = cfg.free_min_nframes
+        if free_min is None:
+            free_min = max(1, nframes // 128)
+        free_target = cfg.free_target_nframes
+        if free_target is None:
+            free_target = max(free_min + 1, 2 * free_min, cfg.cluster_max_npages)
+        free_target = min(free_target, nframes // 2)
+        free_min = min(free_min, max(free_target - 1, 1))
+        self.free_min_nframes = free_min + self._read_reserve
+        self.free_target_nframes = max(free_target + self._read_reserve, self.free_min_nframes)
+        self.inactive_target = max(nframes // 4, 2 * free_target, 1)
+        self.pagermap = PagerMap(
+            self._cond,
+            max(cfg.pager_map_npages, 2 * cfg.cluster_max_npages + cfg.pager_map_reserve_npages),
+            max(cfg.pager_map_reserve_npages, cfg.cluster_max_npages),
+        )
+        self.inflight = InflightLimits(self._cond, cfg.nswbuf, cfg.swap_async_max)
+        self.space = SwapSpace(layout=layout)  # type: ignore[arg-type]
+        self.swap_pager = SwapPager(self, self.space)
+        self._objects: dict[int, VMObject] = {}
+        self._next_oid = 1
+        self._stuck = False
+        self._frame_waiters = 0
+        self._scan_owner: int | None = None
+        self._read_error: DeviceError | None = None
+        self._owned_devices: list[BlockDevice] = []
+        self._closed = False
+        try:
+            self._open_swap(swap)
+        except BaseException:
+            self._close_devices()
+            self.frames.close()
+            raise
+        self.engine: IOEngine = engine if engine is not None else ThreadedEngine(cfg.io_workers)
+        self.engine.start(self._perform, self._complete)
+        self.daemon = PageDaemon(self)
+        if cfg.daemon_thread:
+            self.daemon.start()
+
+    # -- swap devices -----------------------------------------------------------
+
+    def _open_swap(self, swap: Sequence[SwapSpec] | None) -> None:
+        if swap is None:
+            directory = tempfile.gettempdir()
+            size = min(_DEFAULT_SWAP_MAX_BYTES, int(shutil.disk_usage(directory).free * 0.9))
+            nblocks = size // self.page_size
+            if nblocks < 16:
+                raise SwapExhausted(f"no room for a swap file in {directory}")
+            # Unlinked at once: private, and gone with the VM even after a crash.
+            device = FileDevice.temporary(nblocks, block_size=self.page_size, directory=directory)
+            self._owned_devices.append(device)
+            self.space.swapon(device)
+            return
+        if isinstance(swap, (str, bytes)):
+            raise TypeError("swap must be a list of devices, e.g. ['/var/tmp/swap0:4G']")
+        for spec in swap:
+            self._add_swap(spec)
+
+    def _add_swap(self, spec: SwapSpec) -> BlockDevice:
+        if isinstance(spec, tuple):
+            path, size = spec
+            device: BlockDevice = self._open_file_device(path, size)
+        elif isinstance(spec, str):
+            path, sep, size_text = spec.rpartition(":")
+            if sep and path and size_text and size_text[0].isdigit():
+                device = self._open_file_device(path, size_text)
+            else:
+                device = self._open_file_device(spec, None)
+        elif isinstance(spec, BlockDevice):
+            device = spec
+            if device.block_size != self.page_size:
+                raise ValueError(
+                    f"swap device {device.name}: block_size {device.block_size} "
+                    f"!= page_size {self.page_size}"
+                )
+        else:
+            raise TypeError(
+                f"swap entries must be 'path:size', (path, size) or BlockDevice, got {spec!r}"
+            )
+        self.space.swapon(device)
+        return device
+
+    def _open_file_device(self, path: str, size: int | str | None) -> BlockDevice:
+        nblocks = None
+        if size is not None:
+            nblocks = (
+                parse_size(size, f"swap size of {path}", minimum=self.page_size) // self.page_size
+            )
+        device = FileDevice(path, nblocks, block_size=self.page_size)
+        self._owned_devices.append(device)
+        return device
+
+    def swapon(self, path: str | BlockDevice, size: int | str | None = None) -> None:
+        """Add a swap device while running (a file is created if ``size`` is given)."""
+        with self._cond:
+            self._check_vm_open()
+            if isinstance(path, str):
+                self._add_swap((path, size) if size is not None else path)
+            else:
+                self._add_swap(path)
+            self._set_stuck(False)
+
+    def swapoff(self, device: str | int, *, force: bool = False) -> None:
+        """Remove a swap device, moving every page it holds to memory or other devices.
+
+        Refuses with ``SwapExhausted`` when free frames plus the free swap of
+        the other devices cannot hold the device's pages; ``force=True`` tries
+        anyway (pages move until room runs out, then ``SwapExhausted`` and the
+        device stays in use, with nothing lost).
+        """
+        with self._cond:
+            self._check_vm_open()
+            index = self._device_index(device)
+            space = self.space
+            before = space.statistics()
+            dev_stats = next(d for d in before.devices if d.index == index)
+            space.swapoff_begin(index)
+            try:
+                in_use = space.blocks_in_use(index)
+                others_free = sum(
+                    d.total - d.used - d.bad
+                    for d in before.devices
+                    if d.index != index and not d.draining
+                )
+                room = others_free + self.frames.free_nframes
+                if len(in_use) > room and not force:
+                    raise SwapExhausted(
+                        f"swapoff {dev_stats.name}: {len(in_use)} pages in use, but only {room} "
+                        "free frames and blocks elsewhere (use force=True to try anyway)"
+                    )
+                self._drain_device(index)
+                removed = space.swapoff_finish(index)
+            except BaseException:
+                space.swapoff_cancel(index)
+                raise
+            if removed in self._owned_devices:
+                self._owned_devices.remove(removed)
+                removed.close()
+
+    def _drain_device(self, index: int) -> None:
+        while True:
+            in_use = set(self.space.blocks_in_use(index).tolist())
+            if not in_use:
+                return
+            owners = [(o, p, b) for o, p, b in self.swap_pager.meta.items() if b in in_use]
+            if not owners:
+                # Blocks in flight or held by a write that is failing: let them settle.
+                self._cond.wait(0.01)
+                continue
+            for oid, pindex, blk in owners:
+                obj = self._objects.get(oid)
+                if obj is None or self.swap_pager.meta.lookup(oid, pindex) != blk:
+                    continue
+                # A write fault makes the page dirty and frees its swap block;
+                # the next pageout puts it on another device.
+                hold_page(self, obj, pindex, write=True, overwrite=False)
+
+    def _device_index(self, device: str | int) -> int:
+        for index, dev in self.space.devices():
+            if device == index or device == dev.name:
+                return index
+        names = ", ".join(d.name for _, d in self.space.devices()) or "none"
+        raise ValueError(f"device must name a swap device in use ({names}), got {device!r}")
+
+    def swapinfo(self) -> tuple[SwapDeviceStatistics, ...]:
+        """Use of every swap device, in blocks of ``page_size`` bytes (swapctl -l)."""
+        with self._cond:
+            return self.space.statistics().devices
+
+    # -- objects ----------------------------------------------------------------
+
+    def allocate(self, size: int | str) -> VMObject:
+        """A new anonymous, zero-filled, swap-backed object of ``size`` bytes.
+
+        ``size`` is rounded up to whole pages; it may be far larger than memory.
+        """
+        nbytes = parse_size(size, "size", minimum=1, maximum=1 << 60)
+        with self._cond:
+            self._check_vm_open()
+            npages = -(-nbytes // self.page_size)
+            obj = VMObject(self, self._next_oid, npages, "anonymous")
+            self._next_oid += 1
+            self._objects[obj.oid] = obj
+            return obj
+
+    def objects(self) -> list[VMObject]:
+        with self._cond:
+            return list(self._objects.values())
+
+    def _check_vm_open(self) -> None:
+        if self._closed:
+            raise ObjectClosed("the VM is closed")
+
+    # -- data paths ---------------------------------------------------------------
+
+    def _read(self, obj: VMObject, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > obj.size:
+            obj._check_range(offset, length)
+        ps = self.page_size
+        pindex, off = divmod(offset, ps)
+        if off + length <= ps:
+            with self._cond:
+                if obj.closed:
+                    raise ObjectClosed(f"VM object {obj.oid} is closed")
+                page = obj.pages.get(pindex)
+                if page is None or page.busy:
+                    page = hold_page(self, obj, pindex, False, False)
+                else:
+                    page.referenced = True
+                    self.counters.hits += 1
+                start = page.frame * ps + off
+                return self.frames.view[start : start + length].tobytes()
+        out = bytearray(length)
+        self._readinto(obj, offset, memoryview(out))
+        return bytes(out)
+
+    def _readinto(self, obj: VMObject, offset: int, view: memoryview) -> None:
+        ps = self.page_size
+        length = view.nbytes
+        fview = self.frames.view
+        pos = 0
+        with self._cond:
+            while pos < length:
+                if obj.closed:
+                    raise ObjectClosed(f"VM object {obj.oid} is closed")
+                pindex, off = divmod(offset + pos, ps)
+                n = min(ps - off, length - pos)
+                page = hold_page(self, obj, pindex, False, False)
+                start = page.frame * ps + off
+                view[pos : pos + n] = fview[start : start + n]
+                pos += n
+
+    def _write(self, obj: VMObject, offset: int, view: memoryview) -> None:
+        ps = self.page_size
+        length = view.nbytes
+        fview = self.frames.view
+        pos = 0
+        with self._cond:
+            while pos < length:
+                if obj.closed:
+                    raise ObjectClosed(f"VM object {obj.oid} is closed")
+                pindex, off = divmod(offset + pos, ps)
+                n = min(ps - off, length - pos)
+                page = hold_page(self, obj, pindex, True, n == ps)
+                start = page.frame * ps + off
+                fview[start : start + n] = view[pos : pos + n]
+                pos += n
+
+    def _discard(self, obj: VMObject, offset: int, length: int) -> None:
+        ps = self.page_size
+        end = offset + length
+        first_full = -(-offset // ps)
+        end_full = end // ps
+        if first_full >= end_full:
+            if length:
+                self._write(obj, offset, memoryview(bytes(length)))
+            return
+        if offset < first_full * ps:
+            self._write(obj, offset, memoryview(bytes(first_full * ps - offset)))
+        if end > end_full * ps:
+            self._write(obj, end_full * ps, memoryview(bytes(end - end_full * ps)))
+        with self._cond:
+            if obj.backing is not None:
+                # A shadow must hide the backing object's pages: store zeros.
+                pass
+            else:
+                self._drop_pages(obj, first_full, end_full)
+                self.swap_pager.free_space(obj, first_full, end_full - first_full)
+                return
+        zeros = memoryview(bytes(ps))
+        for pindex in range(first_full, end_full):
+            self._write(obj, pindex * ps, zeros)
+
+    def _drop_pages(self, obj: VMObject, start: int, end: int, *, force: bool = False) -> None:
+        """Free resident pages of ``obj`` in ``[start, end)`` without writing them.
+
+        Waits for busy pages, unless ``force`` (VM close, after all I/O has
+        finished: a page still busy then was leaked, and is logged).
+        """
+        while True:
+            if end - start > len(obj.pages):
+                victims = [p for i, p in obj.pages.items() if start <= i < end]
+            else:
+                victims = [p for i in range(start, end) if (p := obj.pages.get(i)) is not None]
+            waited = False
+            for page in victims:
+                if (page.busy or page.writing) and force:
+                    log.error("closing: %r was left busy", page)
+                    page.busy = page.writing = False
+                if page.busy or page.writing:
+                    self._wait_page(page)
+                    waited = True
+                    break
+                self._free_page(page)
+            if not waited:
+                return
+
+    def _close_object(self, obj: VMObject) -> None:
+        with self._cond:
+            if obj.closed:
+                return
+            obj.closed = True
+            self._drop_pages(obj, 0, obj.npages)
+            self.swap_pager.dealloc(obj)
+            self._objects.pop(obj.oid, None)
+            self._cond.notify_all()
+
+    # -- services for the fault path, the pagers and the daemon (lock held) -----------
+
+    def _pager_for(self, obj: VMObject) -> Pager | None:
+        if obj.kind == "anonymous":
+            return self.swap_pager
+        return None
+
+    def _in_daemon(self) -> bool:
+        ident = threading.get_ident()
+        return ident == self.daemon.ident or ident == self._scan_owner
+
+    def _wait_page(self, page: Page) -> None:
+        page.wanted = True
+        self._cond.wait()
+
+    def _make_dirty(self, obj: VMObject, page: Page) -> None:
+        page.dirty = True
+        pager = self._pager_for(obj)
+        if pager is not None:
+            pager.unswapped(obj, page.pindex)
+
+    def _alloc_frame(self, *, for_read: bool) -> int | None:
+        frames = self.frames
+        floor = 0 if for_read else self._read_reserve
+        if frames.free_nframes <= floor:
+            return None
+        frame = frames.alloc()
+        if frames.free_nframes < self.free_min_nframes:
+            self._cond.notify_all()  # wake the page daemon
+        return frame
+
+    def _alloc_frame_for_readaround(self) -> int | None:
+        if self.frames.free_nframes <= self.free_min_nframes:
+            return None
+        return self.frames.alloc()
+
+    def _readaround_npages(self, obj: VMObject, pindex: int) -> int:
+        return self.config.readaround_npages
+
+    def _wait_for_frame(self, *, for_read: bool) -> None:
+        """Make room or wait for it; raises SwapExhausted when nothing can be freed."""
+        self.counters.frame_waits += 1
+        floor = 0 if for_read else self._read_reserve
+        if not self.config.daemon_thread or self._in_daemon():
+            owner = self._scan_owner
+            self._scan_owner = threading.get_ident()
+            try:
+                ok = self.daemon.run_until(self.free_target_nframes, asynchronous=False)
+            finally:
+                self._scan_owner = owner
+            if not ok and self.frames.free_nframes <= floor:
+                self._exhausted()
+            return
+        if self._stuck and self.frames.free_nframes <= floor:
+            self._exhausted()
+        self._frame_waiters += 1
+        try:
+            self._cond.notify_all()
+            self._cond.wait(1.0)
+        finally:
+            self._frame_waiters -= 1
+        if self._stuck and self.frames.free_nframes <= floor:
+            self._exhausted()
+
+    def _exhausted(self) -> None:
+        self.counters.swap_exhausted += 1
+        stats = self.space.statistics()
+        raise SwapExhausted(
+            f"memory ({self.frames.nframes} frames) and swap ({stats.total} blocks, "
+            f"{stats.used} used, {stats.bad} bad) are full of data"
+        )
+
+    def _daemon_needed(self) -> bool:
+        if self._stuck:
+            return False
+        return self.frames.free_nframes < self.free_min_nframes or self._frame_waiters > 0
+
+    def _set_stuck(self, stuck: bool) -> None:
+        if self._stuck != stuck:
+            self._stuck = stuck
+            self._cond.notify_all()
+
+    def _free_page(self, page: Page) -> None:
+        """Forget a resident page and free its frame (its data must be elsewhere)."""
+        if page.queue != QUEUE_NONE:
+            self.queues.remove(page)
+        obj = page.obj
+        del obj.pages[page.pindex]
+        self.frames.free(page.frame)
+        if page.wanted:
+            page.wanted = False
+        self._stuck = False
+        self._cond.notify_all()
+
+    def _swap_freed(self) -> None:
+        self._stuck = False
+
+    def _written_clean(self, pages: Iterable[Page]) -> None:
+        """An asynchronous pageout finished: free its pages now if memory is short."""
+        if self.frames.free_nframes >= self.free_target_nframes:
+            return
+        for page in pages:
+            self._free_if_clean(page)
+
+    def _free_if_clean(self, page: Page) -> bool:
+        """Free ``page`` if it is still resident, clean, idle and unreferenced."""
+        if page.obj.pages.get(page.pindex) is not page:
+            return False
+        if page.dirty or page.busy or page.writing or page.referenced:
+            return False
+        self._free_page(page)
+        return True
+
+    def _note_read_error(self, err: DeviceError) -> None:
+        self._read_error = err
+
+    def _take_read_error(self) -> DeviceError | None:
+        err, self._read_error = self._read_error, None
+        return err
+
+    # -- I/O ------------------------------------------------------------------------
+
+    def _perform(self, request: IORequest) -> None:
+        """The device transfer of ``request`` (no lock held); sets ``request.error``."""
+        try:
+            if request.kind is IOKind.READ:
+                self.space.read(request.blk, request.buffers)
+            else:
+                self.space.write(request.blk, request.buffers)
+        except DeviceError as exc:
+            request.error = exc
+        except OSError as exc:
+            request.error = DeviceError(exc.errno or 5, "swap", request.blk, str(exc))
+
+    def _perform_unlocked(self, request: IORequest) -> None:
+        self._lock.release()
+        try:
+            self._perform(request)
+        finally:
+            self._lock.acquire()
+
+    def _complete(self, requests: list[IORequest]) -> None:
+        with self._cond:
+            for request in requests:
+                request.done = True
+                request.iodone(request)
+
+    # -- page daemon control ------------------------------------------------------------
+
+    def pageout(self, npages: int | None = None, *, asynchronous: bool = False) -> int:
+        """Run the page daemon's scan in this thread until ``npages`` more frames are free.
+
+        For tests and tools. ``asynchronous=True`` acts exactly as the daemon
+        thread does (writes go through the I/O engine and complete later).
+        Returns the number of frames freed.
+        """
+        with self._cond:
+            self._check_vm_open()
+            before = self.frames.free_nframes
+            target = (
+                self.frames.nframes
+                if npages is None
+                else min(self.frames.nframes, before + check_int(npages, "npages", minimum=0))
+            )
+            owner = self._scan_owner
+            self._scan_owner = threading.get_ident()
+            try:
+                self.daemon.run_until(target, asynchronous=asynchronous)
+            finally:
+                self._scan_owner = owner
+            return self.frames.free_nframes - before
+
+    def set_swap_async_max(self, value: int) -> int:
+        """Change the asynchronous write limit while running; returns the clamped value."""
+        with self._cond:
+            return self.inflight.set_async_max(value)
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no asynchronous write is in flight. Returns False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self.inflight.in_flight(IOKind.WRITE_ASYNC) == 0, timeout
+            )
+
+    # -- statistics and invariants ----------------------------------------------------
+
+    def statistics(self) -> VMStatistics:
+        with self._cond:
+            c = self.counters
+            s = self.space.statistics()
+            q = self.queues
+            resident = sum(len(o.pages) for o in self._objects.values())
+            dirty = sum(1 for o in self._objects.values() for p in o.pages.values() if p.dirty)
+            return VMStatistics(
+                page_size=self.page_size,
+                nframes=self.frames.nframes,
+                free_nframes=self.frames.free_nframes,
+                resident_npages=resident,
+                active_npages=len(q.active),
+                inactive_npages=len(q.inactive),
+                dirty_npages=dirty,
+                faults=c.faults,
+                zero_fills=c.zero_fills,
+                cow_copies=c.cow_copies,
+                pageins=c.pageins,
+                pagein_pages=c.pagein_pages,
+                readaround_pages=c.readaround_pages,
+                readaround_hits=c.readaround_hits,
+                pageouts=c.pageouts,
+                pageout_pages=c.pageout_pages,
+                pageout_fail_pages=c.pageout_fail_pages,
+                cluster_histogram=tuple(sorted(c.cluster_hist.items())),
+                swap_total_blocks=s.total,
+                swap_used_blocks=s.used,
+                swap_bad_blocks=s.bad,
+                swap_almost_full=s.almost_full,
+                swap_full=s.full,
+                read_errors=c.read_errors,
+                write_errors=c.write_errors,
+                bad_blocks_marked=c.bad_blocks_marked,
+                swap_exhausted=c.swap_exhausted,
+                frame_waits=c.frame_waits,
+                async_writes_in_flight=self.inflight.in_flight(IOKind.WRITE_ASYNC),
+                swap_async_max=self.inflight.async_max,
+                objects=len(self._objects),
+                daemon_scans=self.daemon.scans,
+            )
+
+    def check(self) -> None:
+        """Assert every invariant; raises ``InvariantViolation`` listing each one broken."""
+        with self._cond:
+            problems = self._check_locked()
+        if problems:
+            raise InvariantViolation(problems)
+
+    def _check_locked(self) -> list[str]:
+        problems: list[str] = []
+        problems += self.frames.check()
+        problems += self.queues.check()
+        problems += self.pagermap.check()
+        for part, checker in (
+            ("swap space", self.space.check),
+            ("swap meta", self.swap_pager.meta.check),
+        ):
+            try:
+                checker()
+            except AssertionError as exc:
+                problems.append(f"{part}: {exc}")
+        # Frames: each is free or held by exactly one resident page.
+        owner: dict[int, Page] = {}
+        queued = 0
+        for obj in self._objects.values():
+            for pindex, page in obj.pages.items():
+                where = f"page {obj.oid}:{pindex}"
+                if page.obj is not obj or page.pindex != pindex:
+                    problems.append(f"{where}: recorded as {page!r}")
+                if not 0 <= pindex < obj.npages:
+                    problems.append(f"{where}: index outside the object ({obj.npages} pages)")
+                if page.frame in owner:
+                    problems.append(f"{where}: frame {page.frame} also holds {owner[page.frame]!r}")
+                owner[page.frame] = page
+                if self.frames.is_free(page.frame):
+                    problems.append(f"{where}: its frame {page.frame} is on the free list")
+                if page.writing and not page.dirty:
+                    problems.append(f"{where}: being written but clean")
+                if page.queue == QUEUE_NONE and not page.busy:
+                    problems.append(f"{where}: idle but on no queue")
+                if page.queue != QUEUE_NONE:
+                    queued += 1
+        if len(owner) + self.frames.free_nframes != self.frames.nframes:
+            problems.append(
+                f"frames: {len(owner)} resident + {self.frames.free_nframes} free "
+                f"!= {self.frames.nframes}"
+            )
+        nqueued = len(self.queues.active) + len(self.queues.inactive) + len(self.queues.wired)
+        if nqueued != queued:
+            problems.append(f"queues hold {nqueued} pages but {queued} resident pages are queued")
+        # Swap: every used block is owned by exactly one page (meta checks uniqueness).
+        stats = self.space.statistics()
+        owned = self.swap_pager.meta.total()
+        if stats.used != owned:
+            problems.append(f"swap: {stats.used} blocks allocated but {owned} owned by pages")
+        if stats.free + stats.used + stats.bad != stats.total:
+            problems.append(
+                f"swap: free {stats.free} + used {stats.used} + bad {stats.bad} != {stats.total}"
+            )
+        for oid in self.swap_pager.meta.objects():
+            if oid not in self._objects:
+                problems.append(f"swap: blocks owned by object {oid}, which is gone")
+        return problems
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the daemon, finish I/O, free every object and remove the private swap."""
+        with self._cond:
+            if self._closed:
+                return
+        self.daemon.stop()
+        self.engine.close()
+        with self._cond:
+            for obj in list(self._objects.values()):
+                obj.closed = True
+                self._drop_pages(obj, 0, obj.npages, force=True)
+                self.swap_pager.dealloc(obj)
+            self._objects.clear()
+            self._closed = True
+        self._close_devices()
+        self.frames.close()
+
+    def _close_devices(self) -> None:
+        for device in self._owned_devices:
+            try:
+                device.close()
+            except OSError as exc:  # closing must go on for the others
+                log.warning("closing %s: %s", device.name, exc)
+        self._owned_devices.clear()
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<VM {self.frames.nframes} frames of {self.page_size} B, {len(self._objects)} objects>"
+        )
