@@ -191,12 +191,12 @@ class PageDaemon:
                     cond.wait()
                     continue
                 self.wakeups += 1
-                if self.run_until(vm.free_target_nframes, asynchronous=True):
-                    vm._set_stuck(False)
-                    if vm.frames.free_nframes < vm.free_target_nframes:
-                        cond.wait(0.05)  # writes in flight will free frames
+                ok = self.run_until(vm.free_target_nframes, asynchronous=True)
+                vm._set_stuck(not ok)
+                # Always give the lock up after a pass: the waiters need it.
+                if ok and vm.inflight.in_flight(IOKind.WRITE_ASYNC):
+                    cond.wait(0.05)  # completions will free frames
                 else:
-                    vm._set_stuck(True)
                     cond.wait()
 
     def stop(self) -> None:
