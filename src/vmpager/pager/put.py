@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from vmpager.pager.cluster import make_put_cluster
 from vmpager.pager.protocol import Pager, PagerResult
+from vmpager.pager.registry import put_pages
 
 if TYPE_CHECKING:
     from vmpager.vm.object import VMObject
@@ -61,11 +62,11 @@ def pager_put(
     if hi is not None:
         whi = min(whi, hi)
     cluster = make_put_cluster(obj, center, wlo, whi, max_npages)
-    results = pager.put_pages(obj, cluster, sync=sync)
+    results = put_pages(pager, obj, cluster, sync=sync)
     result = results[cluster.index(center)]
     if result is PagerResult.AGAIN and len(cluster) > 1 and center.dirty and not center.writing:
         # Transient failure of a cluster: retry the one page we were asked for.
         center.writing = True
-        retry = pager.put_pages(obj, [center], sync=sync)
+        retry = put_pages(pager, obj, [center], sync=sync)
         return PutOutcome(retry[0], len(cluster), True)
     return PutOutcome(result, len(cluster), False)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from vmpager.errors import DeviceError
 from vmpager.pager.protocol import PagerResult
+from vmpager.pager.registry import get_pages
 from vmpager.vm.page import Page
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def _page_in(vm: VM, obj: VMObject, pindex: int) -> Page | None:
     run_pages: list[Page] = [page]
     try:
         reqpage = _gather_readaround(vm, pager, obj, pindex, run_pages)
-        result = pager.get_pages(obj, run_pages, reqpage)
+        result = get_pages(pager, obj, run_pages, reqpage)
     except BaseException:
         # Leave nothing busy behind: pages not yet released are dropped (their
         # data is still on the store).

@@ -109,6 +109,9 @@ class VMObject:
         offset, length = self._check_range(offset, length)
         self._vm._discard(self, offset, length)
 
+    def _before_close(self) -> None:
+        """Called with the VM lock held just before the object closes (file objects flush)."""
+
     def close(self) -> None:
         """Release the object: its frames and swap return to the VM. Idempotent."""
         if not self.closed:

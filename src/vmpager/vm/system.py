@@ -24,6 +24,7 @@ from vmpager.io.engine import IOEngine, ThreadedEngine
 from vmpager.io.inflight import InflightLimits
 from vmpager.io.request import IOKind, IORequest
 from vmpager.pager.pagermap import PagerMap
+from vmpager.pager.registry import PagerRegistry
 from vmpager.pager.swap import SwapPager
 from vmpager.swap.space import SwapDeviceStatistics, SwapSpace
 from vmpager.units import check_int, parse_size
@@ -109,6 +110,8 @@ class VM:
         self.inflight = InflightLimits(self._cond, cfg.nswbuf, cfg.swap_async_max)
         self.space = SwapSpace(layout=layout)  # type: ignore[arg-type]
         self.swap_pager = SwapPager(self, self.space)
+        self.pagers = PagerRegistry()
+        self.pagers.register("anonymous", self.swap_pager)
         self._objects: dict[int, VMObject] = {}
         self._next_oid = 1
         self._stuck = False
@@ -275,6 +278,28 @@ class VM:
             self._objects[obj.oid] = obj
             return obj
 
+    def _register_object(self, obj: VMObject) -> None:
+        """Give ``obj`` the next object id and track it (lock held)."""
+        obj.oid = self._next_oid
+        self._next_oid += 1
+        self._objects[obj.oid] = obj
+
+    def map_file(self, path: str, mode: str = "r", *, private: bool = False) -> VMObject:
+        """A VM object backed by the file at ``path`` (the vnode pager).
+
+        ``mode`` "r" or "r+"; ``private=True`` makes a copy-on-write mapping
+        whose changes go to swap, never to the file.
+        """
+        from vmpager.pager.vnode import map_file
+
+        return map_file(self, path, mode=mode, private=private)
+
+    def map_device(self, buffer: object) -> VMObject:
+        """A VM object over fixed memory (bytearray, mmap, numpy array): the device pager."""
+        from vmpager.pager.device import map_device
+
+        return map_device(self, buffer)
+
     def objects(self) -> list[VMObject]:
         with self._cond:
             return list(self._objects.values())
@@ -391,18 +416,19 @@ class VM:
         with self._cond:
             if obj.closed:
                 return
+            obj._before_close()
             obj.closed = True
             self._drop_pages(obj, 0, obj.npages)
-            self.swap_pager.dealloc(obj)
+            pager = self._pager_for(obj)
+            if pager is not None:
+                pager.dealloc(obj)
             self._objects.pop(obj.oid, None)
             self._cond.notify_all()
 
     # -- services for the fault path, the pagers and the daemon (lock held) -----------
 
     def _pager_for(self, obj: VMObject) -> Pager | None:
-        if obj.kind == "anonymous":
-            return self.swap_pager
-        return None
+        return self.pagers.pager_for(obj)
 
     def _in_daemon(self) -> bool:
         ident = threading.get_ident()
@@ -695,13 +721,19 @@ class VM:
         with self._cond:
             if self._closed:
                 return
+        with self._cond:
+            for obj in list(self._objects.values()):
+                obj._before_close()  # file objects write their dirty pages back
         self.daemon.stop()
         self.engine.close()
         with self._cond:
             for obj in list(self._objects.values()):
+                obj._before_close()
                 obj.closed = True
                 self._drop_pages(obj, 0, obj.npages, force=True)
-                self.swap_pager.dealloc(obj)
+                pager = self._pager_for(obj)
+                if pager is not None:
+                    pager.dealloc(obj)
             self._objects.clear()
             self._closed = True
         self._close_devices()
