@@ -11,8 +11,10 @@ Measured, each as the median of ``--runs`` runs, side by side in one process:
 
 * ``end_to_end``: the workload loop with the random stream precomputed
   (vectorised splitmix64; its cost is reported separately);
-* ``replay``: the recorded calls of the timed phase replayed in a bare loop --
-  the allocator's raw throughput, plus the loop's own cost with stub calls;
+* ``replay``: the recorded calls of the timed phase replayed in a bare loop,
+  garbage collector off (as ``timeit``) -- the allocator's raw throughput,
+  plus the loop's own cost with stub calls; ``end_to_end`` runs with the
+  collector on, as a program would;
 * ``naive``: a plain next-fit over a bytearray (``bytearray.find``) in the same
   harness, as a reference.
 
@@ -136,14 +138,24 @@ def replay(
     free: Callable[[int, int], object],
     trace: Sequence[int | tuple[int, int]],
 ) -> float:
-    """Time the recorded calls in a bare loop; return seconds."""
-    started = time.perf_counter()
-    for op in trace:
-        if op.__class__ is int:
-            alloc(op)  # type: ignore[arg-type]
-        else:
-            free(*op)  # type: ignore[misc]
-    return time.perf_counter() - started
+    """Time the recorded calls in a bare loop; return seconds.
+
+    The garbage collector is off while timing, as ``timeit`` does: with the
+    benchmark's millions of live objects, its passes (set off by the returned
+    tuples) would otherwise land in whichever loop happens to be running.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        started = time.perf_counter()
+        for op in trace:
+            if op.__class__ is int:
+                alloc(op)  # type: ignore[arg-type]
+            else:
+                free(*op)  # type: ignore[misc]
+        return time.perf_counter() - started
+    finally:
+        gc.enable()
 
 
 def _stub_alloc(count: int) -> None:
@@ -166,6 +178,7 @@ def median_rate(samples: list[float], nops: int) -> dict[str, Any]:
 
 def measure_fill(fill: float, nblocks: int, nops: int, runs: int) -> dict[str, Any]:
     out: dict[str, Any] = {"fill": fill, "nblocks": nblocks, "nops": nops}
+    out["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
     end_to_end: list[float] = []
     naive: list[float] = []
     replays: list[float] = []
@@ -195,6 +208,7 @@ def measure_fill(fill: float, nblocks: int, nops: int, runs: int) -> dict[str, A
         stubs.append(replay(_stub_alloc, _stub_free, trace))
         bl.check()
     assert first is not None
+    out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     out["placement"] = summary(first)
     if nblocks == NBLOCKS and nops == NOPS and fill == 0.5:
         got = {k: v for k, v in summary(first).items() if k in EXPECTED_AT_HALF}
@@ -337,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             "fanout": blist_module.DEFAULT_FANOUT,
         },
         "reference_ops_per_s": REFERENCE,
+        "notes": (
+            "end_to_end: workload loop, random stream precomputed, gc on. replay: recorded "
+            "calls in a bare loop, gc off (as timeit). replay_minus_loop subtracts the same "
+            "loop calling empty functions, so it also removes the call overhead."
+        ),
         "rng": rng_cost(args.nops),
         "workload": [measure_fill(f, args.nblocks, args.nops, args.runs) for f in args.fill],
         "memory": memory(args.memory_nblocks),
