@@ -15,7 +15,7 @@ until its first pageout (OBJT_DEFAULT becoming OBJT_SWAP).
   requested page. A read error invalidates the pages read, and the caller
   raises ``DeviceError``: a page with a swap copy never reads as zeros.
 - ``page_run`` (haspage with before/after), ``unswapped``, ``free_space``,
-  ``dealloc``.
+  ``dealloc``; ``reserve`` assigns blocks up front (swap_pager_reserve).
 
 Every method runs with the VM lock held; device transfers run with it
 released while the pages involved are busy or writing.
@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 __all__ = ["SwapPager"]
 
 log = logging.getLogger("vmpager.swap")
+
+#: ``VMObject.reserve_state`` values: a reserved block without data, with data.
+RESERVED_UNWRITTEN = 1
+RESERVED_WRITTEN = 2
 
 #: Smallest run putpages keeps halving towards before it gives up on a chunk.
 _MIN_HALVING_NPAGES = 4
@@ -80,7 +84,10 @@ class SwapPager:
     # -- queries ------------------------------------------------------------
 
     def has_page(self, obj: VMObject, pindex: int) -> bool:
-        return self.meta.lookup(obj.oid, pindex) != SWAPBLK_NONE
+        if self.meta.lookup(obj.oid, pindex) == SWAPBLK_NONE:
+            return False
+        state = obj.reserve_state
+        return state is None or state[pindex] != RESERVED_UNWRITTEN
 
     def page_run(
         self, obj: VMObject, pindex: int, before_max: int, after_max: int
@@ -89,6 +96,12 @@ class SwapPager:
         after_max = max(0, min(after_max, obj.npages - 1 - pindex))
         first = pindex - before_max
         blocks = self.meta.lookup_range(obj.oid, first, before_max + 1 + after_max).tolist()
+        state = obj.reserve_state
+        if state is not None:
+            # A reserved block that was never written holds no data.
+            for i in range(len(blocks)):
+                if state[first + i] == RESERVED_UNWRITTEN:
+                    blocks[i] = SWAPBLK_NONE
         blk0 = blocks[before_max]
         if blk0 == SWAPBLK_NONE:
             return None
@@ -172,9 +185,21 @@ class SwapPager:
         cluster_max = vm.config.cluster_max_npages
         i = 0
         count = len(pages)
+        reserved = obj.reserve_state
         while i < count:
             n = min(count - i, cluster_max)
-            got = self.space.alloc(n, min_count=_halving_floor(n))
+            if reserved is not None:
+                in_place = self._reserved_run(obj, pages, i, n)
+                if in_place is not None:
+                    got: tuple[int, int] | None = in_place
+                else:
+                    # Stop the fresh run before the next page with a reservation.
+                    n = next(
+                        (k for k in range(1, n) if self._reserved_run(obj, pages, i + k, 1)), n
+                    )
+                    got = self.space.alloc(n, min_count=_halving_floor(n))
+            else:
+                got = self.space.alloc(n, min_count=_halving_floor(n))
             if got is None:
                 # No run even at the smallest size: these pages stay dirty.
                 for page in pages[i : i + n]:
@@ -190,7 +215,8 @@ class SwapPager:
             chunk = list(pages[i : i + n])
             oid = obj.oid
             for j, page in enumerate(chunk):
-                self.meta.build(oid, page.pindex, blk + j)
+                if self.meta.lookup(oid, page.pindex) != blk + j:
+                    self.meta.build(oid, page.pindex, blk + j)
             kind = IOKind.WRITE_SYNC if sync else IOKind.WRITE_ASYNC
             request = IORequest(
                 kind,
@@ -232,6 +258,9 @@ class SwapPager:
             for page in request.pages:
                 page.writing = False
                 page.dirty = False
+                state = page.obj.reserve_state
+                if state is not None and state[page.pindex]:
+                    state[page.pindex] = RESERVED_WRITTEN
                 if page.wanted:
                     page.wanted = False
             vm._cond.notify_all()
@@ -249,8 +278,13 @@ class SwapPager:
         for j, page in enumerate(request.pages):
             oid = page.obj.oid
             assert self.meta.lookup(oid, page.pindex) == request.blk + j
+            state = page.obj.reserve_state
             if mark_bad:
                 self.meta.pop(oid, page.pindex)
+                if state is not None:
+                    state[page.pindex] = 0  # the reservation dies with its bad block
+            elif state is not None and state[page.pindex]:
+                pass  # keep the reserved block for the next try
             else:
                 self.meta.free(oid, page.pindex)
             page.writing = False
@@ -267,13 +301,105 @@ class SwapPager:
     # -- metadata operations ------------------------------------------------------
 
     def unswapped(self, obj: VMObject, pindex: int) -> None:
-        if obj.swap_backed:
-            self.meta.free(obj.oid, pindex)
+        if not obj.swap_backed:
+            return
+        state = obj.reserve_state
+        if state is not None and state[pindex]:
+            # The copy is stale but the block stays reserved for the next pageout.
+            state[pindex] = RESERVED_UNWRITTEN
+            return
+        self.meta.free(obj.oid, pindex)
 
     def free_space(self, obj: VMObject, start: int, npages: int) -> None:
         if obj.swap_backed:
             self.meta.free_range(obj.oid, start, npages)
+            if obj.reserve_state is not None:
+                obj.reserve_state[start : start + npages] = bytes(npages)
 
     def dealloc(self, obj: VMObject) -> None:
         if obj.swap_backed:
             self.meta.free_all(obj.oid)
+        obj.reserve_state = None
+
+    # -- reservation (swap_pager_reserve) ------------------------------------------
+
+    def _reserved_run(
+        self, obj: VMObject, pages: Sequence[Page], i: int, n: int
+    ) -> tuple[int, int] | None:
+        """``(blk, k)``: pages[i:i+k] have contiguous reserved blocks, one transfer."""
+        state = obj.reserve_state
+        assert state is not None
+        page = pages[i]
+        if not state[page.pindex]:
+            return None
+        blk = self.meta.lookup(obj.oid, page.pindex)
+        if blk == SWAPBLK_NONE:
+            return None
+        limit = min(n, self.space.run_limit(blk))
+        k = 1
+        while k < limit:
+            nxt = pages[i + k]
+            if not state[nxt.pindex] or self.meta.lookup(obj.oid, nxt.pindex) != blk + k:
+                break
+            k += 1
+        return blk, k
+
+    def reserve(self, obj: VMObject, start: int, npages: int) -> bool:
+        """Assign swap blocks to pages ``[start, start + npages)`` that have none.
+
+        The seed's swap_pager_reserve: largest runs first (up to the cluster
+        size), halving on failure; all or nothing: on failure every block
+        taken here is given back and False is returned. Reserved blocks hold
+        no data until the page is first written out: they read as before
+        (zeros), pageouts of these pages write in place and cannot fail for
+        lack of swap, and a page made dirty keeps its block. ``discard``
+        and ``close`` release the reservation.
+        """
+        oid = obj.oid
+        existing = self.meta.lookup_range(oid, start, npages).tolist()
+        if obj.reserve_state is None:
+            obj.reserve_state = bytearray(obj.npages)
+        state = obj.reserve_state
+        taken: list[int] = []
+        cluster_max = self._vm.config.cluster_max_npages
+        pindex = start
+        end = start + npages
+        while pindex < end:
+            if existing[pindex - start] != SWAPBLK_NONE:
+                pindex += 1
+                continue
+            run = 1
+            while (
+                pindex + run < end
+                and run < cluster_max
+                and existing[pindex + run - start] == SWAPBLK_NONE
+            ):
+                run += 1
+            got = self.space.alloc(run, min_count=1)
+            if got is None:
+                for p in taken:
+                    self.meta.free(oid, p)
+                    state[p] = 0
+                return False
+            blk, n = got
+            obj.swap_backed = True
+            for j in range(n):
+                page = obj.pages.get(pindex + j)
+                self.meta.build(oid, pindex + j, blk + j)
+                state[pindex + j] = RESERVED_UNWRITTEN
+                taken.append(pindex + j)
+                if page is not None and not page.dirty:
+                    page.dirty = True  # its data is nowhere else now
+            pindex += n
+        return True
+
+    def release_reservation(self, holder: VMObject, former: VMObject) -> None:
+        """Clone froze ``former`` into ``holder``: reserved blocks that hold no data
+        are freed, and the reservation ends (the frozen contents never change)."""
+        state = former.reserve_state
+        former.reserve_state = None
+        if state is None:
+            return
+        for pindex, value in enumerate(state):
+            if value == RESERVED_UNWRITTEN:
+                self.meta.free(holder.oid, pindex)

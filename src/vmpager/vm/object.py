@@ -38,8 +38,15 @@ class VMObject:
         #: Shadow chain: where pages this object lacks come from.
         self.backing: VMObject | None = None
         self.backing_offset = 0
+        #: Objects whose ``backing`` is this one (shadow_head).
+        self.shadows: list[VMObject] = []
         #: Handles and shadows that keep this object alive.
         self.refcount = 1
+        #: A frozen backing object made by ``clone``, invisible to users.
+        self.internal = False
+        #: Per page, for objects with reserved swap: 0 none, 1 reserved and
+        #: unwritten (the block holds no data), 2 reserved and written.
+        self.reserve_state: bytearray | None = None
         self.closed = False
 
     # -- properties -----------------------------------------------------------
@@ -108,6 +115,25 @@ class VMObject:
         """Forget a range: it reads as zeros; whole pages give back frames and swap."""
         offset, length = self._check_range(offset, length)
         self._vm._discard(self, offset, length)
+
+    def clone(self) -> VMObject:
+        """A copy-on-write snapshot: from now on writes on either side are invisible
+        to the other. Cheap: O(resident pages), no data is copied until written."""
+        if self.closed:
+            raise ObjectClosed(f"VM object {self.oid} is closed")
+        return self._vm._clone(self)
+
+    def reserve(self, offset: int = 0, length: int | None = None) -> None:
+        """Assign swap to the pages of a range now (swap_pager_reserve), so that
+        their pageouts cannot fail for lack of swap later.
+
+        All or nothing: raises ``SwapExhausted`` (and takes nothing) when swap
+        cannot hold the range. Whole pages covering the range are reserved.
+        """
+        if length is None:
+            length = self.size - check_int(offset, "offset", minimum=0, maximum=self.size)
+        offset, length = self._check_range(offset, length)
+        self._vm._reserve(self, offset, length)
 
     def _before_close(self) -> None:
         """Called with the VM lock held just before the object closes (file objects flush)."""

@@ -12,7 +12,9 @@ class Counters:
 
     __slots__ = (
         "bad_blocks_marked",
+        "clones",
         "cluster_hist",
+        "collapses",
         "cow_copies",
         "faults",
         "frame_waits",
@@ -35,6 +37,8 @@ class Counters:
         self.hits = 0
         self.zero_fills = 0
         self.cow_copies = 0
+        self.clones = 0
+        self.collapses = 0
         self.pageins = 0
         self.pagein_pages = 0
         self.pageouts = 0
@@ -69,6 +73,8 @@ class VMStatistics:
     faults: int
     zero_fills: int
     cow_copies: int
+    clones: int
+    collapses: int
     #: Page-ins: read operations and the pages they brought in (read-around included).
     pageins: int
     pagein_pages: int

@@ -28,6 +28,7 @@ from vmpager.pager.registry import PagerRegistry
 from vmpager.pager.swap import SwapPager
 from vmpager.swap.space import SwapDeviceStatistics, SwapSpace
 from vmpager.units import check_int, parse_size
+from vmpager.vm import shadow
 from vmpager.vm.config import VMConfig
 from vmpager.vm.fault import hold_page
 from vmpager.vm.frames import FramePool
@@ -418,12 +419,38 @@ class VM:
                 return
             obj._before_close()
             obj.closed = True
-            self._drop_pages(obj, 0, obj.npages)
-            pager = self._pager_for(obj)
-            if pager is not None:
-                pager.dealloc(obj)
-            self._objects.pop(obj.oid, None)
+            self._destroy_object(obj)
             self._cond.notify_all()
+
+    def _destroy_object(self, obj: VMObject) -> None:
+        """Free everything ``obj`` holds and drop its reference on its backing object."""
+        obj.closed = True
+        self._drop_pages(obj, 0, obj.npages)
+        pager = self._pager_for(obj)
+        if pager is not None:
+            pager.dealloc(obj)
+        obj.reserve_state = None
+        self._objects.pop(obj.oid, None)
+        shadow.release_backing(self, obj)
+
+    def _clone(self, obj: VMObject) -> VMObject:
+        with self._cond:
+            self._check_vm_open()
+            if obj.closed:
+                raise ObjectClosed(f"VM object {obj.oid} is closed")
+            return shadow.clone(self, obj)
+
+    def _reserve(self, obj: VMObject, offset: int, length: int) -> None:
+        if length == 0:
+            return
+        ps = self.page_size
+        first = offset // ps
+        end = -(-(offset + length) // ps)
+        with self._cond:
+            if obj.kind != "anonymous":
+                raise ValueError(f"only anonymous objects reserve swap, not {obj.kind!r}")
+            if not self.swap_pager.reserve(obj, first, end - first):
+                self._exhausted()
 
     # -- services for the fault path, the pagers and the daemon (lock held) -----------
 
@@ -627,6 +654,8 @@ class VM:
                 faults=c.faults,
                 zero_fills=c.zero_fills,
                 cow_copies=c.cow_copies,
+                clones=c.clones,
+                collapses=c.collapses,
                 pageins=c.pageins,
                 pagein_pages=c.pagein_pages,
                 readaround_pages=c.readaround_pages,
@@ -709,6 +738,7 @@ class VM:
             problems.append(
                 f"swap: free {stats.free} + used {stats.used} + bad {stats.bad} != {stats.total}"
             )
+        problems += shadow.check_chains(self, self._objects)
         for oid in self.swap_pager.meta.objects():
             if oid not in self._objects:
                 problems.append(f"swap: blocks owned by object {oid}, which is gone")
