@@ -229,3 +229,17 @@ def test_collapse_shadow_swap_copy_beats_resident_backing_page() -> None:
         assert b.read(0, 5) == b"newer"
         assert b.read(5, PAGE - 5) == base[5:PAGE]
         vm.check()
+
+
+def test_allocate_with_reserve() -> None:
+    vm, _ = small_vm(nframes=4, swap_nblocks=16)
+    with vm:
+        a = vm.allocate(10 * PAGE, reserve=True)
+        assert vm.statistics().swap_used_blocks == 10
+        with pytest.raises(SwapExhausted, match="reserve"):
+            vm.allocate(10 * PAGE, reserve=True)
+        assert vm.statistics().objects == 1
+        assert vm.statistics().swap_used_blocks == 10
+        a.close()
+        assert vm.statistics().swap_used_blocks == 0
+        vm.check()

@@ -265,18 +265,24 @@ class VM:
 
     # -- objects ----------------------------------------------------------------
 
-    def allocate(self, size: int | str) -> VMObject:
+    def allocate(self, size: int | str, *, reserve: bool = False) -> VMObject:
         """A new anonymous, zero-filled, swap-backed object of ``size`` bytes.
 
         ``size`` is rounded up to whole pages; it may be far larger than memory.
+        ``reserve=True`` assigns its swap now (``VMObject.reserve``): the
+        allocation raises ``SwapExhausted`` instead of a later pageout failing.
         """
         nbytes = parse_size(size, "size", minimum=1, maximum=1 << 60)
+        if not isinstance(reserve, bool):
+            raise TypeError(f"reserve must be a bool, got {reserve!r}")
         with self._cond:
             self._check_vm_open()
             npages = -(-nbytes // self.page_size)
-            obj = VMObject(self, self._next_oid, npages, "anonymous")
-            self._next_oid += 1
-            self._objects[obj.oid] = obj
+            obj = VMObject(self, 0, npages, "anonymous")
+            self._register_object(obj)
+            if reserve and not self.swap_pager.reserve(obj, 0, npages):
+                self._destroy_object(obj)
+                self._reservation_failed(npages)
             return obj
 
     def _register_object(self, obj: VMObject) -> None:
@@ -450,7 +456,13 @@ class VM:
             if obj.kind != "anonymous":
                 raise ValueError(f"only anonymous objects reserve swap, not {obj.kind!r}")
             if not self.swap_pager.reserve(obj, first, end - first):
-                self._exhausted()
+                self._reservation_failed(end - first)
+
+    def _reservation_failed(self, npages: int) -> None:
+        stats = self.space.statistics()
+        raise SwapExhausted(
+            f"cannot reserve swap for {npages} pages: {stats.free} of {stats.total} blocks free"
+        )
 
     # -- services for the fault path, the pagers and the daemon (lock held) -----------
 
