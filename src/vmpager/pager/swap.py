@@ -76,6 +76,10 @@ class SwapPager:
         self.space.free(blk, nblocks)
         self._vm._swap_freed()
 
+    def marks_bad(self, err: DeviceError) -> bool:
+        """Whether the write-error policy marks the blocks of a write failed with ``err`` bad."""
+        return not self._is_transient(err) and self._policy is not WriteErrorPolicy.FREEBSD
+
     def _is_transient(self, err: DeviceError) -> bool:
         if self._policy is WriteErrorPolicy.NETBSD:
             return err.errno == errno.ENOMEM
@@ -269,7 +273,7 @@ class SwapPager:
             return [PagerResult.OK] * len(request.pages)
         vm.counters.write_errors += 1
         transient = self._is_transient(err)
-        mark_bad = not transient and self._policy is not WriteErrorPolicy.FREEBSD
+        mark_bad = self.marks_bad(err)
         log.warning(
             "swap_pager: I/O error - pageout failed; %s (%s)",
             err,

@@ -66,6 +66,9 @@ def hold_page(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) 
 
 def _fault_in(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) -> Page | None:
     """Bring the page in; None means "state changed while waiting, look again"."""
+    if obj.strategy_ranges and any(s <= pindex < e for s, e in obj.strategy_ranges):
+        vm._cond.wait()  # a strategy request owns this page right now
+        return None
     vm.counters.faults += 1
     level: VMObject | None = obj
     index = pindex

@@ -47,6 +47,8 @@ class VMObject:
         #: Per page, for objects with reserved swap: 0 none, 1 reserved and
         #: unwritten (the block holds no data), 2 reserved and written.
         self.reserve_state: bytearray | None = None
+        #: Page ranges [start, end) of strategy requests in flight: faults wait.
+        self.strategy_ranges: list[tuple[int, int]] = []
         self.closed = False
 
     # -- properties -----------------------------------------------------------
@@ -134,6 +136,24 @@ class VMObject:
             length = self.size - check_int(offset, "offset", minimum=0, maximum=self.size)
         offset, length = self._check_range(offset, length)
         self._vm._reserve(self, offset, length)
+
+    # -- strategy: cacheless block I/O (swap_pager_strategy) ----------------------
+
+    def strategy_read(self, offset: int, buffer: WritableBuffer) -> None:
+        """Fill ``buffer`` straight from swap (whole pages only); see pager/strategy.py."""
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise TypeError("buffer must be writable")
+        self._vm._strategy(self, "read", offset, view, view.nbytes)
+
+    def strategy_write(self, offset: int, data: ReadableBuffer) -> None:
+        """Write whole pages straight to swap, bypassing frames."""
+        view = memoryview(data).cast("B")
+        self._vm._strategy(self, "write", offset, view, view.nbytes)
+
+    def strategy_delete(self, offset: int, length: int) -> None:
+        """Free the swap of whole pages (BIO_DELETE); they read as zeros."""
+        self._vm._strategy(self, "delete", offset, None, length)
 
     def _before_close(self) -> None:
         """Called with the VM lock held just before the object closes (file objects flush)."""

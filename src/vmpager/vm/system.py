@@ -23,6 +23,7 @@ from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapEx
 from vmpager.io.engine import IOEngine, ThreadedEngine
 from vmpager.io.inflight import InflightLimits
 from vmpager.io.request import IOKind, IORequest
+from vmpager.pager import strategy
 from vmpager.pager.pagermap import PagerMap
 from vmpager.pager.registry import PagerRegistry
 from vmpager.pager.swap import SwapPager
@@ -445,6 +446,26 @@ class VM:
             if obj.closed:
                 raise ObjectClosed(f"VM object {obj.oid} is closed")
             return shadow.clone(self, obj)
+
+    def _strategy(
+        self, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
+    ) -> None:
+        if obj.closed:
+            raise ObjectClosed(f"VM object {obj.oid} is closed")
+        if obj.kind != "anonymous":
+            raise ValueError(f"strategy I/O is for swap-backed objects, not {obj.kind!r}")
+        if obj.backing is not None:
+            # Clones are served through the paths that walk the shadow chain.
+            if op == "read":
+                assert buffer is not None
+                obj.readinto(offset, buffer)
+            elif op == "write":
+                assert buffer is not None
+                obj.write(offset, buffer)
+            else:
+                obj.discard(offset, length)
+            return
+        strategy.strategy(self, obj, op, offset, buffer, length)
 
     def _reserve(self, obj: VMObject, offset: int, length: int) -> None:
         if length == 0:

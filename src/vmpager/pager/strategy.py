@@ -1,0 +1,233 @@
+"""Direct block I/O on swap-backed objects (swap_pager_strategy, getchainbuf & co).
+
+A cacheless path for block-device users (FreeBSD's md(4)): reads and writes
+go between the caller's buffer and the swap devices without passing through
+frames. Requests cover whole pages (else ``ValueError``, the seed's
+EINVAL). A page with no swap block reads as zeros; a write allocates
+blocks; a delete frees them. A request is split where blocks stop being
+contiguous or a stripe/device ends, into chained child requests that the
+I/O engine performs, at most ``CHAIN_MAX_INFLIGHT`` at a time per parent;
+the first child error is carried to the parent and raised.
+
+Unlike the seed, which writes over a page's existing block in place, a
+write here goes to freshly allocated blocks and the page is switched to
+them only when the transfer succeeded: a failed write leaves the page's
+previous contents readable (the new blocks are freed, or marked bad after a
+hard error under the seed's policy), never a torn mixture.
+
+Coherence with resident pages of the same object (the seed assumed there
+were none): for the duration of a request its page range is fenced, so
+faults on those pages wait; a read takes resident pages from their frames
+(they are at least as new as swap); a write or delete first drops resident
+pages of the range (waiting for busy ones), so later faults see the new
+blocks. Objects with a backing chain (clones) are served through the normal
+paths, which walk the chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
+from vmpager.io.request import IOKind, IORequest
+from vmpager.swap.meta import SWAPBLK_NONE
+
+if TYPE_CHECKING:
+    from vmpager.vm.object import VMObject
+    from vmpager.vm.system import VM
+
+__all__ = ["CHAIN_MAX_INFLIGHT", "strategy"]
+
+#: Child requests in flight per parent (waitchainbuf(bp, 4, 0) in the seed's callers).
+CHAIN_MAX_INFLIGHT = 4
+
+
+@dataclass(eq=False)
+class _Chain:
+    """A parent request and its children (the chain buffer bookkeeping)."""
+
+    outstanding: int = 0
+    issued: int = 0
+    errors: list[tuple[IORequest, DeviceError]] = field(default_factory=list)
+    done: list[IORequest] = field(default_factory=list)
+
+
+def _check_request(vm: VM, obj: VMObject, offset: int, length: int) -> tuple[int, int]:
+    ps = vm.page_size
+    if offset % ps or length % ps:
+        raise ValueError(
+            f"strategy requests must cover whole pages of {ps} bytes (EINVAL): "
+            f"offset {offset}, length {length}"
+        )
+    obj._check_range(offset, length)
+    return offset // ps, length // ps
+
+
+def strategy(
+    vm: VM, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
+) -> None:
+    """Perform one strategy request; blocks until every child request is done.
+
+    ``op`` is "read" (fills ``buffer``), "write" (stores ``buffer``) or
+    "delete" (frees the range; ``buffer`` is None). Raises ``DeviceError``
+    (first child failure), ``SwapExhausted`` (a write found no swap; nothing
+    was written) or ``ValueError`` (a request not made of whole pages).
+    """
+    first, npages = _check_request(vm, obj, offset, length)
+    if npages == 0:
+        return
+    with vm._cond:
+        if obj.closed:
+            raise ObjectClosed(f"VM object {obj.oid} is closed")
+        fence = (first, first + npages)
+        while any(s < fence[1] and fence[0] < e for s, e in obj.strategy_ranges):
+            vm._cond.wait()
+        obj.strategy_ranges.append(fence)
+        try:
+            if op == "read":
+                assert buffer is not None
+                _wait_unbusy(vm, obj, first, first + npages)
+                _read(vm, obj, first, npages, buffer)
+            elif op == "write":
+                assert buffer is not None
+                vm._drop_pages(obj, first, first + npages)
+                _write(vm, obj, first, npages, buffer)
+            elif op == "delete":
+                vm._drop_pages(obj, first, first + npages)
+                vm.swap_pager.free_space(obj, first, npages)
+            else:
+                raise ValueError(f"op must be 'read', 'write' or 'delete', got {op!r}")
+        finally:
+            obj.strategy_ranges.remove(fence)
+            vm._cond.notify_all()
+
+
+def _wait_unbusy(vm: VM, obj: VMObject, start: int, end: int) -> None:
+    """Wait for faults already under way in the range to finish filling their pages."""
+    while True:
+        busy = next((p for i, p in obj.pages.items() if start <= i < end and p.busy), None)
+        if busy is None:
+            return
+        vm._wait_page(busy)
+
+
+def _runs(vm: VM, blocks: list[int], first: int) -> list[tuple[int, int, int]]:
+    """``(index, blk, n)``: maximal runs of contiguous blocks inside one stripe."""
+    runs: list[tuple[int, int, int]] = []
+    i = 0
+    space = vm.space
+    while i < len(blocks):
+        blk = blocks[i]
+        if blk == SWAPBLK_NONE:
+            i += 1
+            continue
+        limit = space.run_limit(blk)
+        n = 1
+        while i + n < len(blocks) and n < limit and blocks[i + n] == blk + n:
+            n += 1
+        runs.append((i, blk, n))
+        i += n
+    return runs
+
+
+def _issue(vm: VM, chain: _Chain, kind: IOKind, blk: int, buffers: list[memoryview]) -> None:
+    """flushchainbuf: hand a child to the engine once fewer than the limit are out."""
+    while chain.outstanding >= CHAIN_MAX_INFLIGHT:
+        vm._cond.wait()
+
+    def child_done(request: IORequest) -> None:
+        chain.outstanding -= 1
+        chain.done.append(request)
+        if request.error is not None:
+            chain.errors.append((request, request.error))
+        vm._cond.notify_all()
+
+    chain.outstanding += 1
+    chain.issued += 1
+    vm.engine.submit(IORequest(kind, blk, buffers, [], child_done))
+
+
+def _wait(vm: VM, chain: _Chain) -> None:
+    """waitchainbuf: wait for every child of the chain."""
+    while chain.outstanding:
+        vm._cond.wait()
+
+
+def _read(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
+    ps = vm.page_size
+    blocks = vm.swap_pager.meta.lookup_range(obj.oid, first, npages).tolist()
+    state = obj.reserve_state
+    fview = vm.frames.view
+    for i in range(npages):
+        page = obj.pages.get(first + i)
+        if page is not None and not page.busy:
+            # Resident pages are at least as new as their swap copies.
+            start = page.frame * ps
+            buffer[i * ps : (i + 1) * ps] = fview[start : start + ps]
+            blocks[i] = SWAPBLK_NONE
+        elif blocks[i] == SWAPBLK_NONE or (state is not None and state[first + i] == 1):
+            buffer[i * ps : (i + 1) * ps] = bytes(ps)
+            blocks[i] = SWAPBLK_NONE
+    chain = _Chain()
+    for i, blk, n in _runs(vm, blocks, first):
+        bufs = [buffer[(i + j) * ps : (i + j + 1) * ps] for j in range(n)]
+        _issue(vm, chain, IOKind.READ, blk, bufs)
+        vm.counters.pageins += 1
+        vm.counters.pagein_pages += n
+    _wait(vm, chain)
+    if chain.errors:
+        vm.counters.read_errors += len(chain.errors)
+        raise chain.errors[0][1]
+
+
+def _write(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
+    ps = vm.page_size
+    space = vm.space
+    cluster_max = vm.config.cluster_max_npages
+    # Allocate everything first: all or nothing when swap is short.
+    runs: list[tuple[int, int, int]] = []
+    i = 0
+    while i < npages:
+        got = space.alloc(min(cluster_max, npages - i), min_count=1)
+        if got is None:
+            for _, blk, n in runs:
+                space.free(blk, n)
+            vm._swap_freed()
+            stats = space.statistics()
+            raise SwapExhausted(
+                f"strategy write of {npages} pages: swap has {stats.free} of {stats.total} "
+                "blocks free (ENOSPC)"
+            )
+        blk, n = got
+        runs.append((i, blk, n))
+        i += n
+    chain = _Chain()
+    kind = IOKind.WRITE_ASYNC
+    for i, blk, n in runs:
+        bufs = [buffer[(i + j) * ps : (i + j + 1) * ps] for j in range(n)]
+        _issue(vm, chain, kind, blk, bufs)
+        vm.counters.pageouts += 1
+        vm.counters.pageout_pages += n
+    _wait(vm, chain)
+    failed = {req.blk for req, _ in chain.errors}
+    obj.swap_backed = True
+    meta = vm.swap_pager.meta
+    state = obj.reserve_state
+    for i, blk, n in runs:
+        if blk in failed:
+            continue
+        for j in range(n):
+            meta.build(obj.oid, first + i + j, blk + j)  # frees the previous copy
+            if state is not None:
+                state[first + i + j] = 0
+    if chain.errors:
+        vm.counters.write_errors += len(chain.errors)
+        policy_bad = vm.swap_pager.marks_bad
+        for request, err in chain.errors:
+            if policy_bad(err):
+                space.mark_bad(request.blk, request.npages)
+                vm.counters.bad_blocks_marked += request.npages
+            else:
+                space.free(request.blk, request.npages)
+        raise chain.errors[0][1]
