@@ -150,7 +150,7 @@ def replay(
         started = time.perf_counter()
         for op in trace:
             if op.__class__ is int:
-                alloc(op)  # type: ignore[arg-type]
+                alloc(op)
             else:
                 free(*op)  # type: ignore[misc]
         return time.perf_counter() - started
