@@ -217,6 +217,62 @@ def _cmd_swapinfo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_exports(args: argparse.Namespace) -> list[tuple[str, int]]:
+    exports = []
+    for spec in args.export or []:
+        name, sep, size = spec.rpartition(":")
+        if not sep or not name:
+            raise ValueError(f"--export must be NAME:SIZE, got {spec!r}")
+        exports.append((name, parse_size(size, f"--export {name}", minimum=4096)))
+    if args.size is not None or not exports:
+        size = parse_size(args.size or "1G", "--size", minimum=4096)
+        exports.insert(0, (args.name, size))
+    names = [n for n, _ in exports]
+    if len(set(names)) != len(names):
+        raise ValueError(f"export names must be unique, got {names}")
+    return exports
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen must be HOST:PORT with a port in [0, 65535], got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from vmpager.nbd import NbdServer
+    from vmpager.nbd.vmdisk import VMObjectBackend
+
+    exports = _parse_exports(args)
+    memory = parse_size(args.memory, "--memory", minimum=16 * 4096)
+    host, port = _parse_listen(args.listen)
+    with VM(memory=memory, swap=args.swap or None) as vm:
+        backends = {name: VMObjectBackend(vm.allocate(size)) for name, size in exports}
+        kwargs: dict[str, Any] = (
+            {"unix_path": args.unix} if args.unix else {"host": host, "port": port}
+        )
+        with NbdServer(backends, **kwargs) as server:
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            for name, size in exports:
+                print(f"serving {name!r} ({format_size(size)}) at {server.url(name)}", flush=True)
+            print(
+                f"memory {format_size(memory)}; swap: "
+                f"{', '.join(d.name for d in vm.swapinfo())}; Ctrl-C stops",
+                file=sys.stderr,
+                flush=True,
+            )
+            while not stop.wait(0.5):
+                pass
+        vm.check()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmpager",
@@ -246,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-verify", action="store_true", help="skip the final verification")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve swap-backed disks over NBD (like md(4) swap disks)",
+        description="Export swap-backed VM objects as NBD disks (fixed newstyle, structured "
+        "replies, base:allocation). Loopback only unless --listen says otherwise.",
+    )
+    serve.add_argument("--size", default=None, help="size of the default export (default 1G)")
+    serve.add_argument("--name", default="vmpager", help="name of the default export")
+    serve.add_argument(
+        "--export", action="append", metavar="NAME:SIZE", help="another export (repeatable)"
+    )
+    serve.add_argument("--memory", default="256M", help="memory budget (default 256M)")
+    serve.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT (default loopback)")
+    where.add_argument("--unix", metavar="PATH", help="serve on a unix socket instead")
+    serve.set_defaults(func=_cmd_serve)
 
     swapinfo = sub.add_parser("swapinfo", help="list swap devices and their use (like swapctl -l)")
     swapinfo.add_argument("--swap", action="append", metavar="PATH[:SIZE]")

@@ -655,6 +655,50 @@ class VM:
                 self._scan_owner = owner
             return self.frames.free_nframes - before
 
+    def sync(self) -> None:
+        """Wait for asynchronous pageouts in flight, then flush every swap device."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.inflight.in_flight(IOKind.WRITE_ASYNC) == 0)
+            devices = [dev for _, dev in self.space.devices()]
+        for dev in devices:
+            dev.flush()
+
+    def data_map(self, obj: VMObject, first: int, npages: int) -> list[bool]:
+        """For pages ``first .. first + npages - 1``: does the page hold data?
+
+        True when some object of its shadow chain has the page resident or
+        on its pager; False for pages that read as zeros because nothing was
+        ever written there (or it was discarded). O(npages) per chain level.
+        """
+        with self._cond:
+            result = [False] * npages
+            level: VMObject | None = obj
+            start = first
+            while level is not None:
+                pager = self._pager_for(level)
+                if pager is self.swap_pager and level.swap_backed:
+                    blocks = self.swap_pager.meta.lookup_range(level.oid, start, npages).tolist()
+                    state = level.reserve_state
+                    for i, blk in enumerate(blocks):
+                        if blk >= 0 and (state is None or state[start + i] != 1):
+                            result[i] = True
+                elif pager is not None:
+                    for i in range(npages):
+                        if not result[i] and pager.has_page(level, start + i):
+                            result[i] = True
+                pages = level.pages
+                if len(pages) < npages:
+                    for pindex in pages:
+                        if start <= pindex < start + npages:
+                            result[pindex - start] = True
+                else:
+                    for i in range(npages):
+                        if start + i in pages:
+                            result[i] = True
+                start += level.backing_offset
+                level = level.backing
+            return result
+
     def set_swap_async_max(self, value: int) -> int:
         """Change the asynchronous write limit while running; returns the clamped value."""
         with self._cond:
