@@ -21,12 +21,18 @@ per node, up to a single root. Each node (leaf or meta) has
   search skips exhausted subtrees with a few bit operations, and
 * a *size hint*: an upper bound on the longest run that can be allocated
   starting inside the node (it may be too high, never too low). A search for
-  ``count`` blocks does not enter a node whose hint is below ``count``; a
-  search that scans a whole node without success lowers its hint to
-  ``count - 1``. Freeing blocks raises the hints on the path to them to
-  "unbounded". As in FreeBSD, a node whose last block is free always keeps an
-  unbounded hint, because a run starting in it may continue into the next node
-  and grow when blocks there are freed.
+  ``count`` blocks does not enter a node whose hint is below ``count``.
+
+Hint rules. A search that scans a whole meta node without success lowers its
+hint to ``count - 1``; a leaf search that fails records the leaf's longest
+free run (exact, a few shift-and steps). As in FreeBSD, a node whose last
+block is free keeps an unbounded hint, because a run starting in it may
+continue into the next node and grow when blocks there are freed; such a node
+is marked ``_CROSSING`` when its own search failed. Freeing blocks makes the
+hints on the path to them unbounded, stopping at the first node that already
+is: the tree keeps "an unbounded node has an unbounded parent" (which is what
+``_CROSSING`` and the hint 0 of exhausted nodes are for), so in the common case
+a free touches no hint at all.
 
 With hints, a failing search is cut short at the highest node that cannot
 hold the request, so searches cost O(fanout x height) = O(log nblocks) node
@@ -36,15 +42,17 @@ Why these widths: CPython pays about the same per operation on a 1024-bit int
 as on a 64-bit one (the interpreter dominates), so wide leaves make the tree
 shallow and let the common case -- the run lies in the cursor's leaf -- be a
 handful of big-int operations: a run of ``count`` free bits is found with
-``ceil(log2(count))`` shift-and steps and ``(m & -m).bit_length()``. A fan-out
-of 64 keeps a 2**20-block blist at two meta levels and a 2**32-block one at
-four.
+``ceil(log2(count))`` shift-and steps and ``(m & -m).bit_length()``. Narrower
+leaves send more requests down the tree walk; wider ones make every big-int
+operation dearer (measurements in ``docs/blist.md``). A fan-out of 64 keeps a
+2**20-block blist at two meta levels and a 2**32-block one at four.
 
-Cost: ``alloc`` is O(log2(count)) big-int operations when the run starts in the
-cursor's leaf, else O(fanout x height) node visits plus O(count / leaf_bits)
-for runs that span leaves. ``free`` and ``fill`` are O(height + count /
-leaf_bits). Memory: about 1.2 bits per block for materialised leaves plus
-16 bytes per leaf of pointers; see ``docs/blist.md``.
+Cost: ``alloc`` is one mask test when the run starts at the cursor (the usual
+case), O(log2(count)) big-int operations when it starts later in the cursor's
+leaf, else O(fanout x height) node visits plus O(count / leaf_bits) for runs
+that span leaves. ``free`` and ``fill`` are O(height + count / leaf_bits).
+Memory: about 1.4 bits per block once every leaf is materialised, 16 bytes per
+leaf of pointers before; see ``docs/blist.md``.
 
 Concurrency: a blist is not thread-safe; the caller holds the VM lock. No
 method blocks.
