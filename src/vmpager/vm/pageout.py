@@ -44,17 +44,23 @@ class ScanResult:
     launder_failures: int = 0
     deactivated: int = 0
     reactivated: int = 0
+    #: Active pages whose activity count fell (or whose reference was consumed).
+    aged: int = 0
 
     @property
     def progress(self) -> bool:
         """Frames freed or writes started; aging counts only if nothing was refused.
 
-        Pages the pager refused (no swap) are reactivated and would be
-        deactivated again on the next pass: that cycle is not progress.
+        Aging counts because a pass that only lowers activity counts brings
+        pages closer to deactivation: with the lock held nobody references
+        them between passes, so the counts fall to zero in at most
+        ``ACT_MAX`` passes. Pages the pager refused (no swap) are reactivated
+        and would be deactivated again on the next pass: that cycle is not
+        progress.
         """
         if self.freed or self.laundered_pages:
             return True
-        return bool(self.deactivated) and not self.launder_failures
+        return bool(self.deactivated or self.aged) and not self.launder_failures
 
 
 class PageDaemon:
@@ -135,6 +141,7 @@ class PageDaemon:
                 page.referenced = False
                 page.act_count = min(page.act_count + ACT_ADVANCE, ACT_MAX)
                 active.move_to_end(page)
+                result.aged += 1
                 continue
             page.act_count -= ACT_DECLINE
             if page.act_count <= 0:
@@ -143,6 +150,7 @@ class PageDaemon:
                 result.deactivated += 1
             else:
                 active.move_to_end(page)
+                result.aged += 1
 
     def run_until(self, target_free: int, *, asynchronous: bool) -> bool:
         """Scan until ``target_free`` frames are free (counting writes in flight).

@@ -1,0 +1,61 @@
+"""The page daemon's scan: it must not give up while aging can still free memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmpager.testing.worlds import PAGE, small_vm
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def page_bytes(tag: int) -> bytes:
+    return tag.to_bytes(4, "little") * (PAGE // 4)
+
+
+@pytest.mark.parametrize("rounds", [1, 5, 30])
+def test_hot_pages_filling_memory_do_not_mean_swap_exhausted(rounds: int) -> None:
+    """Every resident page was just used: aging takes several passes, swap is empty.
+
+    A scan that only lowers activity counts frees nothing yet; taking that
+    for "no progress" raised SwapExhausted with all of swap free.
+    """
+    vm, _ = small_vm(nframes=8, swap_nblocks=64)
+    with vm:
+        obj = vm.allocate(16 * PAGE)
+        writable = vm.frames.nframes - vm._read_reserve
+        for p in range(writable):
+            obj.write(p * PAGE, page_bytes(p))
+        for _ in range(rounds):  # every page referenced again between scans
+            for p in range(writable):
+                obj.read(p * PAGE, 8)
+            with vm._cond:
+                vm.daemon.scan(vm.frames.nframes, asynchronous=False)
+        for p in range(writable):
+            obj.read(p * PAGE, 8)
+        obj.write(writable * PAGE, page_bytes(writable))
+        for p in range(writable + 1):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(p)
+        assert vm.statistics().swap_exhausted == 0
+        vm.check()
+
+
+def test_pageout_frees_what_was_asked_even_from_hot_pages() -> None:
+    vm, _ = small_vm(nframes=16, swap_nblocks=64)
+    with vm:
+        obj = vm.allocate(8 * PAGE)
+        for p in range(8):
+            obj.write(p * PAGE, page_bytes(p))
+        for _ in range(3):
+            for p in range(8):
+                obj.read(p * PAGE, 8)
+            vm.pageout(0)
+        before = vm.statistics().free_nframes
+        freed = vm.pageout(4)
+        assert freed >= 4
+        assert vm.statistics().free_nframes == before + freed
+        freed = vm.pageout()
+        assert vm.statistics().resident_npages == 0
+        for p in range(8):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(p)
+        vm.check()
