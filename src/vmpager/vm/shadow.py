@@ -75,8 +75,9 @@ def clone(vm: VM, obj: VMObject) -> VMObject:
 def release_backing(vm: VM, obj: VMObject) -> None:
     """``obj`` is closing: drop its reference on its backing object.
 
-    A backing object with no shadow left is freed; one with a single shadow
-    is collapsed into it.
+    A backing object with no reference left is freed; a frozen (internal)
+    one with a single shadow is collapsed into it. A pager's object (a file
+    mapped privately) also counts its own maps and is never collapsed.
     """
     backing = obj.backing
     if backing is None:
@@ -86,7 +87,7 @@ def release_backing(vm: VM, obj: VMObject) -> None:
     backing.refcount -= 1
     if backing.refcount == 0:
         vm._destroy_object(backing)
-    elif backing.refcount == 1:
+    elif backing.refcount == 1 and backing.internal:
         collapse(vm, backing.shadows[0])
 
 
@@ -141,7 +142,11 @@ def check_chains(vm: VM, objects: dict[int, VMObject]) -> list[str]:
     """Invariants of the shadow chains."""
     problems: list[str] = []
     for obj in objects.values():
-        if obj.refcount != (len(obj.shadows) if obj.internal else 1):
+        if obj.internal or obj.kind == "anonymous":
+            refcount_ok = obj.refcount == (len(obj.shadows) if obj.internal else 1)
+        else:  # a pager's object (vnode): its maps and its shadows
+            refcount_ok = obj.refcount >= max(1, len(obj.shadows))
+        if not refcount_ok:
             problems.append(
                 f"object {obj.oid}: refcount {obj.refcount} but {len(obj.shadows)} shadows"
             )

@@ -27,6 +27,7 @@ from vmpager.pager import strategy
 from vmpager.pager.pagermap import PagerMap
 from vmpager.pager.registry import PagerRegistry
 from vmpager.pager.swap import SwapPager
+from vmpager.pager.vnode import VnodePager
 from vmpager.swap.space import SwapDeviceStatistics, SwapSpace
 from vmpager.units import check_int, parse_size
 from vmpager.vm import shadow
@@ -114,6 +115,8 @@ class VM:
         self.swap_pager = SwapPager(self, self.space)
         self.pagers = PagerRegistry()
         self.pagers.register("anonymous", self.swap_pager)
+        self.vnode_pager = VnodePager(self)
+        self.pagers.register("vnode", self.vnode_pager)
         self._objects: dict[int, VMObject] = {}
         self._next_oid = 1
         self._stuck = False
@@ -772,6 +775,7 @@ class VM:
         for part, checker in (
             ("swap space", self.space.check),
             ("swap meta", self.swap_pager.meta.check),
+            ("vnode pager", self.vnode_pager.check),
         ):
             try:
                 checker()
