@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
+from vmpager import SwapExhausted
 from vmpager.testing.worlds import PAGE, small_vm
+from vmpager.vm.config import WriteErrorPolicy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,5 +61,59 @@ def test_pageout_frees_what_was_asked_even_from_hot_pages() -> None:
         freed = vm.pageout()
         assert vm.statistics().resident_npages == 0
         for p in range(8):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(p)
+        vm.check()
+
+
+@pytest.mark.parametrize(
+    ("policy", "err"),
+    [
+        (WriteErrorPolicy.SEED, errno.EAGAIN),
+        (WriteErrorPolicy.SEED, errno.EIO),
+        (WriteErrorPolicy.FREEBSD, errno.EIO),
+    ],
+)
+def test_a_pass_whose_writes_all_failed_is_retried(policy: WriteErrorPolicy, err: int) -> None:
+    """Failed writes are not exhaustion: the pages get another pass (elsewhere when
+    their blocks went bad) before a write is refused."""
+    vm, devices = small_vm(nframes=8, swap_nblocks=64, faulty=True, write_error_policy=policy)
+    dev = devices[0]
+    with vm:
+        obj = vm.allocate(16 * PAGE)
+        writable = vm.frames.nframes - vm._read_reserve
+        for p in range(writable):
+            obj.write(p * PAGE, page_bytes(p))
+        dev.fail_writes(range(dev.nblocks), err, times=3)  # every write of one pass
+        for p in range(writable, 16):
+            obj.write(p * PAGE, page_bytes(p))
+        assert dev.statistics().injected_write_errors == 3
+        assert vm.statistics().write_errors == 3
+        assert vm.statistics().swap_exhausted == 0
+        for p in range(16):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(p)
+        vm.check()
+
+
+def test_a_device_that_fails_every_write_ends_in_swap_exhausted() -> None:
+    """Retrying failed writes is bounded: the writer gets SwapExhausted, not a hang,
+    and everything already written stays readable."""
+    vm, devices = small_vm(
+        nframes=8, swap_nblocks=64, faulty=True, write_error_policy=WriteErrorPolicy.FREEBSD
+    )
+    dev = devices[0]
+    with vm:
+        obj = vm.allocate(16 * PAGE)
+        dev.fail_writes(range(dev.nblocks), errno.EIO)
+        written = 0
+        with pytest.raises(SwapExhausted):
+            for p in range(16):
+                obj.write(p * PAGE, page_bytes(p))
+                written += 1
+        assert written == vm.frames.nframes - vm._read_reserve
+        assert vm.statistics().write_errors >= 2
+        dev.clear_faults()
+        for p in range(16):
+            obj.write(p * PAGE, page_bytes(p))
+        for p in range(16):
             assert obj.read(p * PAGE, PAGE) == page_bytes(p)
         vm.check()

@@ -34,7 +34,12 @@ from vmpager.vm.queues import ACT_ADVANCE, ACT_DECLINE, ACT_MAX
 if TYPE_CHECKING:
     from vmpager.vm.system import VM
 
-__all__ = ["PageDaemon", "ScanResult"]
+__all__ = ["WRITE_ERROR_PASSES", "PageDaemon", "ScanResult"]
+
+#: Passes ``run_until`` retries after passes whose writes all failed: enough
+#: for a transient fault to clear or for bad blocks to be left behind, few
+#: enough that a device failing every write ends in SwapExhausted, not a hang.
+WRITE_ERROR_PASSES = 3
 
 
 @dataclass(slots=True)
@@ -46,6 +51,8 @@ class ScanResult:
     reactivated: int = 0
     #: Active pages whose activity count fell (or whose reference was consumed).
     aged: int = 0
+    #: Launder failures that were failed writes (AGAIN/ERROR), not a full swap.
+    write_errors: int = 0
 
     @property
     def progress(self) -> bool:
@@ -122,6 +129,8 @@ class PageDaemon:
                     result.freed += 1
             else:
                 result.launder_failures += 1
+                if outcome.result in (PagerResult.AGAIN, PagerResult.ERROR):
+                    result.write_errors += 1
         self._age_active(result)
         return result
 
@@ -156,15 +165,22 @@ class PageDaemon:
         """Scan until ``target_free`` frames are free (counting writes in flight).
 
         Returns False when a scan made no progress and nothing is in flight:
-        memory is full of pages nobody can take.
+        memory is full of pages nobody can take. A pass whose writes failed
+        is tried again, up to ``WRITE_ERROR_PASSES`` times per call: the
+        failed pages are dirty and queued again, and their next write goes
+        to other blocks (or the fault has cleared).
         """
         vm = self._vm
+        error_passes = 0
         while True:
             pending = vm.inflight.in_flight(IOKind.WRITE_ASYNC)
             if vm.frames.free_nframes + pending * vm.config.cluster_max_npages >= target_free:
                 return True
             result = self.scan(target_free, asynchronous=asynchronous)
             if not result.progress and not self._reclaim_clean(target_free):
+                if result.write_errors and error_passes < WRITE_ERROR_PASSES:
+                    error_passes += 1
+                    continue
                 return vm.inflight.in_flight(IOKind.WRITE_ASYNC) > 0
 
     def _reclaim_clean(self, target_free: int) -> int:
