@@ -248,6 +248,8 @@ class VnodeObject(_FileMapping):
         self.next_read_pindex = 0
         #: The error of the last failed write-back (for ``flush`` to raise).
         self._write_error: DeviceError | None = None
+        #: During a flush: the pages whose write-back failed (not tried again).
+        self._flush_failed: set[int] | None = None
 
     # -- data ---------------------------------------------------------------------
 
@@ -588,9 +590,11 @@ class VnodePager:
     def flush(self, obj: VnodeObject) -> DeviceError | None:
         """Write back every page of ``obj`` dirty now, in clusters; returns the first error.
 
-        Waits for pages being filled or written by others. Each page is tried
-        once: a page that fails stays dirty and its error is returned. Pages
-        dirtied during the flush are written when it reaches them.
+        Waits for pages being filled or written by others. A page whose
+        write fails hard stays dirty, is not tried again by this flush, and
+        the first such error is returned; a transient failure is retried
+        once by ``pager_put``. Pages dirtied during the flush are written when
+        it reaches them.
         Cost: O(resident pages) plus the writes.
         """
         vm = self._vm
@@ -598,22 +602,27 @@ class VnodePager:
         todo = sorted(i for i, p in obj.pages.items() if p.dirty)
         error: DeviceError | None = None
         max_npages = vm.config.cluster_max_npages
-        k = 0
-        while k < len(todo):
-            page = obj.pages.get(todo[k])
-            if page is None or not page.dirty:
+        failed: set[int] = set()
+        obj._flush_failed = failed
+        try:
+            k = 0
+            while k < len(todo):
+                page = obj.pages.get(todo[k])
+                if page is None or not page.dirty or page.pindex in failed:
+                    k += 1
+                    continue
+                if page.busy or page.writing:
+                    vm._wait_page(page)
+                    continue
+                obj._write_error = None
+                outcome = pager_put(self, obj, page, sync=True, max_npages=max_npages)
+                if outcome.result is not PagerResult.OK and error is None:
+                    error = obj._write_error or DeviceError(
+                        errno.EIO, obj.path, page.pindex, f"write-back: {outcome.result.value}"
+                    )
                 k += 1
-                continue
-            if page.busy or page.writing:
-                vm._wait_page(page)
-                continue
-            obj._write_error = None
-            outcome = pager_put(self, obj, page, sync=True, max_npages=max_npages)
-            if outcome.result is not PagerResult.OK and error is None:
-                error = obj._write_error or DeviceError(
-                    errno.EIO, obj.path, page.pindex, f"write-back: {outcome.result.value}"
-                )
-            k += 1
+        finally:
+            obj._flush_failed = None
         return error
 
     # -- the pager interface ------------------------------------------------------------
@@ -776,13 +785,16 @@ class VnodePager:
         vm.counters.write_errors += 1
         log.warning("vnode_pager: write-back failed, pages stay dirty: %s", error)
         vobj._write_error = error
+        transient = error.errno in TRANSIENT_ERRNOS
+        if vobj._flush_failed is not None and not transient:
+            # A hard error: this flush does not try these pages again.
+            vobj._flush_failed.update(p.pindex for p in pages)
         for page in pages:
             page.writing = False
             page.wanted = False
             vm.queues.activate(page)
         vm._cond.notify_all()
-        result = PagerResult.AGAIN if error.errno in TRANSIENT_ERRNOS else PagerResult.ERROR
-        return [result] * len(pages)
+        return [PagerResult.AGAIN if transient else PagerResult.ERROR] * len(pages)
 
     def unswapped(self, obj: VMObject, pindex: int) -> None:
         """Nothing to free: the file keeps its (now stale) copy until write-back."""
