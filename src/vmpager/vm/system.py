@@ -24,6 +24,7 @@ from vmpager.io.engine import IOEngine, ThreadedEngine
 from vmpager.io.inflight import InflightLimits
 from vmpager.io.request import IOKind, IORequest
 from vmpager.pager import strategy
+from vmpager.pager.device import DevicePager
 from vmpager.pager.pagermap import PagerMap
 from vmpager.pager.registry import PagerRegistry
 from vmpager.pager.swap import SwapPager
@@ -117,6 +118,8 @@ class VM:
         self.pagers.register("anonymous", self.swap_pager)
         self.vnode_pager = VnodePager(self)
         self.pagers.register("vnode", self.vnode_pager)
+        self.device_pager = DevicePager(self)
+        self.pagers.register("device", self.device_pager)
         self._objects: dict[int, VMObject] = {}
         self._next_oid = 1
         self._stuck = False
@@ -776,6 +779,7 @@ class VM:
             ("swap space", self.space.check),
             ("swap meta", self.swap_pager.meta.check),
             ("vnode pager", self.vnode_pager.check),
+            ("device pager", self.device_pager.check),
         ):
             try:
                 checker()
