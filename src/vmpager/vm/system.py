@@ -346,22 +346,18 @@ class VM:
         return bytes(out)
 
     def _readinto(self, obj: VMObject, offset: int, view: memoryview) -> None:
-        ps = self.page_size
-        length = view.nbytes
-        fview = self.frames.view
-        pos = 0
-        with self._cond:
-            while pos < length:
-                if obj.closed:
-                    raise ObjectClosed(f"VM object {obj.oid} is closed")
-                pindex, off = divmod(offset + pos, ps)
-                n = min(ps - off, length - pos)
-                page = hold_page(self, obj, pindex, False, False)
-                start = page.frame * ps + off
-                view[pos : pos + n] = fview[start : start + n]
-                pos += n
+        self._copy(obj, offset, view, write=False)
 
     def _write(self, obj: VMObject, offset: int, view: memoryview) -> None:
+        self._copy(obj, offset, view, write=True)
+
+    def _copy(self, obj: VMObject, offset: int, view: memoryview, *, write: bool) -> None:
+        """Copy between ``view`` and the object's pages, faulting each page in.
+
+        Each page is held (``hold_page``) and copied under the VM lock, so no
+        page changes or leaves memory while it is copied. A write that covers
+        a whole page does not read the page's old contents.
+        """
         ps = self.page_size
         length = view.nbytes
         fview = self.frames.view
@@ -372,9 +368,12 @@ class VM:
                     raise ObjectClosed(f"VM object {obj.oid} is closed")
                 pindex, off = divmod(offset + pos, ps)
                 n = min(ps - off, length - pos)
-                page = hold_page(self, obj, pindex, True, n == ps)
+                page = hold_page(self, obj, pindex, write, write and n == ps)
                 start = page.frame * ps + off
-                fview[start : start + n] = view[pos : pos + n]
+                if write:
+                    fview[start : start + n] = view[pos : pos + n]
+                else:
+                    view[pos : pos + n] = fview[start : start + n]
                 pos += n
 
     def _discard(self, obj: VMObject, offset: int, length: int) -> None:
