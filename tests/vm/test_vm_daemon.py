@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 
 import pytest
 
@@ -115,5 +116,37 @@ def test_a_device_that_fails_every_write_ends_in_swap_exhausted() -> None:
         for p in range(16):
             obj.write(p * PAGE, page_bytes(p))
         for p in range(16):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(p)
+        vm.check()
+
+
+def test_a_fault_after_an_asynchronous_pageout_does_not_spin_on_writes_in_flight() -> None:
+    """No daemon thread, writes in flight on the threaded engine, a write needs a frame.
+
+    The faulting thread's synchronous scan counted the writes in flight as
+    frames about to be free, returned at once, and the fault retried with
+    the VM lock held: the completions, which need the lock, never ran.
+    """
+    vm, _ = small_vm(nframes=16, swap_nblocks=128)
+    obj = vm.allocate(64 * PAGE)
+    for p in range(12):
+        obj.write(p * PAGE, page_bytes(p))
+    vm.pageout(asynchronous=True)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for p in range(12, 64):
+                obj.write(p * PAGE, page_bytes(p))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the faulting thread spins holding the VM lock"
+    assert not errors, errors
+    with vm:
+        for p in range(64):
             assert obj.read(p * PAGE, PAGE) == page_bytes(p)
         vm.check()

@@ -93,10 +93,8 @@ class PageDaemon:
         result = ScanResult()
         max_npages = vm.config.cluster_max_npages
 
-        # Pages being written asynchronously will be freed on completion.
         def short() -> bool:
-            pending = vm.inflight.in_flight(IOKind.WRITE_ASYNC) * max_npages
-            return frames.free_nframes + pending < target_free
+            return frames.free_nframes + self._pending_npages(asynchronous) < target_free
 
         budget = len(inactive)
         while budget > 0 and inactive and short():
@@ -161,27 +159,44 @@ class PageDaemon:
                 active.move_to_end(page)
                 result.aged += 1
 
+    def _pending_npages(self, asynchronous: bool) -> int:
+        """Frames the asynchronous writes in flight will free on completion.
+
+        Only an asynchronous run counts on them; a synchronous one serves a
+        thread that needs frames now, so it launders other pages instead.
+        """
+        if not asynchronous:
+            return 0
+        return self._vm.inflight.in_flight(IOKind.WRITE_ASYNC) * self._vm.config.cluster_max_npages
+
     def run_until(self, target_free: int, *, asynchronous: bool) -> bool:
-        """Scan until ``target_free`` frames are free (counting writes in flight).
+        """Scan until ``target_free`` frames are free (an asynchronous run counts
+        writes in flight as freed).
 
         Returns False when a scan made no progress and nothing is in flight:
         memory is full of pages nobody can take. A pass whose writes failed
         is tried again, up to ``WRITE_ERROR_PASSES`` times per call: the
         failed pages are dirty and queued again, and their next write goes
-        to other blocks (or the fault has cleared).
+        to other blocks (or the fault has cleared). A synchronous run that
+        can do nothing more while writes are in flight waits for their
+        completions (releasing the lock, which they need).
         """
         vm = self._vm
         error_passes = 0
         while True:
-            pending = vm.inflight.in_flight(IOKind.WRITE_ASYNC)
-            if vm.frames.free_nframes + pending * vm.config.cluster_max_npages >= target_free:
+            if vm.frames.free_nframes + self._pending_npages(asynchronous) >= target_free:
                 return True
             result = self.scan(target_free, asynchronous=asynchronous)
-            if not result.progress and not self._reclaim_clean(target_free):
-                if result.write_errors and error_passes < WRITE_ERROR_PASSES:
-                    error_passes += 1
-                    continue
-                return vm.inflight.in_flight(IOKind.WRITE_ASYNC) > 0
+            if result.progress or self._reclaim_clean(target_free):
+                continue
+            if result.write_errors and error_passes < WRITE_ERROR_PASSES:
+                error_passes += 1
+                continue
+            in_flight = vm.inflight.in_flight(IOKind.WRITE_ASYNC)
+            if in_flight and not asynchronous:
+                vm._cond.wait(1.0)
+                continue
+            return in_flight > 0
 
     def _reclaim_clean(self, target_free: int) -> int:
         """Last resort when a pass freed nothing: free clean idle pages wherever they are.
