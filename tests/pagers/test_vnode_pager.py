@@ -261,21 +261,25 @@ def test_write_back_under_memory_pressure_never_uses_swap(tmp_path: Path) -> Non
 def test_sequential_faults_read_ahead_and_random_ones_do_not(tmp_path: Path) -> None:
     path = tmp_path / "f"
     data = make_file(path, 64 * PAGE)
-    vm, _ = small_vm(nframes=32, readaround_npages=4)
+    vm, _ = small_vm(nframes=64, readaround_npages=4)
     with vm:
+        vm.vnode_pager.readahead_max_npages = 16
         obj = vm.map_file(path)
-        for pindex in range(16):
+        for pindex in range(40):
             assert obj.read(pindex * PAGE, 8) == data[pindex * PAGE : pindex * PAGE + 8]
         seq = vm.vnode_pager.statistics()
-        # Each fault reads its page and the 4 after it: pages 0-19 in four reads.
-        assert (seq.pageins, seq.pagein_pages) == (4, 20)
+        # The window doubles from 4 up to 16: pages 0-4, 5-13, 14-30, 31-47.
+        assert (seq.pageins, seq.pagein_pages) == (4, 48)
+        assert vm.statistics().readaround_hits == 40 - 4
         before = vm.vnode_pager.statistics()
-        for pindex in (50, 30, 60, 40, 20):
+        for pindex in (60, 50, 62, 55, 49):
             assert obj.read(pindex * PAGE, 8) == data[pindex * PAGE : pindex * PAGE + 8]
         after = vm.vnode_pager.statistics()
         assert after.pageins - before.pageins == 5
         assert after.pagein_pages - before.pagein_pages == 5
-        assert vm.statistics().readaround_hits >= 12
+        # Sequential again: the window starts over from 4.
+        assert obj.read(56 * PAGE, 8) == data[56 * PAGE : 56 * PAGE + 8]
+        assert vm.vnode_pager.statistics().pagein_pages - after.pagein_pages == 5
         vm.check()
 
 

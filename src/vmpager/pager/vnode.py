@@ -80,6 +80,8 @@ log = logging.getLogger("vmpager.vnode")
 MAX_FILE_BYTES = (1 << 63) - 1
 #: Buffers one preadv/pwritev call may take.
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
+#: Default ceiling of sequential read-ahead, in pages (256 KiB of 4 KiB pages).
+READAHEAD_MAX_NPAGES = 64
 #: Chunk size of the zero writes that implement ``discard``.
 _DISCARD_CHUNK_BYTES = 1 << 20
 
@@ -246,6 +248,8 @@ class VnodeObject(_FileMapping):
         self._retired_fds: list[int] = []
         #: The page after the last one read: a fault there is sequential.
         self.next_read_pindex = 0
+        #: The current sequential read-ahead window, in pages (0: none yet).
+        self.readahead_npages = 0
         #: The error of the last failed write-back (for ``flush`` to raise).
         self._write_error: DeviceError | None = None
         #: During a flush: the pages whose write-back failed (not tried again).
@@ -484,6 +488,8 @@ class VnodePager:
     def __init__(self, vm: VM) -> None:
         self._vm = vm
         self._cache: dict[tuple[int, int], VnodeObject] = {}
+        #: Ceiling of the sequential read-ahead window, in pages.
+        self.readahead_max_npages = READAHEAD_MAX_NPAGES
         self._pageins = 0
         self._pagein_pages = 0
         self._pagein_bytes = 0
@@ -627,6 +633,26 @@ class VnodePager:
 
     # -- the pager interface ------------------------------------------------------------
 
+    @staticmethod
+    def _sequential(obj: VnodeObject, pindex: int) -> bool:
+        return pindex == obj.next_read_pindex or pindex == 0
+
+    def readahead_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
+        """The fault path's read-around window for a fault at ``pindex`` of ``obj``.
+
+        Ramps up as vm_fault's read-ahead does: each sequential fault doubles
+        the window, from the VM's read-around window up to
+        ``readahead_max_npages``; a random fault starts over (and reads one
+        page, see ``page_run``). O(1).
+        """
+        vobj = cast(VnodeObject, obj)
+        if self._sequential(vobj, pindex):
+            window = max(default_npages, 2 * vobj.readahead_npages)
+            vobj.readahead_npages = min(window, max(default_npages, self.readahead_max_npages))
+        else:
+            vobj.readahead_npages = 0
+        return max(vobj.readahead_npages, default_npages)
+
     def has_page(self, obj: VMObject, pindex: int) -> bool:
         """Every page inside the file is on the store (holes read as zeros)."""
         return 0 <= pindex < obj.npages
@@ -641,8 +667,7 @@ class VnodePager:
         """
         if not 0 <= pindex < obj.npages:
             return None
-        vobj = cast(VnodeObject, obj)
-        if pindex != vobj.next_read_pindex and pindex != 0:
+        if not self._sequential(cast(VnodeObject, obj), pindex):
             return 0, 0
         return 0, max(0, min(after_max, obj.npages - 1 - pindex))
 
