@@ -525,6 +525,8 @@ class VM:
         return self.frames.alloc()
 
     def _readaround_npages(self, obj: VMObject, pindex: int) -> int:
+        if obj.kind == "vnode":  # files: sequential read-ahead ramps up
+            return self.vnode_pager.readahead_npages(obj, pindex, self.config.readaround_npages)
         return self.config.readaround_npages
 
     def _wait_for_frame(self, *, for_read: bool) -> None:
