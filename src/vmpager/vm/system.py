@@ -334,7 +334,8 @@ class VM:
                 if obj.closed:
                     raise ObjectClosed(f"VM object {obj.oid} is closed")
                 page = obj.pages.get(pindex)
-                if page is None or page.busy:
+                if page is None or page.busy or page.prefetched:
+                    # hold_page also counts the use of a read-around page.
                     page = hold_page(self, obj, pindex, False, False)
                 else:
                     page.referenced = True
