@@ -229,16 +229,18 @@ class SwapSpaceMachine(RuleBasedStateMachine):
     def swapoff_begin(self, data: st.DataObject, by_name: bool) -> None:
         dev = self._pick_device(data)
         self.space.swapoff_begin(dev.name if by_name else dev.index)
-        dev.draining = True
-        self.sizecheck()
+        if not dev.draining:  # a repeated begin changes nothing, not even the water marks
+            dev.draining = True
+            self.sizecheck()
 
     @precondition(lambda self: self.devices)
     @rule(data=st.data())
     def swapoff_cancel(self, data: st.DataObject) -> None:
         dev = self._pick_device(data)
         self.space.swapoff_cancel(dev.index)
-        dev.draining = False
-        self.sizecheck()
+        if dev.draining:
+            dev.draining = False
+            self.sizecheck()
 
     @precondition(lambda self: self.devices)
     @rule(data=st.data())
