@@ -5,7 +5,27 @@ memory budget given to the VM; a bounded pool of frames, a page daemon and
 pagers move pages to swap devices and back.
 """
 
+from vmpager.devices import BlockDevice, FaultyDevice, FileDevice, MemoryDevice
 from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted, VmError
+from vmpager.vm.config import VMConfig, WriteErrorPolicy
+from vmpager.vm.object import VMObject
+from vmpager.vm.stats import VMStatistics
+from vmpager.vm.system import VM
 
-__all__ = ["DeviceError", "InvariantViolation", "ObjectClosed", "SwapExhausted", "VmError"]
+__all__ = [
+    "VM",
+    "BlockDevice",
+    "DeviceError",
+    "FaultyDevice",
+    "FileDevice",
+    "InvariantViolation",
+    "MemoryDevice",
+    "ObjectClosed",
+    "SwapExhausted",
+    "VMConfig",
+    "VMObject",
+    "VMStatistics",
+    "VmError",
+    "WriteErrorPolicy",
+]
 __version__ = "0.1.0"
