@@ -1,4 +1,7 @@
-"""Block devices for swap: files or block devices, RAM, fault injection (and Redis, imported on demand)."""
+"""Block devices for swap: files or block devices, RAM, fault injection.
+
+The Redis device (`vmpager.devices.redis`) is imported on demand: redis-py is optional.
+"""
 
 from vmpager.devices.faulty import FaultyDevice, FaultyDeviceStatistics
 from vmpager.devices.file import FileDevice
