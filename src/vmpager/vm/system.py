@@ -542,10 +542,11 @@ class VM:
             finally:
                 self._scan_owner = owner
             if not ok and self.frames.free_nframes <= floor:
-                self._exhausted()
+                self._out_of_frames(floor)
             return
         if self._stuck and self.frames.free_nframes <= floor:
-            self._exhausted()
+            self._out_of_frames(floor)
+            return
         self._frame_waiters += 1
         try:
             self._cond.notify_all()
@@ -553,7 +554,24 @@ class VM:
         finally:
             self._frame_waiters -= 1
         if self._stuck and self.frames.free_nframes <= floor:
-            self._exhausted()
+            self._out_of_frames(floor)
+
+    def _out_of_frames(self, floor: int) -> None:
+        """The scan could launder nothing: drop clean pages, wait for I/O in flight,
+        or raise SwapExhausted.
+
+        Clean pages need no I/O to drop, and a stuck daemon sleeps until
+        something changes, so pages that became clean since (zero-filled
+        reads, page-ins) are reclaimed here. Transfers in flight (other
+        threads' page-ins, writes) leave clean pages or free frames behind:
+        wait for them (the lock is released) and let the caller look again.
+        """
+        if self.daemon._reclaim_clean(floor + 1):
+            return
+        if any(self.inflight.in_flight(kind) for kind in IOKind):
+            self._cond.wait(0.1)
+            return
+        self._exhausted()
 
     def _exhausted(self) -> None:
         self.counters.swap_exhausted += 1
