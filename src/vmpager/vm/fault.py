@@ -57,6 +57,8 @@ def hold_page(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) 
                 page.prefetched = False
                 vm.counters.readaround_hits += 1
             if write and not page.dirty:
+                if not vm._room_to_dirty():
+                    continue  # it made room, releasing the lock: look again
                 vm._make_dirty(obj, page)
             return page
         page = _fault_in(vm, obj, pindex, write, overwrite)
@@ -95,7 +97,9 @@ def _fault_in(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) 
                 return page
             if write and overwrite:
                 return _zero_or_blank(vm, obj, pindex, write=True, zero=False)
-            read = _page_in(vm, level, index)
+            # A write fault on obj's own page makes it dirty: the write floor
+            # applies, or dirty pages could fill the frames kept for page-ins.
+            read = _page_in(vm, level, index, for_read=not (write and level is obj))
             if read is None or not write:
                 return read
             if level is not obj:
@@ -149,11 +153,15 @@ def _copy_up(vm: VM, obj: VMObject, pindex: int, source: Page, overwrite: bool) 
     return page
 
 
-def _page_in(vm: VM, obj: VMObject, pindex: int) -> Page | None:
-    """Read ``pindex`` of ``obj`` from its pager, with read-around."""
+def _page_in(vm: VM, obj: VMObject, pindex: int, *, for_read: bool = True) -> Page | None:
+    """Read ``pindex`` of ``obj`` from its pager, with read-around.
+
+    ``for_read=False`` when the page will be written at once: its frame may
+    not come from the read reserve.
+    """
     pager = vm._pager_for(obj)
     assert pager is not None
-    page = _new_page(vm, obj, pindex, for_read=True)
+    page = _new_page(vm, obj, pindex, for_read=for_read)
     if page is None:
         return None
     run_pages: list[Page] = [page]

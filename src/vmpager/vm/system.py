@@ -504,6 +504,27 @@ class VM:
         page.wanted = True
         self._cond.wait()
 
+    def _room_to_dirty(self) -> bool:
+        """May one more resident page become dirty? Else make room and return False.
+
+        Page-ins may use the last ``read_reserve`` frames; that works only
+        while those frames are free or hold clean (droppable) pages. A write
+        to a clean resident page needs no frame, so it is checked here: when
+        free frames alone do not cover the reserve, dirty pages are counted
+        (O(resident), only then) and, if the reserve would hold dirt, the
+        pageout machinery runs as for a write that needs a frame (which may
+        release the lock) and the caller looks again; ``SwapExhausted`` when
+        nothing can be laundered.
+        """
+        reserve = self._read_reserve
+        if self.frames.free_nframes > reserve:
+            return True
+        dirty = sum(1 for o in self._objects.values() for p in o.pages.values() if p.dirty)
+        if self.frames.nframes - dirty - 1 >= reserve:
+            return True
+        self._wait_for_frame(for_read=False)
+        return False
+
     def _make_dirty(self, obj: VMObject, page: Page) -> None:
         page.dirty = True
         pager = self._pager_for(obj)
