@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 
@@ -227,4 +228,32 @@ def test_swap_full_warning_once_per_failure_streak(caplog: pytest.LogCaptureFixt
         assert len(full) == 1
         assert vm.space.statistics().full_events == 1
         assert vm.statistics().swap_exhausted == 4
+        vm.check()
+
+
+def test_fragmented_free_swap_is_still_used() -> None:
+    """Free blocks that form no run as long as a cluster still take single pages.
+
+    A cluster whose allocation failed (FAIL) was given up, so writes raised
+    SwapExhausted with half of swap free in isolated blocks.
+    """
+    vm, _ = small_vm(nframes=8, swap_nblocks=16, readaround_npages=0)
+    with vm:
+        a = vm.allocate(16 * PAGE)
+        for p in range(16):
+            a.write(p * PAGE, page_bytes(p))
+        vm.pageout()
+        for p in range(0, 16, 2):
+            a.discard(p * PAGE, PAGE)
+        free = sorted(set(range(16)) - {blk for _, _, blk in vm.swap_pager.meta.items()})
+        assert len(free) == 8 and all(y - x > 1 for x, y in itertools.pairwise(free))
+        b = vm.allocate(16 * PAGE)
+        stored = fill_until_full(b, 100)
+        # Every free block, plus memory minus the read reserve.
+        assert stored == 8 + vm.frames.nframes - vm._read_reserve
+        assert vm.statistics().swap_used_blocks == 16
+        for p in range(stored):
+            assert b.read(p * PAGE, PAGE) == page_bytes(100 + p)
+        for p in range(1, 16, 2):
+            assert a.read(p * PAGE, PAGE) == page_bytes(p)
         vm.check()

@@ -3,7 +3,10 @@
 ``pager_put`` clusters around a dirty page and writes the cluster through
 the object's pager. When the write fails transiently (AGAIN) and there was a
 cluster, it drops the cluster and retries the one page it was asked for;
-after a hard error it does not retry. The pages it gives up on stay dirty and
+it does the same when the pager found no room for the whole cluster (FAIL:
+free swap too fragmented for a run that long), as NetBSD's page daemon
+settles for fewer swap slots than it asked for. After a hard error it does
+not retry. The pages it gives up on stay dirty and
 resident, so nothing is lost: the next pageout tries again, elsewhere.
 
 How the seed's dropcluster maps here: the swap pager finishes every page of
@@ -64,8 +67,10 @@ def pager_put(
     cluster = make_put_cluster(obj, center, wlo, whi, max_npages)
     results = put_pages(pager, obj, cluster, sync=sync)
     result = results[cluster.index(center)]
-    if result is PagerResult.AGAIN and len(cluster) > 1 and center.dirty and not center.writing:
-        # Transient failure of a cluster: retry the one page we were asked for.
+    retry_on = (PagerResult.AGAIN, PagerResult.FAIL)
+    if result in retry_on and len(cluster) > 1 and center.dirty and not center.writing:
+        # Transient failure of a cluster, or no run of blocks as long as the
+        # cluster (fragmented swap): retry the one page we were asked for.
         center.writing = True
         retry = put_pages(pager, obj, [center], sync=sync)
         return PutOutcome(retry[0], len(cluster), True)
