@@ -150,10 +150,18 @@ def _advance(buffers: list[memoryview], nbytes: int) -> None:
             nbytes = 0
 
 
-def _preadv_all(fd: int, buffers: list[memoryview], offset: int) -> int:
-    """Fill ``buffers`` from ``offset``; returns the bytes read (fewer only at end of file)."""
-    pending = list(buffers)
-    done = 0
+def _preadv_all(fd: int, buffers: list[memoryview], offset: int, nbytes: int) -> int:
+    """Fill ``buffers`` (``nbytes`` in all) from ``offset``; returns the bytes read
+    (fewer only at end of file)."""
+    if len(buffers) <= _IOV_MAX:
+        done = os.preadv(fd, buffers, offset)
+        if done == nbytes or done == 0:
+            return done  # the usual case: one call
+        pending = list(buffers)
+        _advance(pending, done)
+    else:
+        pending = list(buffers)
+        done = 0
     while pending:
         n = os.preadv(fd, pending[:_IOV_MAX], offset + done)
         if n == 0:
@@ -694,27 +702,31 @@ class VnodePager:
         if first + len(pages) > vobj.npages:
             return PagerResult.FAIL
         frames = vm.frames
-        views = [frames.frame_view(p.frame) for p in pages]
+        fview = frames.view
+        views = [fview[p.frame * ps : p.frame * ps + ps] for p in pages]
         tail = size - (first + len(pages) - 1) * ps
+        expected = len(pages) * ps
         if tail < ps:
             views[-1] = views[-1][:tail]
-        expected = sum(v.nbytes for v in views)
+            expected -= ps - tail
         fd = vobj.fd
         error: DeviceError | None = None
         got = 0
         file_size = -1
         vm.inflight.acquire(IOKind.READ)
         token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
+        lock = vm._lock
+        lock.release()  # the pages are busy: nobody else touches them
         try:
-            with _unlocked(vm):
-                try:
-                    got = _preadv_all(fd, views, offset)
-                    if got < expected:
-                        file_size = os.fstat(fd).st_size
-                except OSError as exc:
-                    error = DeviceError(exc.errno or errno.EIO, vobj.path, first + got // ps)
-                _drop_cache(fd, offset, got)
+            try:
+                got = _preadv_all(fd, views, offset, expected)
+                if got < expected:
+                    file_size = os.fstat(fd).st_size
+            except OSError as exc:
+                error = DeviceError(exc.errno or errno.EIO, vobj.path, first + got // ps)
+            _drop_cache(fd, offset, got)
         finally:
+            lock.acquire()
             vm.pagermap.map_out(token)
             vm.inflight.release(IOKind.READ)
         self._pageins += 1
@@ -750,7 +762,8 @@ class VnodePager:
             else:
                 vm._free_page(page)  # past the end of the shrunk file
         vobj.next_read_pindex = first + nvalid
-        vm._cond.notify_all()
+        if len(pages) > 1:
+            vm._cond.notify_all()  # read-around pages are no longer busy
         return PagerResult.OK
 
     def put_pages(self, obj: VMObject, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
