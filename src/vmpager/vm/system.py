@@ -259,6 +259,10 @@ class VM:
                 hold_page(self, obj, pindex, write=True, overwrite=False)
 
     def _device_index(self, device: str | int) -> int:
+        if isinstance(device, bool) or not isinstance(device, (str, int)):
+            raise TypeError(
+                f"device must be a swap device's name (str) or index (int), got {device!r}"
+            )
         for index, dev in self.space.devices():
             if device == index or device == dev.name:
                 return index
