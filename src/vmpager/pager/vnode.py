@@ -6,8 +6,9 @@ object, except that their backing store is the file itself:
 
 - a fault reads the page from the file with ``os.preadv``; when the faults
   of an object run sequentially (each at the page after the last one read),
-  ``page_run`` lets the fault path read ahead up to its window in the same
-  transfer; a random fault reads one page;
+  the same transfer reads ahead, and each sequential fault doubles the
+  window (vm_fault's read-ahead), from the VM's read-around window up to
+  ``readahead_max_npages``; a random fault reads one page;
 - the partial last page reads as zeros past end of file, and its tail is
   never written: every transfer is clipped to the object's size;
 - dirty pages go back to the file in clusters through ``pager_put`` (the
@@ -16,8 +17,9 @@ object, except that their backing store is the file itself:
 - the object's size is the file's size. A write past the end extends the
   file first (``ftruncate``, the gap reads as zeros); ``truncate(size)``
   shrinks or extends it;
-- two maps of one file (same ``st_dev``/``st_ino``) share one object, which
-  counts its maps in ``refcount``; ``close()`` flushes and drops one map;
+- two maps of one file (same ``st_dev``/``st_ino``) share one object, whose
+  ``refcount`` counts its maps and the private maps over it; ``close()``
+  flushes and drops one map;
 - ``private=True``: a copy-on-write mapping, an anonymous shadow object over
   the shared file object. Reads come from the file object's pages; the
   first write to a page copies it into the shadow; modified pages go to swap,
@@ -273,10 +275,12 @@ class VnodeObject(_FileMapping):
         if pindex >= self.npages:
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
         page = hold_page(vm, self, pindex, write, overwrite)
-        if pindex >= self.npages:
-            # Truncated while the fault path waited: the page it made lies
-            # outside the object now; forget it.
+        if pindex >= self.npages or self.closed:
+            # Truncated or closed while the fault path waited: the page it
+            # made lies outside the object now; forget it.
             vm._free_page(page)
+            if self.closed:
+                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
         return page
 
