@@ -42,6 +42,8 @@ from vmpager.vm.queues import PageQueues
 from vmpager.vm.stats import Counters, VMStatistics
 
 if TYPE_CHECKING:
+    import os
+
     from vmpager.pager.protocol import Pager
 
 __all__ = ["VM"]
@@ -302,11 +304,14 @@ class VM:
         self._next_oid += 1
         self._objects[obj.oid] = obj
 
-    def map_file(self, path: str, mode: str = "r", *, private: bool = False) -> VMObject:
+    def map_file(
+        self, path: str | os.PathLike[str], mode: str = "r", *, private: bool = False
+    ) -> VMObject:
         """A VM object backed by the file at ``path`` (the vnode pager).
 
         ``mode`` "r" or "r+"; ``private=True`` makes a copy-on-write mapping
-        whose changes go to swap, never to the file.
+        whose changes go to swap, never to the file. Maps of one file share
+        one object; see pager/vnode.py for sizes, flush and truncate.
         """
         from vmpager.pager.vnode import map_file
 
