@@ -141,6 +141,19 @@ def _zero_or_blank(vm: VM, obj: VMObject, pindex: int, *, write: bool, zero: boo
 
 
 def _copy_up(vm: VM, obj: VMObject, pindex: int, source: Page, overwrite: bool) -> Page | None:
+    if vm.frames.free_nframes <= vm._read_reserve:
+        # Pin the source while room is made: the pageout scan would drop it
+        # (clean, often just paged in for this fault), the next look would
+        # page it in again, and so on for ever.
+        source.busy = True
+        try:
+            vm._wait_for_frame(for_read=False)
+        finally:
+            source.busy = False
+            if source.wanted:
+                source.wanted = False
+                vm._cond.notify_all()
+        return None
     page = _new_page(vm, obj, pindex, for_read=False)
     if page is None:
         return None
