@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from vmpager.pager.vnode import VnodeObject
 from vmpager.testing.worlds import PAGE, small_vm
+from vmpager.vm.system import VM
 
 MAX_BYTES = 10 * PAGE
 OFFSETS = st.one_of(
@@ -34,9 +35,13 @@ class FileModel(RuleBasedStateMachine):
         self.model = bytearray(os.urandom(3 * PAGE + 99))
         with open(self.path, "wb") as f:
             f.write(self.model)
-        self.vm, _ = small_vm(nframes=5, swap_nblocks=8, cluster_max_npages=4)
+        self.vm = self.make_vm()
         self.obj = self._map()
         self.extra_maps = 0
+
+    def make_vm(self) -> VM:
+        vm, _ = small_vm(nframes=5, swap_nblocks=8, cluster_max_npages=4)
+        return vm
 
     def _map(self) -> VnodeObject:
         obj = self.vm.map_file(self.path, "r+")
@@ -123,3 +128,29 @@ FileModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestFileModel = FileModel.TestCase
+
+
+class FileModelAsyncReadAhead(FileModel):
+    """The same with asynchronous read-ahead on: windows complete in worker threads."""
+
+    def make_vm(self) -> VM:
+        vm, _ = small_vm(nframes=16, swap_nblocks=8, cluster_max_npages=4, readaround_npages=1)
+        vm.vnode_pager.async_readahead_windows = 2
+        vm.vnode_pager.readahead_max_npages = 2
+        return vm
+
+    @rule()
+    def scan(self) -> None:
+        size = len(self.model)
+        for offset in range(0, size, PAGE):
+            n = min(PAGE, size - offset)
+            assert self.obj.read(offset, n) == bytes(self.model[offset : offset + n])
+
+
+FileModelAsyncReadAhead.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestFileModelAsyncReadAhead = FileModelAsyncReadAhead.TestCase

@@ -397,3 +397,28 @@ def test_read_error_names_the_file_and_leaves_no_page(
         monkeypatch.undo()
         assert obj.read(PAGE, 10) == data[PAGE : PAGE + 10]
         vm.check()
+
+
+def test_asynchronous_read_ahead_keeps_windows_in_flight(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    data = make_file(path, 200 * PAGE + 5)
+    vm, _ = small_vm(nframes=96, readaround_npages=4, free_target_nframes=40)
+    with vm:
+        vm.vnode_pager.readahead_max_npages = 16
+        vm.vnode_pager.async_readahead_windows = 2
+        obj = vm.map_file(path)
+        for pindex in range(201):
+            n = min(PAGE, len(data) - pindex * PAGE)
+            assert obj.read(pindex * PAGE, n) == data[pindex * PAGE : pindex * PAGE + n]
+            vm.check()
+        stats = vm.vnode_pager.statistics()
+        # Most pages came in asynchronously, ahead of the reader.
+        assert stats.async_pageins > 0 and stats.async_pagein_pages > stats.pagein_pages // 2
+        # Closing with windows in flight waits for them.
+        obj.close()
+        obj = vm.map_file(path)
+        assert obj.read(0, 10) == data[:10]
+        assert obj.read(PAGE, 10) == data[PAGE : PAGE + 10]
+        obj.close()
+        assert vm.statistics().resident_npages == 0
+        vm.check()

@@ -48,7 +48,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import stat
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,10 +64,10 @@ from vmpager.pager.put import pager_put
 from vmpager.units import check_int
 from vmpager.vm.fault import hold_page
 from vmpager.vm.object import VMObject
+from vmpager.vm.page import Page
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
-    from vmpager.vm.page import Page
     from vmpager.vm.system import VM
 
 __all__ = [
@@ -84,6 +87,10 @@ MAX_FILE_BYTES = (1 << 63) - 1
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
 #: Default ceiling of sequential read-ahead, in pages (256 KiB of 4 KiB pages).
 READAHEAD_MAX_NPAGES = 64
+#: Asynchronous read-ahead windows kept in flight ahead of a sequential reader.
+ASYNC_READAHEAD_WINDOWS = 2
+#: Seconds an idle read-ahead worker thread waits for work before it exits.
+_WORKER_IDLE_SECONDS = 2.0
 #: Chunk size of the zero writes that implement ``discard``.
 _DISCARD_CHUNK_BYTES = 1 << 20
 
@@ -121,6 +128,9 @@ class VnodePagerStatistics:
     pageins: int
     pagein_pages: int
     pagein_bytes: int
+    #: Asynchronous read-ahead transfers (included in pageins) and their pages.
+    async_pageins: int
+    async_pagein_pages: int
     pageouts: int
     pageout_pages: int
     pageout_bytes: int
@@ -196,6 +206,27 @@ def _drop_cache(fd: int, offset: int, nbytes: int) -> None:
         pass
 
 
+def _new_page(obj: VnodeObject, pindex: int, frame: int) -> Page:
+    """A busy read-ahead page of ``obj`` in ``frame`` (lock held)."""
+    page = Page(obj, pindex, frame)
+    page.prefetched = True
+    obj.pages[pindex] = page
+    return page
+
+
+@dataclass(slots=True, eq=False)
+class _AsyncRead:
+    """One read-ahead transfer: busy pages, their frame views, the file range."""
+
+    obj: VnodeObject
+    pages: list[Page]
+    views: list[memoryview]
+    offset: int
+    expected: int
+    fd: int
+    token: int
+
+
 class _FileMapping(VMObject):
     """What both kinds of file mapping share: byte size, writability, the path."""
 
@@ -260,6 +291,14 @@ class VnodeObject(_FileMapping):
         self.next_read_pindex = 0
         #: The current sequential read-ahead window, in pages (0: none yet).
         self.readahead_npages = 0
+        #: Asynchronous read-ahead: first pages of the windows issued and not
+        #: yet reached by the reader; touching the first one issues the next
+        #: window, which starts at ``ra_next_pindex``.
+        self.ra_starts: deque[int] = deque()
+        self.ra_trigger_pindex = -1
+        self.ra_next_pindex = 0
+        #: Asynchronous reads in flight (closing waits for them).
+        self.async_reads = 0
         #: The error of the last failed write-back (for ``flush`` to raise).
         self._write_error: DeviceError | None = None
         #: During a flush: the pages whose write-back failed (not tried again).
@@ -282,6 +321,8 @@ class VnodeObject(_FileMapping):
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
+        if pindex == self.ra_trigger_pindex:
+            self._pager.readahead_reached(self)
         return page
 
     def _check_span(self, offset: int, length: int) -> None:
@@ -459,6 +500,7 @@ class VnodeObject(_FileMapping):
         # The VM's own close and _close_object come here with the lock held.
         # Errors cannot be raised from here without aborting the VM's close:
         # they are logged (close() above raises them).
+        self._pager.wait_async(self)
         error = self._pager.flush(self)
         if error is not None:
             log.error("closing %s: dirty pages could not be written back: %s", self.path, error)
@@ -502,6 +544,14 @@ class VnodePager:
         self._cache: dict[tuple[int, int], VnodeObject] = {}
         #: Ceiling of the sequential read-ahead window, in pages.
         self.readahead_max_npages = READAHEAD_MAX_NPAGES
+        #: Read-ahead windows kept in flight asynchronously; 0 turns it off.
+        #: Off in VMs without a daemon thread, which stay deterministic.
+        self.async_readahead_windows = ASYNC_READAHEAD_WINDOWS if vm.config.daemon_thread else 0
+        self._jobs: queue.SimpleQueue[_AsyncRead] = queue.SimpleQueue()
+        self._njobs = 0
+        self._workers: list[threading.Thread] = []
+        self._async_pageins = 0
+        self._async_pagein_pages = 0
         self._pageins = 0
         self._pagein_pages = 0
         self._pagein_bytes = 0
@@ -765,10 +815,153 @@ class VnodePager:
                 vm.queues.deactivate(page)
             else:
                 vm._free_page(page)  # past the end of the shrunk file
+        sequential = self._sequential(vobj, first + reqpage)
         vobj.next_read_pindex = first + nvalid
+        if sequential and self.async_readahead_windows and nvalid == len(pages):
+            self._start_pipeline(vobj, first + nvalid)
         if len(pages) > 1:
             vm._cond.notify_all()  # read-around pages are no longer busy
         return PagerResult.OK
+
+    # -- asynchronous read-ahead ------------------------------------------------------
+
+    def _start_pipeline(self, obj: VnodeObject, pindex: int) -> None:
+        """A sequential fault read up to ``pindex``: put the next windows in flight."""
+        obj.ra_starts.clear()
+        obj.ra_next_pindex = pindex
+        for _ in range(self.async_readahead_windows):
+            if not self._issue_window(obj):
+                break
+        obj.ra_trigger_pindex = obj.ra_starts[0] if obj.ra_starts else -1
+
+    def readahead_reached(self, obj: VnodeObject) -> None:
+        """The reader touched the first page of the oldest window: issue one more.
+
+        The window grows by doubling up to ``readahead_max_npages``. O(window).
+        """
+        if obj.ra_starts:
+            obj.ra_starts.popleft()
+        if self.async_readahead_windows:
+            self._issue_window(obj)
+        obj.ra_trigger_pindex = obj.ra_starts[0] if obj.ra_starts else -1
+
+    def _issue_window(self, obj: VnodeObject) -> bool:
+        """Start an asynchronous read of the window at ``obj.ra_next_pindex``.
+
+        Takes frames only above the daemon's minimum, stops at the first
+        resident page or the end of the object, and needs a read slot and a
+        pager map without waiting; returns False when it started nothing.
+        The pages are busy until the read completes (faults on them wait).
+        """
+        vm = self._vm
+        start = obj.ra_next_pindex
+        window = min(
+            self.readahead_max_npages,
+            max(vm.config.readaround_npages, 2 * obj.readahead_npages),
+            obj.npages - start,
+        )
+        if window <= 0 or start in obj.pages or not vm.inflight.try_acquire(IOKind.READ):
+            return False
+        token = vm.pagermap.try_map_in(window, daemon=False, wait=False)
+        if token is None:
+            vm.inflight.release(IOKind.READ)
+            return False
+        pages: list[Page] = []
+        for pindex in range(start, start + window):
+            if pindex in obj.pages:
+                break
+            frame = vm._alloc_frame_for_readaround()
+            if frame is None:
+                break
+            page = _new_page(obj, pindex, frame)
+            pages.append(page)
+        if not pages:
+            vm.pagermap.map_out(token)
+            vm.inflight.release(IOKind.READ)
+            return False
+        obj.readahead_npages = window
+        obj.ra_starts.append(start)
+        obj.ra_next_pindex = start + len(pages)
+        obj.next_read_pindex = obj.ra_next_pindex
+        obj.async_reads += 1
+        ps = vm.page_size
+        fview = vm.frames.view
+        views = [fview[p.frame * ps : p.frame * ps + ps] for p in pages]
+        expected = len(pages) * ps
+        tail = obj.size_bytes - (start + len(pages) - 1) * ps
+        if tail < ps:
+            views[-1] = views[-1][:tail]
+            expected -= ps - tail
+        self._jobs.put(_AsyncRead(obj, pages, views, start * ps, expected, obj.fd, token))
+        self._njobs += 1
+        if len(self._workers) < self.async_readahead_windows:
+            worker = threading.Thread(target=self._work, name="vmpager-vnode-ra", daemon=True)
+            self._workers.append(worker)
+            worker.start()
+        return True
+
+    def _work(self) -> None:
+        """A read-ahead worker: transfers without the lock, completes with it."""
+        vm = self._vm
+        me = threading.current_thread()
+        while True:
+            try:
+                job = self._jobs.get(timeout=_WORKER_IDLE_SECONDS)
+            except queue.Empty:
+                with vm._cond:
+                    if self._njobs == 0:  # submissions happen under the lock
+                        self._workers.remove(me)
+                        return
+                continue
+            got = -1
+            try:
+                got = _preadv_all(job.fd, job.views, job.offset, job.expected)
+                _drop_cache(job.fd, job.offset, got)
+            except OSError as exc:
+                log.info("vnode_pager: read-ahead of %s failed: %s", job.obj.path, exc)
+            except BaseException:  # never leave pages busy
+                log.exception("vnode_pager: read-ahead of %s", job.obj.path)
+            with vm._cond:
+                self._njobs -= 1
+                self._async_done(job, got)
+
+    def _async_done(self, job: _AsyncRead, got: int) -> None:
+        """Completion of a read-ahead (lock held): whole pages become clean and
+        inactive; pages the read did not fill are dropped (a fault reads them
+        again, and reports any error)."""
+        vm = self._vm
+        obj = job.obj
+        ps = vm.page_size
+        vm.pagermap.map_out(job.token)
+        vm.inflight.release(IOKind.READ)
+        # Whole pages read; a short read (the file shrank) or an error leaves
+        # the rest for the fault path, which reads them again and reports.
+        nvalid = len(job.pages) if got >= job.expected else max(got, 0) // ps
+        valid_tail = job.expected - (len(job.pages) - 1) * ps
+        if nvalid == len(job.pages) and valid_tail < ps:
+            vm.frames.array[job.pages[-1].frame, valid_tail:] = 0
+        for i, page in enumerate(job.pages):
+            page.busy = False
+            if i < nvalid:
+                vm.queues.deactivate(page)
+            else:
+                vm._free_page(page)
+        obj.async_reads -= 1
+        self._pageins += 1
+        self._pagein_pages += nvalid
+        self._pagein_bytes += max(got, 0)
+        self._async_pageins += 1
+        self._async_pagein_pages += nvalid
+        vm.counters.pageins += 1
+        vm.counters.pagein_pages += nvalid
+        vm.counters.readaround_pages += nvalid
+        vm._cond.notify_all()
+
+    def wait_async(self, obj: VnodeObject) -> None:
+        """Wait until no read-ahead of ``obj`` is in flight (lock held; it is
+        released while waiting)."""
+        while obj.async_reads:
+            self._vm._cond.wait()
 
     def put_pages(self, obj: VMObject, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
         """Write ``pages`` to the file in one vectored write, clipped at end of file.
@@ -868,6 +1061,8 @@ class VnodePager:
             pageins=self._pageins,
             pagein_pages=self._pagein_pages,
             pagein_bytes=self._pagein_bytes,
+            async_pageins=self._async_pageins,
+            async_pagein_pages=self._async_pagein_pages,
             pageouts=self._pageouts,
             pageout_pages=self._pageout_pages,
             pageout_bytes=self._pageout_bytes,
