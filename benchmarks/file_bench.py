@@ -13,9 +13,13 @@ Contenders, each returning the 4 KiB as ``bytes``:
 - ``vmpager``: ``VM(memory=--budget, swap=[])`` (128 MiB, page daemon
   thread on), ``vm.map_file(path)``, ``obj.read(offset, 4096)``. Pages of
   4 KiB. Sequential read-ahead ramps up to the vnode pager's default (64
-  pages); random faults read one page.
-- ``vmpager_ra8`` (sequential only): the same with read-ahead capped at the
-  VM's 8-page read-around window, to show what the ramp buys.
+  pages) with two windows in flight asynchronously; random faults read one
+  page.
+- ``vmpager_sync`` (sequential only): asynchronous read-ahead off (each
+  window read by the faulting thread), to show what the overlap buys.
+- ``vmpager_ra8`` (sequential only): asynchronous read-ahead off and the
+  window capped at the VM's 8-page read-around window, to show what the
+  ramp buys.
 - ``memmap``: ``numpy.memmap(path, uint8, "r")``, ``mm[off:off + 4096].tobytes()``;
   the kernel's 4 KiB pages, its fault read-around and read-ahead, and no
   memory budget (the page cache may hold the whole file).
@@ -178,12 +182,16 @@ def read_memmap(path: str) -> Reader:
     return run
 
 
-def read_vmpager(path: str, budget: int, readahead_max_npages: int | None = None) -> Reader:
+def read_vmpager(
+    path: str, budget: int, readahead_max_npages: int | None = None, asynchronous: bool = True
+) -> Reader:
     def run(offsets: list[int]) -> tuple[int, dict[str, Any]]:
         vm = VM(memory=budget, swap=[], page_size=PAGE)
         try:
             if readahead_max_npages is not None:
                 vm.vnode_pager.readahead_max_npages = readahead_max_npages
+            if not asynchronous:
+                vm.vnode_pager.async_readahead_windows = 0
             obj = vm.map_file(path)
             read = obj.read
             total = 0
@@ -196,6 +204,7 @@ def read_vmpager(path: str, budget: int, readahead_max_npages: int | None = None
                 "pageins": vs.pageins,
                 "pagein_pages": vs.pagein_pages,
                 "mean_pages_per_read": round(vs.pagein_pages / max(vs.pageins, 1), 1),
+                "async_pagein_pages": vs.async_pagein_pages,
                 "readaround_hits": st.readaround_hits,
                 "resident_npages_at_end": st.resident_npages,
                 "nframes": st.nframes,
@@ -233,13 +242,15 @@ def main() -> None:
     }
     contenders: dict[str, Reader] = {
         "vmpager": read_vmpager(path, budget),
-        "vmpager_ra8": read_vmpager(path, budget, readahead_max_npages=8),
+        "vmpager_sync": read_vmpager(path, budget, asynchronous=False),
+        "vmpager_ra8": read_vmpager(path, budget, readahead_max_npages=8, asynchronous=False),
         "memmap": read_memmap(path),
         "pread": read_pread(path),
     }
     results: dict[str, Any] = {}
     for pattern, offsets in patterns.items():
-        names = [n for n in contenders if not (pattern == "random" and n == "vmpager_ra8")]
+        variants = ("vmpager_sync", "vmpager_ra8")
+        names = [n for n in contenders if not (pattern == "random" and n in variants)]
         runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
         checksums: set[int] = set()
         for rep in range(args.reps):

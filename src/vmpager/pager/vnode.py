@@ -8,7 +8,10 @@ object, except that their backing store is the file itself:
   of an object run sequentially (each at the page after the last one read),
   the same transfer reads ahead, and each sequential fault doubles the
   window (vm_fault's read-ahead), from the VM's read-around window up to
-  ``readahead_max_npages``; a random fault reads one page;
+  ``readahead_max_npages``; a random fault reads one page. In a VM with a
+  page daemon thread, a sequential fault also puts the next two windows in
+  flight asynchronously (worker threads); the reader reaching a window
+  issues the next one, so transfers overlap with the reader's work;
 - the partial last page reads as zeros past end of file, and its tail is
   never written: every transfer is clipped to the object's size;
 - dirty pages go back to the file in clusters through ``pager_put`` (the
