@@ -243,3 +243,17 @@ def test_allocate_with_reserve() -> None:
         a.close()
         assert vm.statistics().swap_used_blocks == 0
         vm.check()
+
+
+def test_swapoff_moves_reserved_pages() -> None:
+    vm, _ = small_vm(nframes=8, swap_nblocks=[16, 32])
+    with vm:
+        a = vm.allocate(12 * PAGE, reserve=True)
+        data = fill(a, 11)
+        vm.pageout()
+        on_first = [d for d in vm.swapinfo() if d.index == 0][0].used
+        assert on_first > 0
+        vm.swapoff(0)
+        assert a.read(0, a.size) == data
+        assert [d.index for d in vm.swapinfo()] == [1]
+        vm.check()

@@ -314,6 +314,12 @@ class SwapPager:
             return
         self.meta.free(obj.oid, pindex)
 
+    def release_block(self, obj: VMObject, pindex: int) -> None:
+        """Free the page's block even if it is reserved (swapoff moving it away)."""
+        if obj.reserve_state is not None:
+            obj.reserve_state[pindex] = 0
+        self.meta.free(obj.oid, pindex)
+
     def free_space(self, obj: VMObject, start: int, npages: int) -> None:
         if obj.swap_backed:
             self.meta.free_range(obj.oid, start, npages)

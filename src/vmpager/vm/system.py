@@ -243,22 +243,29 @@ class VM:
                 removed.close()
 
     def _drain_device(self, index: int) -> None:
+        """Move every page whose swap copy is on device ``index`` (lock held)."""
+        meta = self.swap_pager.meta
         while True:
             in_use = set(self.space.blocks_in_use(index).tolist())
             if not in_use:
                 return
-            owners = [(o, p, b) for o, p, b in self.swap_pager.meta.items() if b in in_use]
-            if not owners:
-                # Blocks in flight or held by a write that is failing: let them settle.
-                self._cond.wait(0.01)
-                continue
+            owners = [(o, p, b) for o, p, b in meta.items() if b in in_use]
+            moved = 0
             for oid, pindex, blk in owners:
                 obj = self._objects.get(oid)
-                if obj is None or self.swap_pager.meta.lookup(oid, pindex) != blk:
+                if obj is None or meta.lookup(oid, pindex) != blk:
                     continue
-                # A write fault makes the page dirty and frees its swap block;
-                # the next pageout puts it on another device.
+                # A write fault makes the page dirty and frees its stale swap
+                # block; the next pageout puts it on another device.
                 hold_page(self, obj, pindex, write=True, overwrite=False)
+                if meta.lookup(oid, pindex) == blk:
+                    # A reserved page keeps its block when dirtied: release it.
+                    self.swap_pager.release_block(obj, pindex)
+                moved += 1
+            if not moved:
+                # Blocks in flight (a write completing, a strategy request):
+                # let them settle, with the lock released.
+                self._cond.wait(0.01)
 
     def _device_index(self, device: str | int) -> int:
         if isinstance(device, bool) or not isinstance(device, (str, int)):
