@@ -33,11 +33,17 @@ pre-filled with random data, each VM paging to its own swap file on disk
 Here fio spreads its requests over the whole object, and ``qemu-img bench``
 steps through it with a stride of 2053 pages (a permutation of the pages,
 since the stride is odd and the page count a power of two), so neither runs
-sequentially and read-around cannot hide the paging. ``--profile`` then
+sequentially and read-around cannot hide the paging. Before every run a
+paging VM is brought to one state (all pages out, then memory refilled with
+clean pages), so no run pays for the write-back of the run before it; IOPS
+are reported as medians and the ratios to nbdkit both as the ratio of
+medians and as the median of each rep's ratio. ``--profile`` then
 runs fio randread and randwrite once more against ``vm_fits`` and
 ``vm_paging`` with cProfile enabled in every server thread and reports where
 the request path spends its time (wall time, by module group, and the top
-functions); the profiled runs are not part of the IOPS figures.
+functions), and, when py-spy is installed, samples every thread of the
+paging VM (connection, page daemon, I/O engine) during the same runs; the
+profiled runs are not part of the IOPS figures.
 """
 
 from __future__ import annotations
