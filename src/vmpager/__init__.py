@@ -7,6 +7,7 @@ pagers move pages to swap devices and back.
 
 from vmpager.devices import BlockDevice, FaultyDevice, FileDevice, MemoryDevice
 from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted, VmError
+from vmpager.pager.vnode import FileShrunkError
 from vmpager.vm.config import VMConfig, WriteErrorPolicy
 from vmpager.vm.object import VMObject
 from vmpager.vm.stats import VMStatistics
@@ -18,6 +19,7 @@ __all__ = [
     "DeviceError",
     "FaultyDevice",
     "FileDevice",
+    "FileShrunkError",
     "InvariantViolation",
     "MemoryDevice",
     "ObjectClosed",
