@@ -78,6 +78,8 @@ class PageDaemon:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.ident: int | None = None
+        #: The daemon thread is waiting on the VM condition (a waiter must notify it).
+        self.sleeping = False
         self.scans = 0
         self.wakeups = 0
 
@@ -227,16 +229,24 @@ class PageDaemon:
         with cond:
             while not self._stop:
                 if not vm._daemon_needed():
-                    cond.wait()
+                    self._sleep(None)
                     continue
                 self.wakeups += 1
                 ok = self.run_until(vm.free_target_nframes, asynchronous=True)
                 vm._set_stuck(not ok)
                 # Always give the lock up after a pass: the waiters need it.
                 if ok and vm.inflight.in_flight(IOKind.WRITE_ASYNC):
-                    cond.wait(0.05)  # completions will free frames
+                    self._sleep(0.05)  # completions will free frames
                 else:
-                    cond.wait()
+                    self._sleep(None)
+
+    def _sleep(self, timeout: float | None) -> None:
+        """Wait on the VM condition, with ``sleeping`` set so waiters know to wake us."""
+        self.sleeping = True
+        try:
+            self._vm._cond.wait(timeout)
+        finally:
+            self.sleeping = False
 
     def stop(self) -> None:
         thread = self._thread

@@ -586,7 +586,10 @@ class VM:
             return
         self._frame_waiters += 1
         try:
-            self._cond.notify_all()
+            # Only the first waiter, or any waiter finding the daemon asleep,
+            # wakes it: every waiter notifying would wake all the others too.
+            if self._frame_waiters == 1 or self.daemon.sleeping:
+                self._cond.notify_all()
             self._cond.wait(1.0)
         finally:
             self._frame_waiters -= 1
