@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vmpager.pager.swap import RESERVED_UNWRITTEN, RESERVED_WRITTEN
 from vmpager.vm.object import VMObject
 
 if TYPE_CHECKING:
@@ -98,33 +99,47 @@ def collapse(vm: VM, shadow: VMObject) -> None:
     _wait_idle(vm, backing)
     _wait_idle(vm, shadow)
     offset = shadow.backing_offset
-    meta = vm.swap_pager.meta
+    pager = vm.swap_pager
+    meta = pager.meta
     npages = shadow.npages
-    # 1. Backing pages the shadow hides (resident or on swap in the shadow, or
-    #    outside its window) are dropped; their swap blocks go in step 2.
+    # 1. Backing pages the shadow hides (resident or with data on swap in the
+    #    shadow, or outside its window) are dropped; their swap blocks go in
+    #    step 2. A reserved block that was never written hides nothing.
     survivors = []
     for pindex, page in list(backing.pages.items()):
         d = pindex - offset
-        if (
-            not 0 <= d < npages
-            or d in shadow.pages
-            or (shadow.swap_backed and meta.lookup(shadow.oid, d) >= 0)
-        ):
+        if not 0 <= d < npages or d in shadow.pages or pager.has_page(shadow, d):
             vm._free_page(page)
         else:
             survivors.append(page)
     # 2. swap_pager_copy: the backing object's blocks move up where the shadow
-    #    has neither a block nor a resident page; the others are freed.
+    #    has neither a block nor a resident page; the others are freed. Where
+    #    the shadow holds only an unwritten reservation, the backing's block
+    #    (the data) takes the reserved block's place and stays reserved.
+    state = shadow.reserve_state
+    adopted: list[int] = []
+    if state is not None and backing.swap_backed:
+        for pindex, _blk in meta.pages(backing.oid):
+            d = pindex - offset
+            if 0 <= d < npages and state[d] == RESERVED_UNWRITTEN and d not in shadow.pages:
+                meta.free(shadow.oid, d)
+                adopted.append(d)
     if backing.swap_backed:
         meta.transfer(backing.oid, shadow.oid, offset, npages, lambda d: d in shadow.pages)
         shadow.swap_backed = True
         backing.swap_backed = False
-    # 3. The surviving pages move up, each with its swap copy (if any) from step 2.
+    if state is not None:
+        for d in adopted:
+            state[d] = RESERVED_WRITTEN
+    # 3. The surviving pages move up, each with its swap copy (if any) from step 2;
+    #    one landing on an unwritten reservation has its data nowhere else.
     for page in survivors:
         del backing.pages[page.pindex]
         page.pindex -= offset
         page.obj = shadow
         shadow.pages[page.pindex] = page
+        if state is not None and state[page.pindex] == RESERVED_UNWRITTEN:
+            page.dirty = True
     # 4. The shadow takes the backing object's place in the chain.
     shadow.backing = backing.backing
     shadow.backing_offset = offset + backing.backing_offset
