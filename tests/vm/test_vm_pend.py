@@ -351,3 +351,49 @@ def test_sync_pageout_lets_readers_copy_and_makes_writers_wait() -> None:
         assert vm.inflight.statistics().writes_sync_in_flight == 0
         assert vm.inflight.in_flight(IOKind.WRITE_SYNC) == 0
         vm.check()
+
+
+def test_a_write_may_complete_while_the_pager_waits_to_start_the_next_part() -> None:
+    """A cluster split over two runs of swap, one async slot: the first part's
+    write completes while the pager waits for a slot for the second part.
+
+    put_pages then returned PEND for pages whose write had already finished
+    (and whose frames may be free again); the contract check took that for a
+    pager that lost track of its pages.
+    """
+    engine = HeldEngine()
+    vm, _ = small_vm(
+        nframes=16, swap_nblocks=32, engine=engine, cluster_max_npages=8, swap_async_max=1
+    )
+    with vm:
+        a = vm.allocate(32 * PAGE)
+        fill(a, 1000)
+        vm.pageout()
+        for first in (0, 8, 16, 24):  # free runs of 4 blocks, nothing longer
+            a.discard(first * PAGE, 4 * PAGE)
+        b = vm.allocate(8 * PAGE)
+        fill(b, 1)
+        errors: list[BaseException] = []
+
+        def daemon() -> None:
+            try:
+                vm.pageout(asynchronous=True)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=daemon, daemon=True)
+        thread.start()
+        wait_until(lambda: len(engine.pending) == 1)
+        assert [p.pindex for p in engine.pending[0].pages] == [0, 1, 2, 3]
+        engine.complete(0)  # the first part finishes while the pager waits
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:
+            if engine.pending:
+                engine.complete(0)
+            time.sleep(0.001)
+        thread.join(1)
+        assert not errors, errors
+        engine.complete_all()
+        for p in range(8):
+            assert b.read(p * PAGE, PAGE) == page_bytes(1 + p)
+        vm.check()
