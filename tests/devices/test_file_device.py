@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -15,12 +13,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import vmpager.devices.file as file_module
 from vmpager.devices.file import FileDevice
 from vmpager.errors import DeviceError
+from vmpager.testing.pagecache import cached_pages
 
 BLOCK = 4096
 
@@ -29,25 +27,7 @@ BLOCK = 4096
 
 
 def _mincore_pages(path: Path) -> int | None:
-    """Resident pages of ``path`` by mincore(2) on a fresh mapping, or None if unavailable."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    mincore = getattr(libc, "mincore", None)
-    if mincore is None:
-        return None
-    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-    mincore.restype = ctypes.c_int
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        mapping = mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ)
-    try:
-        address = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
-        npages = -(-size // mmap.PAGESIZE)
-        vector = (ctypes.c_ubyte * npages)()
-        if mincore(ctypes.c_void_p(address), size, vector) != 0:
-            return None
-        return sum(byte & 1 for byte in vector)
-    finally:
-        mapping.close()
+    return cached_pages(path)
 
 
 def _fincore_pages(path: Path) -> int | None:
