@@ -181,6 +181,13 @@ def _page_in(vm: VM, obj: VMObject, pindex: int, *, for_read: bool = True) -> Pa
     try:
         reqpage = _gather_readaround(vm, pager, obj, pindex, run_pages)
         result = get_pages(pager, obj, run_pages, reqpage)
+        if result is not PagerResult.OK and len(run_pages) > 1:
+            # The read-around transfer failed as a whole (its other pages are
+            # freed): read the requested page alone, so that a bad block
+            # near it fails only its own page, and the error names its block.
+            vm._take_read_error()
+            run_pages = [page]
+            result = get_pages(pager, obj, run_pages, 0)
     except BaseException:
         # Leave nothing busy behind: pages not yet released are dropped (their
         # data is still on the store).
