@@ -17,6 +17,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vmpager.devices.file import FileDevice
 from vmpager.devices.protocol import BlockDevice
 from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted
@@ -879,6 +881,7 @@ class VM:
         owned = self.swap_pager.meta.total()
         if stats.used != owned:
             problems.append(f"swap: {stats.used} blocks allocated but {owned} owned by pages")
+        problems += self._check_block_owners()
         if stats.free + stats.used + stats.bad != stats.total:
             problems.append(
                 f"swap: free {stats.free} + used {stats.used} + bad {stats.bad} != {stats.total}"
@@ -887,6 +890,31 @@ class VM:
         for oid in self.swap_pager.meta.objects():
             if oid not in self._objects:
                 problems.append(f"swap: blocks owned by object {oid}, which is gone")
+        return problems
+
+    def _check_block_owners(self) -> list[str]:
+        """Blocks pages own that the swap space has not allocated, and the reverse.
+
+        The counts may agree while the sets differ (a page pointing at a free
+        block, which the allocator will hand out again). O(blocks in use).
+        """
+        oids, pindexes, blks = self.swap_pager.meta.owner_arrays()
+        parts = [self.space.blocks_in_use(index) for index, _ in self.space.devices()]
+        used = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        problems = []
+        stray = np.flatnonzero(~np.isin(blks, used))
+        for k in stray[:10].tolist():
+            problems.append(
+                f"swap: block {blks[k]} of page {oids[k]}:{pindexes[k]} is not allocated"
+            )
+        if len(stray) > 10:
+            problems.append(f"swap: and {len(stray) - 10} more owned blocks not allocated")
+        orphans = np.setdiff1d(used, blks)
+        if len(orphans):
+            problems.append(
+                f"swap: {len(orphans)} allocated blocks have no owner "
+                f"(first: {orphans[:5].tolist()})"
+            )
         return problems
 
     # -- life cycle ------------------------------------------------------------------
