@@ -343,8 +343,16 @@ class VM:
     # -- data paths ---------------------------------------------------------------
 
     def _read(self, obj: VMObject, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > obj.size:
-            obj._check_range(offset, length)
+        if (
+            type(offset) is not int
+            or type(length) is not int
+            or offset < 0
+            or length < 0
+            or offset + length > obj.size
+        ):
+            # Anything but plain ints in range gets the full check (bool and
+            # float refused by name, numpy integers converted).
+            offset, length = obj._check_range(offset, length)
         ps = self.page_size
         pindex, off = divmod(offset, ps)
         if off + length <= ps:
