@@ -169,7 +169,7 @@ class VM:
             device: BlockDevice = self._open_file_device(path, size)
         elif isinstance(spec, str):
             path, sep, size_text = spec.rpartition(":")
-            if sep and path and size_text and size_text[0].isdigit():
+            if sep and path and size_text and (size_text[0].isdigit() or size_text[0] in "+-."):
                 device = self._open_file_device(path, size_text)
             else:
                 device = self._open_file_device(spec, None)
