@@ -114,7 +114,7 @@ def test_resident_pages_never_exceed_the_budget(tmp_path: Path) -> None:
 
         def sample() -> None:
             nonlocal high
-            while not stop.is_set():
+            while not stop.wait(0.0005):
                 high = max(high, vm.statistics().resident_npages)
 
         sampler = threading.Thread(target=sample)

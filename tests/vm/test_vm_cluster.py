@@ -60,7 +60,7 @@ def expected_cluster(states: list[str], center: int, lo: int, hi: int, max_npage
     return list(range(first, last + 1))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     data=st.data(),
     states=st.lists(st.sampled_from(STATES), min_size=1, max_size=24),
