@@ -273,6 +273,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stress(args: argparse.Namespace) -> int:
+    """Threads, faults, swapoff/swapon for --seconds; exit 1 on any lost or invented byte."""
+    from vmpager.stress import StressConfig, run_stress
+
+    memory = parse_size(args.memory, "--memory", minimum=8 * 4096, multiple=4096)
+    config = StressConfig(
+        seconds=args.seconds,
+        nthreads=args.threads,
+        memory_bytes=memory,
+        write_error_rate=args.write_error_rate,
+        read_error_rate=args.read_error_rate,
+        swapoff_interval_s=0.0 if args.no_swapoff else args.swapoff_interval,
+        seed=args.seed,
+        directory=args.dir,
+    )
+    err = sys.stderr
+    print(
+        f"vmpager stress: {config.seconds:g} s, {config.nthreads} threads, "
+        f"{format_size(memory)} memory, write/read fault rates "
+        f"{config.write_error_rate:g}/{config.read_error_rate:g}, seed {config.seed}",
+        file=err,
+    )
+
+    def progress(elapsed: float, ops: int) -> None:
+        if err.isatty():
+            err.write(f"\r  {elapsed:6.1f} s  {ops:>10,} operations")
+            err.flush()
+
+    report = run_stress(config, progress=progress)
+    if err.isatty():
+        err.write("\n")
+    if args.json:
+        json.dump(report.as_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmpager",
@@ -320,6 +359,32 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT (default loopback)")
     where.add_argument("--unix", metavar="PATH", help="serve on a unix socket instead")
     serve.set_defaults(func=_cmd_serve)
+
+    stress = sub.add_parser(
+        "stress",
+        help="stress the VM: threads, injected faults, swapoff/swapon; verify every byte",
+        description="Worker threads write, read back and discard their pages on a small VM "
+        "whose two swap files fail requests at random, while devices are removed and "
+        "added back; every read and, at the end, every byte is compared with what was "
+        "written. Exits 1 on any lost or invented byte or failed check.",
+    )
+    stress.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
+    stress.add_argument("--threads", type=int, default=8, help="worker threads (default 8)")
+    stress.add_argument("--memory", default="256K", help="memory budget (default 256K)")
+    stress.add_argument(
+        "--write-error-rate", type=float, default=0.01, help="fraction of writes failed"
+    )
+    stress.add_argument(
+        "--read-error-rate", type=float, default=0.002, help="fraction of reads failed"
+    )
+    stress.add_argument(
+        "--swapoff-interval", type=float, default=0.5, help="seconds between swapoff/swapon"
+    )
+    stress.add_argument("--no-swapoff", action="store_true", help="keep the swap devices")
+    stress.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    stress.add_argument("--dir", default=None, help="directory of the swap files")
+    stress.add_argument("--json", action="store_true", help="print the report as JSON")
+    stress.set_defaults(func=_cmd_stress)
 
     swapinfo = sub.add_parser("swapinfo", help="list swap devices and their use (like swapctl -l)")
     swapinfo.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
