@@ -397,3 +397,34 @@ def test_a_write_may_complete_while_the_pager_waits_to_start_the_next_part() -> 
         for p in range(8):
             assert b.read(p * PAGE, PAGE) == page_bytes(1 + p)
         vm.check()
+
+
+def test_daemon_thread_pages_out_while_the_general_pager_map_is_spent() -> None:
+    """With the daemon thread: new writes keep going (the daemon makes room) while
+    page-ins, which need an ordinary mapping, wait for one."""
+    vm, _ = small_vm(nframes=16, swap_nblocks=128, daemon_thread=True)
+    with vm:
+        pmap = vm.pagermap
+        swapped = vm.allocate(4 * PAGE)
+        fill(swapped, 50)
+        vm.pageout()
+        vm.wait_idle()
+        general = pmap.size_npages - pmap.reserve_npages
+        with vm._cond:
+            token = pmap.try_map_in(general, daemon=False)
+        assert token is not None
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(swapped.read(0, PAGE)), daemon=True)
+        reader.start()
+        # Far more new pages than frames: only the daemon's pageouts make room.
+        obj = vm.allocate(64 * PAGE)
+        fill(obj, 1)
+        assert vm.statistics().pageout_pages >= 40
+        assert reader.is_alive() and not got, "a page-in must wait for a mapping"
+        with vm._cond:
+            pmap.map_out(token)
+        reader.join(10)
+        assert got == [page_bytes(50)]
+        for p in range(64):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(1 + p)
+        vm.check()
