@@ -230,7 +230,9 @@ CLOSED_OBJECT_CALLS: list[tuple[str, Callable[[VMObject], Any]]] = [
 @pytest.mark.parametrize(
     "call", [c[1] for c in CLOSED_OBJECT_CALLS], ids=[c[0] for c in CLOSED_OBJECT_CALLS]
 )
-def test_use_after_close(world: tuple[VM, VMObject, bytes], call: Callable[[VMObject], Any]) -> None:
+def test_use_after_close(
+    world: tuple[VM, VMObject, bytes], call: Callable[[VMObject], Any]
+) -> None:
     vm, obj, _ = world
     other = vm.allocate(PAGE)
     other.write(0, b"keep")
