@@ -38,6 +38,9 @@ class FramePool:
         self.page_size = page_size
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         self._arena = mmap.mmap(-1, nframes * page_size, flags=flags)
+        #: The arena itself: slicing it copies bytes out in one call, the cheapest
+        #: way to move a few bytes (the hit paths of read and write use it).
+        self.arena = self._arena
         self.view = memoryview(self._arena)
         self.array: npt.NDArray[np.uint8] = np.frombuffer(self._arena, dtype=np.uint8).reshape(
             nframes, page_size

@@ -23,12 +23,20 @@ if TYPE_CHECKING:
 
 __all__ = ["VMObject"]
 
+#: Buffer types the hit path of ``write`` takes as they are (others go through memoryview).
+_FAST_BUFFERS = (bytes, bytearray)
+
 
 class VMObject:
     """A region of virtual memory of ``size`` bytes (a multiple of the page size)."""
 
     def __init__(self, vm: VM, oid: int, npages: int, kind: str) -> None:
         self._vm = vm
+        # The hit paths of read and write use these without going through the VM.
+        self._lock = vm._lock
+        self._arena = vm.frames.arena
+        self._page_shift = vm._page_shift
+        self._page_mask = vm._page_mask
         self.oid = oid
         self.npages = npages
         self.kind = kind
@@ -87,6 +95,19 @@ class VMObject:
         Raises ``ValueError`` for a range outside the object and
         ``DeviceError`` when a page's only copy cannot be read.
         """
+        if type(offset) is int and type(length) is int and offset >= 0 and length >= 0:
+            # Hit path: a part of one resident, idle page, without a call into the VM.
+            off = offset & self._page_mask
+            if off + length <= self._page_mask + 1:
+                with self._lock:
+                    page = self.pages.get(offset >> self._page_shift)
+                    if page is not None and not page.busy:
+                        page.referenced = True
+                        if page.prefetched:
+                            page.prefetched = False
+                            self._vm.counters.readaround_hits += 1
+                        start = (page.frame << self._page_shift) + off
+                        return self._arena[start : start + length]
         if self.closed:
             raise ObjectClosed(f"VM object {self.oid} is closed")
         return self._vm._read(self, offset, length)
@@ -106,6 +127,28 @@ class VMObject:
         Raises ``SwapExhausted`` when neither memory nor swap can take the
         new data (what was written before stays readable).
         """
+        if type(offset) is int and offset >= 0 and type(data) in _FAST_BUFFERS:
+            # Hit path: inside one resident, idle page (what hold_page does for it).
+            length = len(data)
+            off = offset & self._page_mask
+            if off + length <= self._page_mask + 1:
+                with self._lock:
+                    page = self.pages.get(offset >> self._page_shift)
+                    if page is not None and not (page.busy or page.writing):
+                        vm = self._vm
+                        if not page.dirty:
+                            if vm.frames.free_nframes <= vm._read_reserve:
+                                page = None  # the frames kept for page-ins: the slow path
+                            else:
+                                vm._make_dirty(self, page)  # its swap copy is stale now
+                        if page is not None:
+                            page.referenced = True
+                            if page.prefetched:
+                                page.prefetched = False
+                                vm.counters.readaround_hits += 1
+                            start = (page.frame << self._page_shift) + off
+                            self._arena[start : start + length] = data
+                            return length
         if isinstance(cast(object, data), str):
             raise TypeError("data must be bytes-like, not str")
         view = memoryview(data).cast("B")

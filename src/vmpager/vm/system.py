@@ -91,6 +91,9 @@ class VM:
             raise ValueError(f"layout must be 'per_device' or 'stripe', got {layout!r}")
         self.config = config if config is not None else VMConfig()
         self.page_size = page_size
+        #: offset >> page_shift is the page index, offset & page_mask the offset in it.
+        self._page_shift = page_size.bit_length() - 1
+        self._page_mask = page_size - 1
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self.frames = FramePool(memory_bytes // page_size, page_size)
@@ -367,7 +370,7 @@ class VM:
                     page.referenced = True
                     self.counters.hits += 1
                 start = page.frame * ps + off
-                return self.frames.view[start : start + length].tobytes()
+                return self.frames.arena[start : start + length]
         out = bytearray(length)
         self._readinto(obj, offset, memoryview(out))
         return bytes(out)
