@@ -22,6 +22,10 @@ class IOKind(enum.Enum):
     WRITE_SYNC = "write_sync"
     WRITE_ASYNC = "write_async"
 
+    # Members are singletons: identity hashing spares every dict look-up keyed
+    # by a kind (the in-flight counts, once per I/O) a call into Python code.
+    __hash__ = object.__hash__
+
 
 @dataclass(slots=True, eq=False)
 class IORequest:

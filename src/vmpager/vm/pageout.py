@@ -225,8 +225,7 @@ class PageDaemon:
     def _run(self) -> None:
         vm = self._vm
         self.ident = threading.get_ident()
-        cond = vm._cond
-        with cond:
+        with vm._daemon_cond:
             while not self._stop:
                 if not vm._daemon_needed():
                     self._sleep(None)
@@ -241,10 +240,10 @@ class PageDaemon:
                     self._sleep(None)
 
     def _sleep(self, timeout: float | None) -> None:
-        """Wait on the VM condition, with ``sleeping`` set so waiters know to wake us."""
+        """Wait on the daemon's own condition (``VM._wake_daemon`` wakes it), ``sleeping`` set."""
         self.sleeping = True
         try:
-            self._vm._cond.wait(timeout)
+            self._vm._daemon_cond.wait(timeout)
         finally:
             self.sleeping = False
 
@@ -254,6 +253,6 @@ class PageDaemon:
             return
         with self._vm._cond:
             self._stop = True
-            self._vm._cond.notify_all()
+            self._vm._daemon_cond.notify_all()
         thread.join()
         self._thread = None

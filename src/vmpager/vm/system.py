@@ -34,6 +34,7 @@ from vmpager.pager.vnode import VnodePager
 from vmpager.swap.space import SwapDeviceStatistics, SwapSpace
 from vmpager.units import check_int, parse_size
 from vmpager.vm import shadow
+from vmpager.vm.condition import VMCondition
 from vmpager.vm.config import VMConfig
 from vmpager.vm.fault import hold_page
 from vmpager.vm.frames import FramePool
@@ -95,7 +96,10 @@ class VM:
         self._page_shift = page_size.bit_length() - 1
         self._page_mask = page_size - 1
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = VMCondition(self._lock)
+        #: The page daemon sleeps on its own condition (same lock), so that the
+        #: wake-ups of page and frame waiters do not wake it for nothing.
+        self._daemon_cond = threading.Condition(self._lock)
         self.frames = FramePool(memory_bytes // page_size, page_size)
         self.queues = PageQueues()
         self.counters = Counters()
@@ -567,8 +571,12 @@ class VM:
             return None
         frame = frames.alloc()
         if frames.free_nframes < self.free_min_nframes:
-            self._cond.notify_all()  # wake the page daemon
+            self._wake_daemon()
         return frame
+
+    def _wake_daemon(self) -> None:
+        """Tell the page daemon thread to look at memory again (lock held)."""
+        self._daemon_cond.notify()
 
     def _alloc_frame_for_readaround(self) -> int | None:
         if self.frames.free_nframes <= self.free_min_nframes:
@@ -599,10 +607,9 @@ class VM:
             return
         self._frame_waiters += 1
         try:
-            # Only the first waiter, or any waiter finding the daemon asleep,
-            # wakes it: every waiter notifying would wake all the others too.
-            if self._frame_waiters == 1 or self.daemon.sleeping:
-                self._cond.notify_all()
+            # The daemon sleeps on its own condition: this wakes it alone, not
+            # the other waiters.
+            self._wake_daemon()
             self._cond.wait(1.0)
         finally:
             self._frame_waiters -= 1
@@ -643,6 +650,8 @@ class VM:
         if self._stuck != stuck:
             self._stuck = stuck
             self._cond.notify_all()
+            if not stuck:
+                self._wake_daemon()
 
     def _free_page(self, page: Page) -> None:
         """Forget a resident page and free its frame (its data must be elsewhere)."""
