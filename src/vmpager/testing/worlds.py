@@ -28,8 +28,9 @@ def small_vm(
     """A VM of ``nframes`` frames over RAM swap devices; returns (vm, devices).
 
     The page daemon thread is off unless ``daemon_thread=True`` is passed, so
-    paging happens deterministically in the faulting thread. With ``faulty``
-    every device is wrapped in a ``FaultyDevice`` (no faults until told).
+    paging happens deterministically in the faulting thread; read-around
+    follows the seed (``sequential_readahead`` off) unless asked. With
+    ``faulty`` every device is wrapped in a ``FaultyDevice`` (no faults until told).
     """
     sizes = [swap_nblocks] if isinstance(swap_nblocks, int) else swap_nblocks
     devices: list[Any] = []
@@ -38,7 +39,14 @@ def small_vm(
         if faulty:
             dev = FaultyDevice(dev, seed=i)
         devices.append(dev)
-    base = replace(VMConfig(), daemon_thread=False, cluster_max_npages=4, readaround_npages=2)
+    # The seed's policies unless a test asks for the throughput ones.
+    base = replace(
+        VMConfig(),
+        daemon_thread=False,
+        cluster_max_npages=4,
+        readaround_npages=2,
+        sequential_readahead=False,
+    )
     cfg = replace(base, **config)
     vm = VM(memory=nframes * PAGE, swap=devices, config=cfg, engine=engine, layout=layout)
     return vm, devices

@@ -34,8 +34,17 @@ class VMConfig:
 
     #: Largest pageout cluster, in pages (MAX_PAGEOUT_CLUSTER / nsw_cluster_max).
     cluster_max_npages: int = 16
-    #: Read-around window on each side of a faulting page (SWB_NPAGES / 2).
+    #: Read-around window on each side of a faulting page (SWB_NPAGES / 2). For
+    #: anonymous memory it is the first read-ahead window of a sequential stream.
     readaround_npages: int = 8
+    #: Anonymous memory reads ahead only for sequential faults (the window
+    #: grows to ``readahead_max_npages``; random faults read their page alone)
+    #: and a stream at full speed gives up the pages it left behind. False: the
+    #: seed's fixed read-around of ``readaround_npages`` on each side.
+    sequential_readahead: bool = True
+    #: Largest read-ahead window of a sequential stream of faults on anonymous
+    #: memory (VM_FAULT_READ_AHEAD_MAX).
+    readahead_max_npages: int = 128
     #: Asynchronous swap writes in flight at once (swap_async_max).
     swap_async_max: int = 4
     #: Swap buffer headers (nswbuf); reads get half, sync writes a quarter.

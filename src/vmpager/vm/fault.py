@@ -132,6 +132,9 @@ def _zero_or_blank(vm: VM, obj: VMObject, pindex: int, *, write: bool, zero: boo
     page = _new_page(vm, obj, pindex, for_read=not write)
     if page is None:
         return None
+    if obj.kind == "anonymous" and vm.config.sequential_readahead:
+        vm._fault_stream(obj, pindex)  # a stream of new pages leaves its past behind too
+        vm._fault_done(obj, pindex, 1)
     if zero:
         vm.frames.zero(page.frame)
         vm.counters.zero_fills += 1
@@ -196,6 +199,8 @@ def _page_in(vm: VM, obj: VMObject, pindex: int, *, for_read: bool = True) -> Pa
                 vm._free_page(extra)
         raise
     if result is PagerResult.OK:
+        if obj.kind == "anonymous" and vm.config.sequential_readahead:
+            vm._fault_done(obj, run_pages[0].pindex, len(run_pages))
         page.dirty = False
         _finish_new(vm, page)
         vm._cond.notify_all()
@@ -218,8 +223,15 @@ def _gather_readaround(
     waiting. Returns the index of the requested page in the run.
     """
     page = run_pages[0]
-    window = vm._readaround_npages(obj, pindex)
-    run = pager.page_run(obj, pindex, window, window)
+    if obj.kind == "anonymous" and vm.config.sequential_readahead:
+        # Sequential faults read ahead, random ones read their page alone:
+        # read-around there would mostly bring pages nobody uses.
+        behind, ahead = 0, vm._fault_stream(obj, pindex)
+    else:
+        behind = ahead = vm._readaround_npages(obj, pindex)
+    if not (behind or ahead):
+        return 0
+    run = pager.page_run(obj, pindex, behind, ahead)
     if run is None:  # cannot happen while the lock is held since has_page
         raise AssertionError(f"page {obj.oid}:{pindex} vanished from its pager")
     before, after = run

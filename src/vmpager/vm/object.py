@@ -57,6 +57,10 @@ class VMObject:
         self.reserve_state: bytearray | None = None
         #: Page ranges [start, end) of strategy requests in flight: faults wait.
         self.strategy_ranges: list[tuple[int, int]] = []
+        #: Sequential fault detection (vm_map_entry next_read / read_ahead): the
+        #: page after the last one paged in, and the current read-ahead window.
+        self.readahead_next = 0
+        self.readahead_npages = 0
         self.closed = False
 
     # -- properties -----------------------------------------------------------

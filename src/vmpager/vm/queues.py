@@ -73,6 +73,17 @@ class PageQueues:
         self.inactive[page] = None
         page.queue = QUEUE_INACTIVE
 
+    def deactivate_noreuse(self, page: Page) -> None:
+        """Put ``page`` at the head of the inactive queue: the next the daemon looks at. O(1).
+
+        For pages the program is done with (vm_page_deactivate_noreuse).
+        """
+        if page.queue != QUEUE_INACTIVE:
+            self.remove(page)
+            self.inactive[page] = None
+            page.queue = QUEUE_INACTIVE
+        self.inactive.move_to_end(page, last=False)
+
     def wire(self, page: Page) -> None:
         self.remove(page)
         self.wired.add(page)

@@ -39,7 +39,7 @@ from vmpager.vm.config import VMConfig
 from vmpager.vm.fault import hold_page
 from vmpager.vm.frames import FramePool
 from vmpager.vm.object import VMObject
-from vmpager.vm.page import QUEUE_NONE, Page
+from vmpager.vm.page import QUEUE_NONE, QUEUE_WIRED, Page
 from vmpager.vm.pageout import PageDaemon
 from vmpager.vm.queues import PageQueues
 from vmpager.vm.stats import Counters, VMStatistics
@@ -109,6 +109,9 @@ class VM:
         free_min = cfg.free_min_nframes
         if free_min is None:
             free_min = max(1, nframes // 128)
+            if cfg.sequential_readahead:
+                # Room for a whole read-ahead when the daemon is woken.
+                free_min = max(free_min, min(cfg.readahead_max_npages, nframes // 64))
         free_target = cfg.free_target_nframes
         if free_target is None:
             free_target = max(free_min + 1, 2 * free_min, cfg.cluster_max_npages)
@@ -579,14 +582,74 @@ class VM:
         self._daemon_cond.notify()
 
     def _alloc_frame_for_readaround(self) -> int | None:
-        if self.frames.free_nframes <= self.free_min_nframes:
+        """A frame for a read-around page, or None: never waits, never takes the reserve.
+
+        With ``sequential_readahead`` only sequential streams read ahead, and
+        what they read is about to be used: they may take frames down to half
+        the daemon's minimum (waking it below the minimum, as any allocation).
+        Otherwise read-around stops at the minimum.
+        """
+        frames = self.frames
+        if not self.config.sequential_readahead:
+            return frames.alloc() if frames.free_nframes > self.free_min_nframes else None
+        if frames.free_nframes <= max(self._read_reserve, self.free_min_nframes // 2):
             return None
-        return self.frames.alloc()
+        frame = frames.alloc()
+        if frames.free_nframes < self.free_min_nframes:
+            self._wake_daemon()
+        return frame
 
     def _readaround_npages(self, obj: VMObject, pindex: int) -> int:
         if obj.kind == "vnode":  # files: sequential read-ahead ramps up
             return self.vnode_pager.readahead_npages(obj, pindex, self.config.readaround_npages)
         return self.config.readaround_npages
+
+    def _fault_stream(self, obj: VMObject, pindex: int) -> int:
+        """Sequential fault detection on anonymous memory; the read-ahead window. Lock held.
+
+        A fault at the page after the last one faulted in continues a
+        sequential stream: the window doubles from ``readaround_npages`` up
+        to ``readahead_max_npages``. Any other fault is random: window 0.
+        """
+        if pindex == obj.readahead_next:
+            cfg = self.config
+            ahead = min(
+                max(cfg.readaround_npages, 2 * obj.readahead_npages), cfg.readahead_max_npages
+            )
+        else:
+            ahead = 0
+        obj.readahead_npages = ahead
+        return ahead
+
+    def _fault_done(self, obj: VMObject, first: int, npages: int) -> None:
+        """Pages ``[first, first + npages)`` of anonymous ``obj`` were faulted in. Lock held.
+
+        Records where the stream would fault next. A stream at full speed
+        also gives up what it left behind (vm_fault_dontneed): as many pages
+        as came in, a whole window behind the fault, go to the head of the
+        inactive queue with their references cleared, so the page daemon
+        takes them before anything else. A program streaming through more
+        than memory then keeps what it had before instead of cycling it out
+        (the most-recently-used page goes first, which is what a cyclic
+        scan wants).
+        """
+        obj.readahead_next = first + npages
+        window = obj.readahead_npages
+        if window < self.config.readahead_max_npages or window <= 0:
+            return
+        end = first - window
+        start = max(end - npages, 0)
+        if end <= start:
+            return
+        pages = obj.pages
+        noreuse = self.queues.deactivate_noreuse
+        # Highest first: each goes to the head, so the head ends in ascending order
+        # and the daemon writes the pages out in object order.
+        for pindex in range(end - 1, start - 1, -1):
+            page = pages.get(pindex)
+            if page is not None and not (page.busy or page.writing) and page.queue != QUEUE_WIRED:
+                page.referenced = False
+                noreuse(page)
 
     def _wait_for_frame(self, *, for_read: bool) -> None:
         """Make room or wait for it; raises SwapExhausted when nothing can be freed."""
