@@ -206,13 +206,7 @@ class SwapPager:
                 got = self.space.alloc(n, min_count=_halving_floor(n))
             if got is None:
                 # No run even at the smallest size: these pages stay dirty.
-                for page in pages[i : i + n]:
-                    page.writing = False
-                    vm.queues.activate(page)
-                    if page.wanted:
-                        page.wanted = False
-                vm.counters.pageout_fail_pages += n
-                vm._cond.notify_all()
+                self._refuse(pages[i : i + n])
                 i += n
                 continue
             blk, n = got
@@ -221,33 +215,85 @@ class SwapPager:
             for j, page in enumerate(chunk):
                 if self.meta.lookup(oid, page.pindex) != blk + j:
                     self.meta.build(oid, page.pindex, blk + j)
-            kind = IOKind.WRITE_SYNC if sync else IOKind.WRITE_ASYNC
-            request = IORequest(
-                kind,
-                blk,
-                [vm.frames.frame_view(p.frame) for p in chunk],
-                chunk,
-                self._write_done,
-            )
-            vm.counters.pageouts += 1
-            vm.counters.pageout_pages += n
-            vm.counters.note_cluster(n)
-            if sync:
-                vm.inflight.acquire(kind)
-                token = vm.pagermap.map_in(n, daemon=vm._in_daemon())
-                try:
-                    vm._perform_unlocked(request)
-                finally:
-                    vm.pagermap.map_out(token)
-                    vm.inflight.release(kind)
-                chunk_results = self._finish_write(request)
-                results[i : i + n] = chunk_results
-            else:
-                vm.inflight.acquire(kind)  # waits while swap_async_max writes are out
-                vm.engine.submit(request)
-                results[i : i + n] = [PagerResult.PEND] * n
+            results[i : i + n] = self._start_write(chunk, blk, sync=sync)
             i += n
         return results
+
+    def put_batch(self, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
+        """Write dirty pages of any anonymous objects together, in runs of contiguous blocks.
+
+        The page daemon's clustering by pageout order (rather than by object
+        neighbourhood, as ``put_pages``): however scattered the pages are in
+        their objects, each run of up to ``cluster_max_npages`` goes to one
+        run of swap blocks in one write, in the order given: pages handed in
+        the order of their objects land in block order, so read-around still
+        finds them together. Each page must be dirty, marked
+        ``writing``, idle, and belong to a swap-paged object without a swap
+        reservation (those write in place: ``put_pages``). Results per page
+        as ``put_pages``: PEND (asynchronous, the daemon only), OK, or FAIL
+        (no swap: the page stays dirty and is reactivated). Lock held; a
+        synchronous write releases it during the transfer.
+        """
+        vm = self._vm
+        if not vm._in_daemon():
+            sync = True
+        results = [PagerResult.FAIL] * len(pages)
+        cluster_max = vm.config.cluster_max_npages
+        meta = self.meta
+        i = 0
+        count = len(pages)
+        while i < count:
+            n = min(count - i, cluster_max)
+            got = self.space.alloc(n, min_count=_halving_floor(n))
+            if got is None:
+                self._refuse(pages[i : i + n])
+                i += n
+                continue
+            blk, n = got
+            chunk = list(pages[i : i + n])
+            for j, page in enumerate(chunk):
+                obj = page.obj
+                obj.swap_backed = True
+                meta.build(obj.oid, page.pindex, blk + j)
+            results[i : i + n] = self._start_write(chunk, blk, sync=sync)
+            i += n
+        return results
+
+    def _refuse(self, pages: Sequence[Page]) -> None:
+        """No swap for ``pages``: they stay dirty and go back to the active queue."""
+        vm = self._vm
+        for page in pages:
+            page.writing = False
+            vm.queues.activate(page)
+            if page.wanted:
+                page.wanted = False
+        vm.counters.pageout_fail_pages += len(pages)
+        vm._cond.notify_all()
+
+    def _start_write(self, chunk: list[Page], blk: int, *, sync: bool) -> list[PagerResult]:
+        """Write ``chunk`` (blocks assigned from ``blk`` on) now or through the engine."""
+        vm = self._vm
+        n = len(chunk)
+        kind = IOKind.WRITE_SYNC if sync else IOKind.WRITE_ASYNC
+        frame_view = vm.frames.frame_view
+        request = IORequest(
+            kind, blk, [frame_view(p.frame) for p in chunk], chunk, self._write_done
+        )
+        vm.counters.pageouts += 1
+        vm.counters.pageout_pages += n
+        vm.counters.note_cluster(n)
+        if not sync:
+            vm.inflight.acquire(kind)  # waits while swap_async_max writes are out
+            vm.engine.submit(request)
+            return [PagerResult.PEND] * n
+        vm.inflight.acquire(kind)
+        token = vm.pagermap.map_in(n, daemon=vm._in_daemon())
+        try:
+            vm._perform_unlocked(request)
+        finally:
+            vm.pagermap.map_out(token)
+            vm.inflight.release(kind)
+        return self._finish_write(request)
 
     def _write_done(self, request: IORequest) -> None:
         """Completion of an asynchronous write (engine -> VM, lock held)."""

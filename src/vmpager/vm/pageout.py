@@ -32,6 +32,7 @@ from vmpager.pager.put import pager_put
 from vmpager.vm.queues import ACT_ADVANCE, ACT_DECLINE, ACT_MAX
 
 if TYPE_CHECKING:
+    from vmpager.vm.page import Page
     from vmpager.vm.system import VM
 
 __all__ = ["WRITE_ERROR_PASSES", "PageDaemon", "ScanResult"]
@@ -70,6 +71,10 @@ class ScanResult:
         return bool(self.deactivated or self.aged) and not self.launder_failures
 
 
+def _object_order(page: Page) -> tuple[int, int]:
+    return page.obj.oid, page.pindex
+
+
 class PageDaemon:
     """Pageout policy and its thread; every method runs with the VM lock held."""
 
@@ -95,8 +100,13 @@ class PageDaemon:
         result = ScanResult()
         max_npages = vm.config.cluster_max_npages
 
+        # Dirty pages of anonymous objects, written together in pageout order.
+        batch: list[Page] = []
+        swap_pager = vm.swap_pager if vm.config.pageout_batching else None
+
         def short() -> bool:
-            return frames.free_nframes + self._pending_npages(asynchronous) < target_free
+            pending = self._pending_npages(asynchronous) + len(batch)
+            return frames.free_nframes + pending < target_free
 
         budget = len(inactive)
         while budget > 0 and inactive and short():
@@ -115,12 +125,20 @@ class PageDaemon:
                 vm._free_page(page)
                 result.freed += 1
                 continue
-            pager = vm._pager_for(page.obj)
+            obj = page.obj
+            pager = vm._pager_for(obj)
             if pager is None:
                 queues.activate(page)
                 continue
             inactive.move_to_end(page)
-            outcome = pager_put(pager, page.obj, page, sync=not asynchronous, max_npages=max_npages)
+            if pager is swap_pager and obj.reserve_state is None:
+                page.writing = True
+                batch.append(page)
+                if len(batch) >= max_npages:
+                    self._launder_batch(batch, asynchronous, result)
+                    batch = []
+                continue
+            outcome = pager_put(pager, obj, page, sync=not asynchronous, max_npages=max_npages)
             if outcome.result is PagerResult.PEND:
                 result.laundered_pages += outcome.cluster_npages
             elif outcome.result is PagerResult.OK:
@@ -131,8 +149,26 @@ class PageDaemon:
                 result.launder_failures += 1
                 if outcome.result in (PagerResult.AGAIN, PagerResult.ERROR):
                     result.write_errors += 1
+        if batch:
+            self._launder_batch(batch, asynchronous, result)
         self._age_active(result)
         return result
+
+    def _launder_batch(self, batch: list[Page], asynchronous: bool, result: ScanResult) -> None:
+        """Write ``batch`` (dirty pages marked writing) through the swap pager's batch put."""
+        vm = self._vm
+        # Object order: neighbours in an object become neighbours on swap.
+        batch.sort(key=_object_order)
+        results = vm.swap_pager.put_batch(batch, sync=not asynchronous)
+        for page, outcome in zip(batch, results, strict=True):
+            if outcome is PagerResult.PEND:
+                result.laundered_pages += 1
+            elif outcome is PagerResult.OK:
+                result.laundered_pages += 1
+                if vm._free_if_clean(page):
+                    result.freed += 1
+            else:
+                result.launder_failures += 1
 
     def _age_active(self, result: ScanResult) -> None:
         vm = self._vm

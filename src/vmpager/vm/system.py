@@ -115,6 +115,10 @@ class VM:
         free_target = cfg.free_target_nframes
         if free_target is None:
             free_target = max(free_min + 1, 2 * free_min, cfg.cluster_max_npages)
+            if cfg.pageout_batching:
+                # Enough above the minimum to keep every asynchronous write slot busy.
+                batches = free_min + cfg.cluster_max_npages * cfg.swap_async_max
+                free_target = max(free_target, min(batches, nframes // 8))
         free_target = min(free_target, nframes // 2)
         free_min = min(free_min, max(free_target - 1, 1))
         self.free_min_nframes = free_min + self._read_reserve
