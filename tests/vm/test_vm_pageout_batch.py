@@ -1,9 +1,11 @@
-"""Pageout in batches (``pageout_batching``).
+"""Pageout in batches (``pageout_batching``) and batched swap frees.
 
 With ``pageout_batching`` the page daemon collects the dirty pages of
 anonymous objects it meets on the inactive queue, whatever their objects and
 offsets, and writes each batch of up to ``cluster_max_npages`` to one run of
-swap blocks, in (object, page) order.
+swap blocks, in (object, page) order. With ``swap_free_batch_nblocks`` > 1
+the blocks of pages made dirty go back to the swap space in sorted batches,
+and before anything allocates swap or reports its use.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 
 from vmpager import SwapExhausted
 from vmpager.io.engine import HeldEngine
+from vmpager.swap.meta import SWAPBLK_NONE
 from vmpager.testing.worlds import PAGE, small_vm
 from vmpager.vm.object import VMObject
 from vmpager.vm.system import VM
@@ -147,4 +150,47 @@ def test_reserved_objects_are_written_in_place_not_batched() -> None:
         assert blocks(vm, obj) == reserved
         for p in range(4):
             assert obj.read(p * PAGE, PAGE) == page_bytes(p)
+        vm.check()
+
+
+def test_blocks_of_dirtied_pages_are_freed_in_batches() -> None:
+    vm, _ = small_vm(nframes=32, swap_nblocks=64, swap_free_batch_nblocks=8)
+    with vm:
+        obj = vm.allocate(16 * PAGE)
+        for p in range(16):
+            obj.write(p * PAGE, page_bytes(p))
+        vm.pageout()
+        used = vm.space.statistics().used
+        assert used == 16
+        for p in range(5):  # paged in, then made dirty: the copies are stale
+            obj.write(p * PAGE, page_bytes(20 + p))
+            assert vm.swap_pager.meta.lookup(obj.oid, p) == SWAPBLK_NONE
+        assert vm.space.statistics().used == used  # not given back yet
+        vm.check()  # ...but the check gives them back first
+        assert vm.space.statistics().used == used - 5
+        for p in range(5, 13):  # eight more: a full batch goes back at once
+            obj.write(p * PAGE, page_bytes(20 + p))
+        assert vm.space.statistics().used == used - 13
+        assert vm.statistics().swap_used_blocks == 16 - 13
+        for p in range(16):
+            want = page_bytes(20 + p) if p < 13 else page_bytes(p)
+            assert obj.read(p * PAGE, PAGE) == want
+        vm.check()
+
+
+def test_stale_blocks_go_back_before_swap_is_allocated() -> None:
+    vm, _ = small_vm(nframes=8, swap_nblocks=12, swap_free_batch_nblocks=64)
+    with vm:
+        obj = vm.allocate(12 * PAGE)
+        for p in range(12):
+            obj.write(p * PAGE, page_bytes(p))
+        vm.pageout()
+        # Rewrite everything twice: without the flush before allocating, the
+        # stale blocks would fill the 12-block swap.
+        for rnd in range(2):
+            for p in range(12):
+                obj.write(p * PAGE, page_bytes(100 * rnd + p))
+            vm.pageout()
+        for p in range(12):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(100 + p)
         vm.check()

@@ -69,12 +69,43 @@ class SwapPager:
         self.space = space
         self.meta = SwapMeta(self._free_blocks)
         self._policy = vm.config.write_error_policy
+        #: Blocks whose copies went stale when their pages were made dirty, not
+        #: yet given back to the swap space (``flush_stale``).
+        self._stale: list[int] = []
+        self._stale_batch = max(vm.config.swap_free_batch_nblocks, 1)
 
     # -- block bookkeeping ------------------------------------------------
 
     def _free_blocks(self, blk: int, nblocks: int) -> None:
         self.space.free(blk, nblocks)
         self._vm._swap_freed()
+
+    def flush_stale(self) -> int:
+        """Give the blocks of pages made dirty back to the swap space now; returns how many.
+
+        ``unswapped`` only collects them: freeing a block costs a few
+        microseconds, and a sequential stream dirties neighbours whose blocks
+        are neighbours too, so freeing them sorted, as runs, costs one call
+        per run. Collected blocks belong to nobody but are not free yet; they
+        are given back before any allocation of this pager and whenever the
+        VM reports or checks swap use (the caller holds the VM lock).
+        """
+        stale = self._stale
+        if not stale:
+            return 0
+        stale.sort()
+        count = len(stale)
+        free = self.space.free
+        start = prev = stale[0]
+        for blk in stale:
+            if blk > prev + 1:
+                free(start, prev - start + 1)
+                start = blk
+            prev = blk
+        free(start, prev - start + 1)
+        stale.clear()
+        self._vm._swap_freed()
+        return count
 
     def marks_bad(self, err: DeviceError) -> bool:
         """Whether the write-error policy marks the blocks of a write failed with ``err`` bad."""
@@ -185,6 +216,7 @@ class SwapPager:
         if not vm._in_daemon():
             sync = True  # only the page daemon writes asynchronously
         obj.swap_backed = True
+        self.flush_stale()
         results = [PagerResult.FAIL] * len(pages)
         cluster_max = vm.config.cluster_max_npages
         i = 0
@@ -237,6 +269,7 @@ class SwapPager:
         vm = self._vm
         if not vm._in_daemon():
             sync = True
+        self.flush_stale()
         results = [PagerResult.FAIL] * len(pages)
         cluster_max = vm.config.cluster_max_npages
         meta = self.meta
@@ -358,7 +391,12 @@ class SwapPager:
             # The copy is stale but the block stays reserved for the next pageout.
             state[pindex] = RESERVED_UNWRITTEN
             return
-        self.meta.free(obj.oid, pindex)
+        blk = self.meta.pop(obj.oid, pindex)
+        if blk != SWAPBLK_NONE:
+            stale = self._stale
+            stale.append(blk)
+            if len(stale) >= self._stale_batch:
+                self.flush_stale()
 
     def release_block(self, obj: VMObject, pindex: int) -> None:
         """Free the page's block even if it is reserved (swapoff moving it away)."""
@@ -371,10 +409,12 @@ class SwapPager:
             self.meta.free_range(obj.oid, start, npages)
             if obj.reserve_state is not None:
                 obj.reserve_state[start : start + npages] = bytes(npages)
+            self.flush_stale()
 
     def dealloc(self, obj: VMObject) -> None:
         if obj.swap_backed:
             self.meta.free_all(obj.oid)
+            self.flush_stale()
         obj.reserve_state = None
 
     # -- reservation (swap_pager_reserve) ------------------------------------------
@@ -411,6 +451,7 @@ class SwapPager:
         lack of swap, and a page made dirty keeps its block. ``discard``
         and ``close`` release the reservation.
         """
+        self.flush_stale()
         oid = obj.oid
         existing = self.meta.lookup_range(oid, start, npages).tolist()
         if obj.reserve_state is None:

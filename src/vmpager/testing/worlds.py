@@ -28,10 +28,10 @@ def small_vm(
     """A VM of ``nframes`` frames over RAM swap devices; returns (vm, devices).
 
     The page daemon thread is off unless ``daemon_thread=True`` is passed, so
-    paging happens deterministically in the faulting thread; read-around and
-    pageout clusters follow the seed (``sequential_readahead`` and
-    ``pageout_batching`` off) unless asked. With ``faulty`` every device is
-    wrapped in a ``FaultyDevice`` (no faults until told).
+    paging happens deterministically in the faulting thread; read-around,
+    pageout clusters and swap frees follow the seed (``sequential_readahead``
+    and ``pageout_batching`` off, ``swap_free_batch_nblocks=1``) unless asked.
+    With ``faulty`` every device is wrapped in a ``FaultyDevice`` (no faults until told).
     """
     sizes = [swap_nblocks] if isinstance(swap_nblocks, int) else swap_nblocks
     devices: list[Any] = []
@@ -48,6 +48,7 @@ def small_vm(
         readaround_npages=2,
         sequential_readahead=False,
         pageout_batching=False,
+        swap_free_batch_nblocks=1,
     )
     cfg = replace(base, **config)
     vm = VM(memory=nframes * PAGE, swap=devices, config=cfg, engine=engine, layout=layout)

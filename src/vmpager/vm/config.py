@@ -52,6 +52,11 @@ class VMConfig:
     #: and offsets they have. False: the seed's clusters of neighbours in one
     #: object only.
     pageout_batching: bool = True
+    #: The swap blocks of pages made dirty (their copies went stale) are given
+    #: back to the swap space in sorted batches of this many, one free per run
+    #: of neighbours, and before any allocation or report of swap use; 1 gives
+    #: each back at once, as the seed does.
+    swap_free_batch_nblocks: int = 256
     #: Asynchronous swap writes in flight at once (swap_async_max).
     swap_async_max: int = 4
     #: Swap buffer headers (nswbuf); reads get half, sync writes a quarter.

@@ -233,6 +233,7 @@ class VM:
             self._check_vm_open()
             index = self._device_index(device)
             space = self.space
+            self.swap_pager.flush_stale()
             before = space.statistics()
             dev_stats = next(d for d in before.devices if d.index == index)
             space.swapoff_begin(index)
@@ -262,6 +263,7 @@ class VM:
         """Move every page whose swap copy is on device ``index`` (lock held)."""
         meta = self.swap_pager.meta
         while True:
+            self.swap_pager.flush_stale()
             in_use = set(self.space.blocks_in_use(index).tolist())
             if not in_use:
                 return
@@ -297,6 +299,7 @@ class VM:
     def swapinfo(self) -> tuple[SwapDeviceStatistics, ...]:
         """Use of every swap device, in blocks of ``page_size`` bytes (swapctl -l)."""
         with self._cond:
+            self.swap_pager.flush_stale()
             return self.space.statistics().devices
 
     # -- objects ----------------------------------------------------------------
@@ -511,6 +514,7 @@ class VM:
             else:
                 obj.discard(offset, length)
             return
+        self.swap_pager.flush_stale()  # strategy allocates swap itself
         strategy.strategy(self, obj, op, offset, buffer, length)
 
     def _reserve(self, obj: VMObject, offset: int, length: int) -> None:
@@ -701,6 +705,7 @@ class VM:
         self._exhausted()
 
     def _exhausted(self) -> None:
+        self.swap_pager.flush_stale()
         self.counters.swap_exhausted += 1
         stats = self.space.statistics()
         raise SwapExhausted(
@@ -870,6 +875,7 @@ class VM:
 
     def statistics(self) -> VMStatistics:
         with self._cond:
+            self.swap_pager.flush_stale()
             c = self.counters
             s = self.space.statistics()
             q = self.queues
@@ -920,6 +926,7 @@ class VM:
             raise InvariantViolation(problems)
 
     def _check_locked(self) -> list[str]:
+        self.swap_pager.flush_stale()  # blocks of pages made dirty are free, not in limbo
         problems: list[str] = []
         problems += self.frames.check()
         problems += self.queues.check()
