@@ -192,6 +192,83 @@ class SwapPager:
             return PagerResult.ERROR
         return PagerResult.OK
 
+    def block_of(self, obj: VMObject, pindex: int) -> int:
+        """The block holding the data of ``(obj, pindex)``, or ``SWAPBLK_NONE``."""
+        blk = self.meta.lookup(obj.oid, pindex)
+        state = obj.reserve_state
+        if blk != SWAPBLK_NONE and state is not None and state[pindex] == RESERVED_UNWRITTEN:
+            return SWAPBLK_NONE
+        return blk
+
+    def read_runs(
+        self, obj: VMObject, runs: Sequence[tuple[int, list[Page]]]
+    ) -> DeviceError | None:
+        """Read several runs of ``obj``'s pages at once: the batched calls' page-in.
+
+        Each run is ``(blk, pages)``: consecutive busy, clean pages whose data
+        are the consecutive blocks from ``blk``, inside one ``run_limit``. Up to
+        ``batch_read_depth`` reads are in flight at once (as many read slots
+        as are free, at least one; a pager-map window for the largest runs
+        that can be in flight together), the VM lock released meanwhile. On
+        return every page of a run that was read is valid, clean, idle and
+        active; the pages of a run whose read failed are freed (their data
+        stays on swap) and the first such error is returned. Waiters are
+        notified.
+        """
+        vm = self._vm
+        inflight = vm.inflight
+        inflight.acquire(IOKind.READ)
+        slots = 1
+        while slots < min(vm.config.batch_read_depth, len(runs)) and inflight.try_acquire(
+            IOKind.READ
+        ):
+            slots += 1
+        window = sum(sorted((len(pages) for _, pages in runs), reverse=True)[:slots])
+        general = vm.pagermap.size_npages - vm.pagermap.reserve_npages
+        token = vm.pagermap.map_in(min(window, general), daemon=vm._in_daemon())
+        frames = vm.frames
+        view = frames.frame_view
+        requests = [
+            IORequest(IOKind.READ, blk, [view(p.frame) for p in pages], pages, self._read_done)
+            for blk, pages in runs
+        ]
+        vm._lock.release()
+        try:
+            vm.fanout.run(vm._perform, requests, width=slots)
+        except BaseException:
+            # Interrupted: nothing read here is trusted; the data is still on swap.
+            vm._lock.acquire()
+            for request in requests:
+                for page in request.pages:
+                    vm._free_page(page)
+            raise
+        else:
+            vm._lock.acquire()
+        finally:
+            vm.pagermap.map_out(token)
+            for _ in range(slots):
+                inflight.release(IOKind.READ)
+        first_error: DeviceError | None = None
+        counters = vm.counters
+        activate = vm.queues.activate
+        for request in requests:
+            counters.pageins += 1
+            counters.pagein_pages += len(request.pages)
+            err = request.error
+            if err is None:
+                for page in request.pages:
+                    page.busy = False
+                    activate(page)
+                continue
+            log.error("swap_pager: I/O error - pagein failed; %s", err)
+            counters.read_errors += 1
+            if first_error is None:
+                first_error = err
+            for page in request.pages:
+                vm._free_page(page)
+        vm._cond.notify_all()
+        return first_error
+
     def _read_done(self, request: IORequest) -> None:
         vm = self._vm
         err = request.error

@@ -78,3 +78,10 @@ class VMConfig:
     daemon_thread: bool = True
     #: Worker threads that perform asynchronous device I/O.
     io_workers: int = 2
+    #: Reads in flight at once when a batched call (``read_words``,
+    #: ``read_pages``...) pages many pages in; bounded by the read slots
+    #: (nswbuf / 2). A disk serves 16 reads in flight about 4x faster than one.
+    batch_read_depth: int = 16
+    #: Pages a batched call holds resident at once (it works in chunks of this
+    #: many distinct pages); at most a quarter of the frames is used.
+    batch_max_npages: int = 1024

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
 from vmpager.errors import ObjectClosed
 from vmpager.units import check_int
+from vmpager.vm import batch
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
@@ -22,6 +26,8 @@ if TYPE_CHECKING:
     from vmpager.vm.system import VM
 
 __all__ = ["VMObject"]
+
+Int64Array = NDArray[np.int64]
 
 #: Buffer types the hit path of ``write`` takes as they are (others go through memoryview).
 _FAST_BUFFERS = (bytes, bytearray)
@@ -159,6 +165,79 @@ class VMObject:
         offset, length = self._check_range(offset, view.nbytes)
         self._vm._write(self, offset, view)
         return length
+
+    # -- batched access (vm/batch.py) ------------------------------------------------
+
+    def _index_array(self, values: object, name: str, *, step: int, maximum: int) -> Int64Array:
+        """``values`` as a 1-D int64 array of multiples of ``step`` in [0, maximum]."""
+        if self.closed:
+            raise ObjectClosed(f"VM object {self.oid} is closed")
+        array = np.asarray(values)
+        if array.ndim == 1 and not len(array):
+            return np.empty(0, dtype=np.int64)  # [] is float64 to numpy
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise TypeError(
+                f"{name} must be a 1-D sequence of integers, got {array.ndim}-D {array.dtype}"
+            )
+        if array.dtype.kind == "u" and len(array) and int(array.max()) >= 1 << 63:
+            raise ValueError(f"{name} must be in [0, {maximum}], got {int(array.max())}")
+        array = array.astype(np.int64, copy=False)
+        if len(array):
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high > maximum:
+                bad = low if low < 0 else high
+                raise ValueError(f"{name} must be in [0, {maximum}], got {bad}")
+            if step > 1 and np.any(array & (step - 1)):
+                raise ValueError(f"{name} must be multiples of {step}")
+        return array
+
+    def read_words(self, offsets: ArrayLike) -> NDArray[np.uint64]:
+        """The 8-byte (native-endian) words at byte ``offsets``, in the order given.
+
+        Offsets are multiples of 8 in ``[0, size - 8]``. Missing pages are
+        paged in together, many reads in flight (see vm/batch.py); raises
+        ``DeviceError`` when a page's only copy cannot be read.
+        """
+        array = self._index_array(offsets, "offsets", step=8, maximum=self.size - 8)
+        return batch.read_words(self._vm, self, array)
+
+    def write_words(self, offsets: ArrayLike, values: ArrayLike) -> None:
+        """Store ``values[i]`` as the 8-byte word at ``offsets[i]``.
+
+        ``values``: integers in ``[0, 2**64)``, as many as offsets; an offset
+        given twice keeps its last value. Raises ``SwapExhausted`` as
+        ``write`` does; on an error some of the words may have been stored.
+        """
+        array = self._index_array(offsets, "offsets", step=8, maximum=self.size - 8)
+        words = np.asarray(values)
+        if words.shape == array.shape == (0,):
+            return
+        if words.shape != array.shape or words.dtype.kind not in "iu":
+            raise TypeError(
+                f"values must be {len(array)} integers, got shape {words.shape} of {words.dtype}"
+            )
+        if words.dtype.kind == "i" and len(words) and int(words.min()) < 0:
+            raise ValueError(f"values must be in [0, 2**64), got {int(words.min())}")
+        batch.write_words(self._vm, self, array, words.astype(np.uint64, copy=False))
+
+    def read_pages(self, pindices: ArrayLike) -> NDArray[np.uint8]:
+        """Copies of whole pages, one row of ``page_size`` bytes per page index given."""
+        array = self._index_array(pindices, "pindices", step=1, maximum=self.npages - 1)
+        return batch.read_pages(self._vm, self, array)
+
+    def write_pages(self, pindices: ArrayLike, data: ArrayLike) -> None:
+        """Replace whole pages: row ``i`` of ``data`` (``page_size`` bytes) becomes page
+        ``pindices[i]``; a page given twice keeps its last row. Old contents are not read."""
+        array = self._index_array(pindices, "pindices", step=1, maximum=self.npages - 1)
+        rows = np.asarray(data)
+        if rows.ndim == 2 and rows.dtype != np.uint8:
+            rows = np.ascontiguousarray(rows).view(np.uint8)
+        if rows.shape != (len(array), self.page_size) or rows.dtype != np.uint8:
+            raise TypeError(
+                f"data must be {len(array)} rows of {self.page_size} bytes, "
+                f"got shape {rows.shape} of {rows.dtype}"
+            )
+        batch.write_pages(self._vm, self, array, rows)
 
     def discard(self, offset: int, length: int) -> None:
         """Forget a range: it reads as zeros; whole pages give back frames and swap."""

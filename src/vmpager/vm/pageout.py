@@ -267,7 +267,7 @@ class PageDaemon:
                     self._sleep(None)
                     continue
                 self.wakeups += 1
-                ok = self.run_until(vm.free_target_nframes, asynchronous=True)
+                ok = self.run_until(vm._take_deficit(), asynchronous=True)
                 vm._set_stuck(not ok)
                 # Always give the lock up after a pass: the waiters need it.
                 if ok and vm.inflight.in_flight(IOKind.WRITE_ASYNC):

@@ -23,6 +23,7 @@ from vmpager.devices.file import FileDevice
 from vmpager.devices.protocol import BlockDevice
 from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted
 from vmpager.io.engine import IOEngine, ThreadedEngine
+from vmpager.io.fanout import Fanout
 from vmpager.io.inflight import InflightLimits
 from vmpager.io.request import IOKind, IORequest
 from vmpager.pager import strategy
@@ -142,6 +143,11 @@ class VM:
         self._next_oid = 1
         self._stuck = False
         self._frame_waiters = 0
+        #: Frames wanted beyond the target by batched calls that found too few free
+        #: (vm_pageout_deficit); the daemon adds it to its next pass's target.
+        self._deficit = 0
+        #: The free-frame count the daemon's current pass aims for.
+        self._pageout_target = self.free_target_nframes
         self._scan_owner: int | None = None
         self._read_error: DeviceError | None = None
         self._owned_devices: list[BlockDevice] = []
@@ -152,6 +158,10 @@ class VM:
             self._close_devices()
             self.frames.close()
             raise
+        #: Threads for the concurrent reads of batched calls (started on first use).
+        depth = check_int(cfg.batch_read_depth, "config.batch_read_depth", minimum=1, maximum=256)
+        self.fanout = Fanout(depth)
+        check_int(cfg.batch_max_npages, "config.batch_max_npages", minimum=1)
         self.engine: IOEngine = engine if engine is not None else ThreadedEngine(cfg.io_workers)
         self.engine.start(self._perform, self._complete)
         self.daemon = PageDaemon(self)
@@ -716,7 +726,24 @@ class VM:
     def _daemon_needed(self) -> bool:
         if self._stuck:
             return False
-        return self.frames.free_nframes < self.free_min_nframes or self._frame_waiters > 0
+        return (
+            self.frames.free_nframes < self.free_min_nframes
+            or self._frame_waiters > 0
+            or self._deficit > 0
+        )
+
+    def _add_deficit(self, nframes: int) -> None:
+        """A batched call wants ``nframes`` more than are free: the daemon's next pass
+        frees that many beyond its target (bounded by a quarter of memory). Lock held."""
+        self._deficit = min(self._deficit + nframes, self.frames.nframes // 4)
+        self._wake_daemon()
+
+    def _take_deficit(self) -> int:
+        """The daemon's target for a pass: the free target plus the deficit, now cleared."""
+        deficit, self._deficit = self._deficit, 0
+        ceiling = max(self.frames.nframes // 2, self.free_target_nframes)
+        self._pageout_target = min(self.free_target_nframes + deficit, ceiling)
+        return self._pageout_target
 
     def _set_stuck(self, stuck: bool) -> None:
         if self._stuck != stuck:
@@ -742,7 +769,7 @@ class VM:
 
     def _written_clean(self, pages: Iterable[Page]) -> None:
         """An asynchronous pageout finished: free its pages now if memory is short."""
-        if self.frames.free_nframes >= self.free_target_nframes:
+        if self.frames.free_nframes >= self._pageout_target:
             return
         for page in pages:
             self._free_if_clean(page)
@@ -1023,6 +1050,7 @@ class VM:
                 obj._before_close()  # file objects write their dirty pages back
         self.daemon.stop()
         self.engine.close()
+        self.fanout.close()
         with self._cond:
             for obj in list(self._objects.values()):
                 obj._before_close()
