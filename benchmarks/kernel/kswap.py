@@ -365,8 +365,14 @@ def run_kernel(
     swap_mib: int = 4096,
     swap_dir: str | Path | None = None,
     binary: str | Path | None = None,
+    willneed: int = 0,
 ) -> dict[str, Any]:
     """Run the standard workload once on the kernel's VM and return its measurements.
+
+    ``willneed`` > 0 is the batched variant: before each window of that many
+    accesses the program calls madvise(MADV_WILLNEED) on their pages, which
+    starts their swap-ins together (the kernel's counterpart of vmpager's
+    batched calls).
 
     ``limit_mib`` None runs without a memory limit (the RAM ceiling) and
     without swap. With a limit, swap is ``swap`` when given (an open
@@ -399,6 +405,7 @@ def run_kernel(
             "--fill-offset", str(workload.index_draws),
             "--content", content,
             "--max-seconds", str(max_seconds),
+            "--willneed", str(willneed),
         ]  # fmt: skip
         # The machine is shared; the load says how much a number is worth.
         loadavg_before = _read("/proc/loadavg")
@@ -506,6 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--swap-mib", type=int, default=4096)
     parser.add_argument("--swap-dir", default=tempfile.gettempdir())
+    parser.add_argument(
+        "--willneed", type=int, default=0, help="madvise(MADV_WILLNEED) windows of N accesses"
+    )
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     patterns = [p for p in args.patterns.split(",") if p]
@@ -537,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         max_seconds=args.max_seconds,
                         swap=swap,
                         binary=binary,
+                        willneed=args.willneed,
                     )
                     result["rep"] = rep
                     runs.append(result)

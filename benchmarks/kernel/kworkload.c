@@ -83,7 +83,7 @@ static void sample(struct counters *c)
 static void usage(void)
 {
 	fprintf(stderr, "usage: kworkload --mib N --index-file PATH [--seed S] "
-	    "[--fill-offset F] [--content random|sparse] [--max-seconds T]\n");
+	    "[--fill-offset F] [--content random|sparse] [--max-seconds T] [--willneed N]\n");
 	exit(2);
 }
 
@@ -133,6 +133,7 @@ int main(int argc, char **argv)
 	long long mib = 0;
 	uint64_t seed = 42, fill_offset = 0;
 	double max_seconds = 1e9;
+	long long willneed = 0; /* > 0: madvise(MADV_WILLNEED) each window of this many accesses first */
 	const char *index_path = NULL, *content = "random";
 
 	for (int i = 1; i < argc; i++) {
@@ -144,6 +145,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--fill-offset")) fill_offset = strtoull(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "--content")) content = argv[++i];
 		else if (!strcmp(argv[i], "--max-seconds")) max_seconds = atof(argv[++i]);
+		else if (!strcmp(argv[i], "--willneed")) willneed = atoll(argv[++i]);
 		else usage();
 	}
 	if (mib <= 0 || !index_path || (strcmp(content, "random") && strcmp(content, "sparse")))
@@ -183,6 +185,14 @@ int main(int argc, char **argv)
 	for (long long base = 0; base < naccesses; base += chunk) {
 		long long end = base + chunk < naccesses ? base + chunk : naccesses;
 		for (long long i = base; i < end; i++) {
+			if (willneed > 0 && (i - base) % willneed == 0) {
+				/* the batched variant: start the page-ins of the next window
+				 * together (swap read-ahead), as a program that knows its next
+				 * accesses can */
+				long long wend = i + willneed < end ? i + willneed : end;
+				for (long long j = i; j < wend; j++)
+					madvise(mem + (uint64_t)idx[j] * PAGE_BYTES, PAGE_BYTES, MADV_WILLNEED);
+			}
 			uint64_t *w = (uint64_t *)(mem + (uint64_t)idx[i] * PAGE_BYTES);
 			uint64_t v = *w;
 			*w = v + 1;
@@ -202,7 +212,7 @@ int main(int argc, char **argv)
 	double access_s = c2.t - c1.t;
 	printf("{\"mib\": %lld, \"npages\": %" PRIu64 ", \"content\": \"%s\", "
 	    "\"seed\": %" PRIu64 ", \"fill_offset\": %" PRIu64 ", "
-	    "\"requested\": %lld, \"accesses\": %lld, \"truncated\": %s, "
+	    "\"willneed\": %lld, \"requested\": %lld, \"accesses\": %lld, \"truncated\": %s, "
 	    "\"fill_s\": %.6f, \"fill_pswpin\": %lld, \"fill_pswpout\": %lld, "
 	    "\"fill_minflt\": %ld, \"fill_majflt\": %ld, "
 	    "\"access_s\": %.6f, \"accesses_per_s\": %.1f, \"pswpin\": %lld, \"pswpout\": %lld, "
@@ -211,7 +221,7 @@ int main(int argc, char **argv)
 	    "\"probe\": {\"first_w1\": %" PRIu64 ", \"first_w511\": %" PRIu64 ", "
 	    "\"last_w1\": %" PRIu64 ", \"last_w511\": %" PRIu64 "}}\n",
 	    mib, npages, content, seed, fill_offset,
-	    naccesses, done, done < naccesses ? "true" : "false",
+	    willneed, naccesses, done, done < naccesses ? "true" : "false",
 	    c1.t - c0.t, c1.pswpin - c0.pswpin, c1.pswpout - c0.pswpout,
 	    c1.minflt - c0.minflt, c1.majflt - c0.majflt,
 	    access_s, access_s > 0 ? done / access_s : 0.0,

@@ -225,12 +225,20 @@ def _page_in_many(
 
 def _group(
     pindex: NDArray[np.int64],
-) -> tuple[NDArray[np.int64], NDArray[np.intp], NDArray[np.intp], NDArray[np.intp]]:
-    """Distinct pages (sorted), and per page its accesses: ``order[bounds[s]:bounds[s+1]]``."""
-    upages, inverse = np.unique(pindex, return_inverse=True)
-    order = np.argsort(inverse, kind="stable").astype(np.intp)
-    bounds = np.searchsorted(inverse[order], np.arange(len(upages) + 1)).astype(np.intp)
-    return upages, inverse, order, bounds
+) -> tuple[NDArray[np.int64], NDArray[np.intp], NDArray[np.intp]]:
+    """Distinct pages (sorted), and per page its accesses: ``order[bounds[s]:bounds[s+1]]``.
+
+    One stable sort of the page numbers; the distinct pages are where the
+    sorted sequence changes.
+    """
+    order = np.argsort(pindex, kind="stable").astype(np.intp, copy=False)
+    ordered = pindex[order]
+    starts = np.flatnonzero(np.diff(ordered)) + 1
+    bounds = np.empty(len(starts) + 2, dtype=np.intp)
+    bounds[0] = 0
+    bounds[1:-1] = starts
+    bounds[-1] = len(ordered)
+    return ordered[bounds[:-1]], order, bounds
 
 
 def read_words(vm: VM, obj: VMObject, offsets: NDArray[np.int64]) -> NDArray[np.uint64]:
@@ -239,7 +247,7 @@ def read_words(vm: VM, obj: VMObject, offsets: NDArray[np.int64]) -> NDArray[np.
     if not len(offsets):
         return out
     shift = vm._page_shift
-    upages, _, order, bounds = _group(offsets >> shift)
+    upages, order, bounds = _group(offsets >> shift)
     word = (offsets & vm._page_mask) >> 3
     words = vm.frames.array.view(np.uint64)
 
@@ -261,7 +269,7 @@ def write_words(
     # The last value of each offset: first occurrences in the reversed arrays.
     offsets, last = np.unique(offsets[::-1], return_index=True)
     values = values[::-1][last]
-    upages, _, order, bounds = _group(offsets >> vm._page_shift)
+    upages, order, bounds = _group(offsets >> vm._page_shift)
     word = (offsets & vm._page_mask) >> 3
     words = vm.frames.array.view(np.uint64)
 
@@ -278,7 +286,7 @@ def read_pages(vm: VM, obj: VMObject, pindices: NDArray[np.int64]) -> NDArray[np
     out = np.empty((len(pindices), vm.page_size), dtype=np.uint8)
     if not len(pindices):
         return out
-    upages, _, order, bounds = _group(pindices)
+    upages, order, bounds = _group(pindices)
     array = vm.frames.array
 
     def visit(slots: NDArray[np.intp], frames: NDArray[np.intp]) -> None:
