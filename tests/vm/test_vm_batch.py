@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmpager import VM, DeviceError
 from vmpager.devices.file import FileDevice
+from vmpager.devices.memory import MemoryDevice
 from vmpager.testing.worlds import PAGE, small_vm
 from vmpager.vm.config import VMConfig
 
@@ -196,7 +197,7 @@ def test_clone_and_file_objects_take_the_fault_path(tmp_path: Path) -> None:
 
 def test_threads_batching_disjoint_ranges_with_the_daemon() -> None:
     cfg = VMConfig(batch_max_npages=64)
-    with VM(memory=96 * PAGE, swap=["ram:8M"], config=cfg) as vm:
+    with VM(memory=96 * PAGE, swap=[MemoryDevice(2048, PAGE)], config=cfg) as vm:
         objs = [vm.allocate(256 * PAGE) for _ in range(3)]
         models = [filled(256, seed=i) for i in range(3)]
         errors: list[BaseException] = []

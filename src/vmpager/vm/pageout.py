@@ -211,7 +211,8 @@ class PageDaemon:
         """Scan until ``target_free`` frames are free (an asynchronous run counts
         writes in flight as freed).
 
-        Returns False when a scan made no progress and nothing is in flight:
+        Returns False when a scan made no progress and nothing is in flight
+        (writes; for an asynchronous run, reads filling busy pages too):
         memory is full of pages nobody can take. A pass whose writes failed
         is tried again, up to ``WRITE_ERROR_PASSES`` times per call: the
         failed pages are dirty and queued again, and their next write goes
@@ -234,7 +235,10 @@ class PageDaemon:
             if in_flight and not asynchronous:
                 vm._cond.wait(1.0)
                 continue
-            return in_flight > 0
+            # Pages being read in are busy, so a scan passes them by; they will
+            # be idle (and takeable) when the reads end: the daemon is not stuck.
+            # (A synchronous run returns: its caller waits for reads in flight.)
+            return in_flight > 0 or (asynchronous and vm.inflight.in_flight(IOKind.READ) > 0)
 
     def _reclaim_clean(self, target_free: int) -> int:
         """Last resort when a pass freed nothing: free clean idle pages wherever they are.
