@@ -128,5 +128,5 @@ def test_vmpager_serve_cli_with_nbdinfo_and_nbdcopy(tmp_path: Path) -> None:
         assert back.read_bytes() == src.read_bytes()
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err

@@ -251,7 +251,7 @@ def test_swapoff_moves_reserved_pages() -> None:
         a = vm.allocate(12 * PAGE, reserve=True)
         data = fill(a, 11)
         vm.pageout()
-        on_first = [d for d in vm.swapinfo() if d.index == 0][0].used
+        on_first = next(d for d in vm.swapinfo() if d.index == 0).used
         assert on_first > 0
         vm.swapoff(0)
         assert a.read(0, a.size) == data

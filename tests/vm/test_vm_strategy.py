@@ -49,7 +49,7 @@ def test_requests_must_be_whole_pages() -> None:
             obj.strategy_read(0, bytearray(100))
         with pytest.raises(ValueError, match="whole pages"):
             obj.strategy_delete(0, 10)
-        with pytest.raises(ValueError, match="offset|length"):
+        with pytest.raises(ValueError, match=r"offset|length"):
             obj.strategy_write(4 * PAGE, bytes(PAGE))
 
 
@@ -69,7 +69,7 @@ def test_write_when_swap_is_full_takes_nothing() -> None:
 
 def test_split_into_children_at_most_four_in_flight_errors_to_parent() -> None:
     engine = HeldEngine()
-    vm, devs = small_vm(
+    vm, _devs = small_vm(
         nframes=4, swap_nblocks=[16, 16], engine=engine, faulty=True, cluster_max_npages=2
     )
     with vm:
