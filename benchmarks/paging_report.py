@@ -71,13 +71,22 @@ def render(report: dict[str, Any]) -> str:
     if "disk" in report:
         bw = [r["mib_per_s"] for r in report["disk"]["write_bandwidth"]]
         po = [r["mib_per_s"] for r in report["pageout"]]
+        drain = [r.get("drain_mib_per_s") for r in report["pageout"]]
         lines += [
             "",
-            f"Disk sequential write (O_DIRECT, same write size): median "
+            f"Disk sequential write (O_DIRECT, same write size, one in flight): median "
             f"{statistics.median(bw):,.0f} MiB/s ({', '.join(f'{x:,.0f}' for x in bw)}); "
-            f"vmpager pageout: median {statistics.median(po):,.0f} MiB/s "
-            f"({', '.join(f'{x:,.0f}' for x in po)}); ratio {report.get('pageout_vs_disk')}.",
+            f"vmpager pageout while a program writes: median {statistics.median(po):,.0f} "
+            f"MiB/s ({', '.join(f'{x:,.0f}' for x in po)}), ratio "
+            f"{report.get('pageout_vs_disk')}",
         ]
+        if None not in drain:
+            lines[-1] += (
+                f"; the daemon draining dirty memory: median {statistics.median(drain):,.0f} "
+                f"MiB/s ({', '.join(f'{x:,.0f}' for x in drain)}), ratio "
+                f"{report.get('pageout_drain_vs_disk')}"
+            )
+        lines[-1] += "."
     if "hit_path" in report:
         hit = report["hit_path"]
         lines += ["", "Resident hit path (pages in memory, 1 M accesses):", ""]

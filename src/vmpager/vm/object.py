@@ -43,6 +43,7 @@ class VMObject:
         self._arena = vm.frames.arena
         self._page_shift = vm._page_shift
         self._page_mask = vm._page_mask
+        self._page_bytes = vm.page_size
         self.oid = oid
         self.npages = npages
         self.kind = kind
@@ -105,19 +106,22 @@ class VMObject:
         Raises ``ValueError`` for a range outside the object and
         ``DeviceError`` when a page's only copy cannot be read.
         """
-        if type(offset) is int and type(length) is int and offset >= 0 and length >= 0:
-            # Hit path: a part of one resident, idle page, without a call into the VM.
+        if type(offset) is int is type(length) and length >= 0:
+            # Hit path: a part of one resident, idle page, without the lock. The
+            # copy is taken optimistically and kept only if, after it, the same
+            # page is still the resident one and idle: a page that was freed (its
+            # frame perhaps reused) and brought back is a new Page object. (A
+            # negative offset finds no page: the slow path refuses it.)
             off = offset & self._page_mask
-            if off + length <= self._page_mask + 1:
-                with self._lock:
-                    page = self.pages.get(offset >> self._page_shift)
-                    if page is not None and not page.busy:
+            if off + length <= self._page_bytes:
+                pages = self.pages
+                page = pages.get(offset >> self._page_shift)
+                if page is not None and not (page.busy or page.prefetched):
+                    start = (page.frame << self._page_shift) + off
+                    data = self._arena[start : start + length]
+                    if pages.get(offset >> self._page_shift) is page and not page.busy:
                         page.referenced = True
-                        if page.prefetched:
-                            page.prefetched = False
-                            self._vm.counters.readaround_hits += 1
-                        start = (page.frame << self._page_shift) + off
-                        return self._arena[start : start + length]
+                        return data
         if self.closed:
             raise ObjectClosed(f"VM object {self.oid} is closed")
         return self._vm._read(self, offset, length)
@@ -137,28 +141,27 @@ class VMObject:
         Raises ``SwapExhausted`` when neither memory nor swap can take the
         new data (what was written before stays readable).
         """
-        if type(offset) is int and offset >= 0 and type(data) in _FAST_BUFFERS:
-            # Hit path: inside one resident, idle page (what hold_page does for it).
-            length = len(data)
+        if type(offset) is int and type(data) in _FAST_BUFFERS:
+            # Hit path: inside one resident, idle, dirty page (what hold_page does
+            # for it), under the lock: a frame must not change hands mid-copy. A
+            # clean page is made dirty here unless the read reserve is reached.
             off = offset & self._page_mask
-            if off + length <= self._page_mask + 1:
+            end = off + len(data)
+            if end <= self._page_bytes:
                 with self._lock:
                     page = self.pages.get(offset >> self._page_shift)
-                    if page is not None and not (page.busy or page.writing):
-                        vm = self._vm
+                    if page is not None and not (page.busy or page.writing or page.prefetched):
                         if not page.dirty:
+                            vm = self._vm
                             if vm.frames.free_nframes <= vm._read_reserve:
                                 page = None  # the frames kept for page-ins: the slow path
                             else:
                                 vm._make_dirty(self, page)  # its swap copy is stale now
                         if page is not None:
                             page.referenced = True
-                            if page.prefetched:
-                                page.prefetched = False
-                                vm.counters.readaround_hits += 1
-                            start = (page.frame << self._page_shift) + off
-                            self._arena[start : start + length] = data
-                            return length
+                            start = page.frame << self._page_shift
+                            self._arena[start + off : start + end] = data
+                            return end - off
         if isinstance(cast(object, data), str):
             raise TypeError("data must be bytes-like, not str")
         view = memoryview(data).cast("B")
