@@ -661,6 +661,8 @@ class SwapSpace:
 
     def _require_used(self, pieces: list[tuple[_Slot, int, int]], what: str) -> None:
         for slot, dblk, length in pieces:
+            if length == 1 and slot.state[dblk] == _USED:
+                continue  # the common single block, without an array search
             states = slot.state[dblk : dblk + length]
             wrong = np.flatnonzero(states != _USED)
             if len(wrong):
