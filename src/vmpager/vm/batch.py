@@ -92,8 +92,30 @@ def hold_batch(
     """
     chunk = max(1, min(vm.config.batch_max_npages, vm.frames.nframes // 4))
     plist: list[int] = pindices.tolist()
+    # Only writes hand pages back: a program reading a batch often writes the
+    # same pages next, and would fault them in again.
+    stream = write and obj.kind == "anonymous" and vm.config.sequential_readahead
     for start in range(0, len(plist), chunk):
-        _hold_chunk(vm, obj, plist[start : start + chunk], start, write, overwrite, visit)
+        pages = plist[start : start + chunk]
+        _hold_chunk(vm, obj, pages, start, write, overwrite, visit)
+        if stream and pages[-1] - pages[0] == len(pages) - 1:
+            _stream_chunk(vm, obj, pages[0], len(pages))
+
+
+def _stream_chunk(vm: VM, obj: VMObject, first: int, npages: int) -> None:
+    """A chunk of consecutive pages: the sequential-fault bookkeeping of the fault path.
+
+    A written chunk that continues where the last one (or the last fault)
+    ended is a stream at full speed: what it left a window behind goes to the
+    head of the inactive queue, as for sequential faults (``VM._fault_done``),
+    so a program streaming through more than memory in batches keeps what it
+    had instead of cycling it out.
+    """
+    if first == obj.readahead_next:
+        obj.readahead_npages = vm.config.readahead_max_npages
+    else:
+        obj.readahead_npages = 0
+    vm._fault_done(obj, first, npages)
 
 
 def _hold_chunk(
