@@ -299,3 +299,29 @@ TestBatchModel.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_consecutive_batched_writes_leave_their_past_to_the_daemon(stream: bool) -> None:
+    """A written chunk continuing the last one hands back what is a window behind."""
+    vm, _ = small_vm(
+        nframes=64,
+        swap_nblocks=256,
+        batch_max_npages=8,
+        sequential_readahead=stream,
+        readahead_max_npages=4,
+    )
+    with vm:
+        obj = vm.allocate(32 * PAGE)
+        for first in (0, 8, 16):  # three chunks of one call each, in order
+            pages = np.arange(first, first + 8)
+            obj.write_words(pages * PAGE, pages.astype(np.uint64))
+        head = [p.pindex for p in list(vm.queues.inactive)[:8]]
+        if stream:
+            # The third chunk gave back the 8 pages 4 behind its start: 4..11.
+            assert sorted(head) == list(range(4, 12))
+            assert not any(obj.pages[p].referenced for p in head)
+        else:
+            assert not head  # nothing deactivated without the stream rule
+        assert obj.read_words(np.arange(24) * PAGE).tolist() == list(range(24))
+        vm.check()
