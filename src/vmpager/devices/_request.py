@@ -126,6 +126,12 @@ class DeviceCounters:
             self.read_ops += 1
             self.blocks_read += nblocks
 
+    def count_reads(self, nops: int, nblocks: int) -> None:
+        """Count ``nops`` completed read requests of ``nblocks`` blocks in all."""
+        with self._lock:
+            self.read_ops += nops
+            self.blocks_read += nblocks
+
     def count_write(self, nblocks: int) -> None:
         """Count one completed write request of ``nblocks`` blocks."""
         with self._lock:

@@ -23,7 +23,7 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -341,6 +341,59 @@ class FileDevice:
             if bounce is not None:
                 bounce.release()
         self._counters.count_read(nblocks)
+
+    def read_many(
+        self,
+        requests: Sequence[tuple[int, Sequence[WritableBuffer]]],
+        run: Callable[[Callable[[int], None], Sequence[int]], None],
+    ) -> list[DeviceError | None]:
+        """Independent reads, as many in flight as ``run`` runs at once; one error per request.
+
+        Each request is ``(blk, buffers)`` as for ``read_blocks`` and is checked
+        the same way before any I/O (``ValueError``/``TypeError``, nothing
+        read). ``run(fn, indices)`` calls ``fn(i)`` for every index, on
+        threads of the caller's choosing (``Fanout.run``). Each read is one
+        ``preadv``; a request the direct path refuses (buffers not aligned:
+        EINVAL) or reads short goes through ``read_blocks``. Result ``i`` is
+        None when request ``i`` was read, else its ``DeviceError``.
+        """
+        fd = self._open_fd()
+        bs = self._block_size
+        prepared = [
+            (*as_byte_views(self._name, self._nblocks, bs, blk, buffers, writable=True), blk)
+            for blk, buffers in requests
+        ]
+        errors: list[DeviceError | None] = [None] * len(prepared)
+        careful: list[int] = []
+        direct = self._direct
+
+        def one(i: int) -> None:
+            views, nblocks, blk = prepared[i]
+            try:
+                if os.preadv(fd, views, blk * bs) == nblocks * bs:
+                    return
+            except OSError as error:
+                if not (direct and error.errno == errno.EINVAL):
+                    errors[i] = DeviceError(error.errno or errno.EIO, self._name, blk)
+                    return
+            careful.append(i)  # list.append is atomic under the GIL
+
+        run(one, range(len(prepared)))
+        for _ in range(sum(1 for error in errors if error is not None)):
+            self._counters.count_read_error()
+        retried = set(careful)
+        for i in retried:
+            views, _, blk = prepared[i]
+            try:
+                self.read_blocks(blk, views)  # counts itself
+            except DeviceError as error:
+                errors[i] = error
+        done = [p for i, p in enumerate(prepared) if errors[i] is None and i not in retried]
+        self._counters.count_reads(len(done), sum(nblocks for _, nblocks, _ in done))
+        if not direct:
+            for _, nblocks, blk in done:
+                self._drop_cache(fd, blk * bs, nblocks * bs, blk, written=False)
+        return errors
 
     def write_blocks(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Store ``buffers`` at the blocks starting at ``blk`` with one ``pwritev``.

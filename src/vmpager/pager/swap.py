@@ -24,6 +24,7 @@ released while the pages involved are busy or writing.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -226,37 +227,30 @@ class SwapPager:
         window = sum(sorted((len(pages) for _, pages in runs), reverse=True)[:slots])
         general = vm.pagermap.size_npages - vm.pagermap.reserve_npages
         token = vm.pagermap.map_in(min(window, general), daemon=vm._in_daemon())
-        frames = vm.frames
-        view = frames.frame_view
-        requests = [
-            IORequest(IOKind.READ, blk, [view(p.frame) for p in pages], pages, self._read_done)
-            for blk, pages in runs
-        ]
+        view = vm.frames.frame_view
+        requests = [(blk, [view(p.frame) for p in pages]) for blk, pages in runs]
+        errors: list[DeviceError | None] = []
         vm._lock.release()
         try:
-            vm.fanout.run(vm._perform, requests, width=slots)
-        except BaseException:
-            # Interrupted: nothing read here is trusted; the data is still on swap.
-            vm._lock.acquire()
-            for request in requests:
-                for page in request.pages:
-                    vm._free_page(page)
-            raise
-        else:
-            vm._lock.acquire()
+            errors = vm.space.read_many(requests, functools.partial(vm.fanout.run, width=slots))
         finally:
+            vm._lock.acquire()
             vm.pagermap.map_out(token)
             for _ in range(slots):
                 inflight.release(IOKind.READ)
+            if len(errors) != len(runs):
+                # Interrupted: nothing read here is trusted; the data is still on swap.
+                for _, pages in runs:
+                    for page in pages:
+                        vm._free_page(page)
         first_error: DeviceError | None = None
         counters = vm.counters
         activate = vm.queues.activate
-        for request in requests:
+        for (_, pages), err in zip(runs, errors, strict=True):
             counters.pageins += 1
-            counters.pagein_pages += len(request.pages)
-            err = request.error
+            counters.pagein_pages += len(pages)
             if err is None:
-                for page in request.pages:
+                for page in pages:
                     page.busy = False
                     activate(page)
                 continue
@@ -264,7 +258,7 @@ class SwapPager:
             counters.read_errors += 1
             if first_error is None:
                 first_error = err
-            for page in request.pages:
+            for page in pages:
                 vm._free_page(page)
         vm._cond.notify_all()
         return first_error

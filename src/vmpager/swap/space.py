@@ -46,9 +46,10 @@ methods, which block for the device's I/O.
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmpager.devices.protocol import BlockDevice, ReadableBuffer, WritableBuffer
-from vmpager.errors import InvariantViolation
+from vmpager.errors import DeviceError, InvariantViolation
 from vmpager.swap.blist import Blist
 from vmpager.units import check_int
 
@@ -362,6 +363,34 @@ class SwapSpace:
         """
         device, dblk = self._io_target(blk, buffers)
         device.read_blocks(dblk, buffers)
+
+    def read_many(
+        self,
+        requests: Sequence[tuple[int, Sequence[WritableBuffer]]],
+        run: Callable[[Callable[[int], None], Sequence[int]], None],
+    ) -> list[DeviceError | None]:
+        """Independent reads of global runs, several in flight (see ``FileDevice.read_many``).
+
+        Each request is checked as for ``read`` (``ValueError`` before any I/O);
+        ``run(fn, indices)`` runs ``fn`` over the indices, several at once. A
+        device with a ``read_many`` of its own gets its requests in one call;
+        others get one ``read_blocks`` per request. Result ``i``: None, or the
+        ``DeviceError`` of request ``i``. The VM lock need not be held.
+        """
+        groups: dict[int, tuple[BlockDevice, list[int], list[tuple[int, Sequence[WritableBuffer]]]]]
+        groups = {}
+        for i, (blk, buffers) in enumerate(requests):
+            device, dblk = self._io_target(blk, buffers)
+            group = groups.setdefault(id(device), (device, [], []))
+            group[1].append(i)
+            group[2].append((dblk, buffers))
+        errors: list[DeviceError | None] = [None] * len(requests)
+        for device, indices, items in groups.values():
+            many = getattr(device, "read_many", None)
+            results = many(items, run) if many is not None else _read_each(device, items, run)
+            for i, error in zip(indices, results, strict=True):
+                errors[i] = error
+        return errors
 
     def write(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Write ``buffers`` to the run at global ``blk`` (one device request); see ``read``."""
@@ -877,3 +906,24 @@ class SwapSpace:
             f"SwapSpace(layout={self._layout!r}, devices={len(self.devices())}, "
             f"total={self.total_blocks}, free={self._free}, used={self._used}, bad={self._bad})"
         )
+
+
+def _read_each(
+    device: BlockDevice,
+    items: Sequence[tuple[int, Sequence[WritableBuffer]]],
+    run: Callable[[Callable[[int], None], Sequence[int]], None],
+) -> list[DeviceError | None]:
+    """``read_many`` for a device without one: one ``read_blocks`` per request."""
+    results: list[DeviceError | None] = [None] * len(items)
+
+    def one(k: int) -> None:
+        blk, buffers = items[k]
+        try:
+            device.read_blocks(blk, buffers)
+        except DeviceError as error:
+            results[k] = error
+        except OSError as error:
+            results[k] = DeviceError(error.errno or errno.EIO, device.name, blk, str(error))
+
+    run(one, range(len(items)))
+    return results
