@@ -263,6 +263,16 @@ def _group(
     return ordered[bounds[:-1]], order, bounds
 
 
+def _located(
+    order: NDArray[np.intp],
+    bounds: NDArray[np.intp],
+    slots: NDArray[np.intp],
+    frames: NDArray[np.intp],
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """The accesses of ``slots`` and, for each, the frame its page is in."""
+    return slot_accesses(order, bounds, slots), np.repeat(frames, bounds[slots + 1] - bounds[slots])
+
+
 def read_words(vm: VM, obj: VMObject, offsets: NDArray[np.int64]) -> NDArray[np.uint64]:
     """The 8-byte words at ``offsets`` (checked: multiples of 8 inside the object)."""
     out = np.empty(len(offsets), dtype=np.uint64)
@@ -274,8 +284,8 @@ def read_words(vm: VM, obj: VMObject, offsets: NDArray[np.int64]) -> NDArray[np.
     words = vm.frames.array.view(np.uint64)
 
     def visit(slots: NDArray[np.intp], frames: NDArray[np.intp]) -> None:
-        acc = slot_accesses(order, bounds, slots)
-        out[acc] = words[np.repeat(frames, bounds[slots + 1] - bounds[slots]), word[acc]]
+        acc, at = _located(order, bounds, slots, frames)
+        out[acc] = words[at, word[acc]]
 
     with vm._cond:
         hold_batch(vm, obj, upages, write=False, overwrite=False, visit=visit)
@@ -296,8 +306,8 @@ def write_words(
     words = vm.frames.array.view(np.uint64)
 
     def visit(slots: NDArray[np.intp], frames: NDArray[np.intp]) -> None:
-        acc = slot_accesses(order, bounds, slots)
-        words[np.repeat(frames, bounds[slots + 1] - bounds[slots]), word[acc]] = values[acc]
+        acc, at = _located(order, bounds, slots, frames)
+        words[at, word[acc]] = values[acc]
 
     with vm._cond:
         hold_batch(vm, obj, upages, write=True, overwrite=False, visit=visit)
@@ -312,8 +322,8 @@ def read_pages(vm: VM, obj: VMObject, pindices: NDArray[np.int64]) -> NDArray[np
     array = vm.frames.array
 
     def visit(slots: NDArray[np.intp], frames: NDArray[np.intp]) -> None:
-        acc = slot_accesses(order, bounds, slots)
-        out[acc] = array[np.repeat(frames, bounds[slots + 1] - bounds[slots])]
+        acc, at = _located(order, bounds, slots, frames)
+        out[acc] = array[at]
 
     with vm._cond:
         hold_batch(vm, obj, upages, write=False, overwrite=False, visit=visit)
