@@ -325,3 +325,16 @@ def test_consecutive_batched_writes_leave_their_past_to_the_daemon(stream: bool)
             assert not head  # nothing deactivated without the stream rule
         assert obj.read_words(np.arange(24) * PAGE).tolist() == list(range(24))
         vm.check()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("batch_read_depth", 0, r"config.batch_read_depth must be .*1"),
+        ("batch_read_depth", 257, r"config.batch_read_depth must be .*256"),
+        ("batch_max_npages", 0, r"config.batch_max_npages must be"),
+    ],
+)
+def test_bad_batch_config_is_refused_by_name(field: str, value: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        VM(memory=64 * PAGE, swap=[MemoryDevice(64, PAGE)], config=VMConfig(**{field: value}))

@@ -139,6 +139,10 @@ class VM:
         self.pagers.register("vnode", self.vnode_pager)
         self.device_pager = DevicePager(self)
         self.pagers.register("device", self.device_pager)
+        #: Threads for the concurrent reads of batched calls (started on first use).
+        depth = check_int(cfg.batch_read_depth, "config.batch_read_depth", minimum=1, maximum=256)
+        check_int(cfg.batch_max_npages, "config.batch_max_npages", minimum=1)
+        self.fanout = Fanout(depth)
         self._objects: dict[int, VMObject] = {}
         self._next_oid = 1
         self._stuck = False
@@ -158,10 +162,6 @@ class VM:
             self._close_devices()
             self.frames.close()
             raise
-        #: Threads for the concurrent reads of batched calls (started on first use).
-        depth = check_int(cfg.batch_read_depth, "config.batch_read_depth", minimum=1, maximum=256)
-        self.fanout = Fanout(depth)
-        check_int(cfg.batch_max_npages, "config.batch_max_npages", minimum=1)
         self.engine: IOEngine = engine if engine is not None else ThreadedEngine(cfg.io_workers)
         self.engine.start(self._perform, self._complete)
         self.daemon = PageDaemon(self)
