@@ -338,3 +338,29 @@ def test_consecutive_batched_writes_leave_their_past_to_the_daemon(stream: bool)
 def test_bad_batch_config_is_refused_by_name(field: str, value: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         VM(memory=64 * PAGE, swap=[MemoryDevice(64, PAGE)], config=VMConfig(**{field: value}))
+
+
+def test_file_and_device_objects_keep_their_own_rules(tmp_path: Path) -> None:
+    """Read-only mappings refuse batched writes; device memory is written itself."""
+    vm, _ = small_vm(nframes=16, swap_nblocks=64)
+    with vm:
+        path = tmp_path / "data"
+        path.write_bytes(bytes(4 * PAGE))
+        ro = vm.map_file(path, "r")
+        with pytest.raises(PermissionError):
+            ro.write_words([0], [1])
+        with pytest.raises(PermissionError):
+            ro.write_pages([0], np.zeros((1, PAGE), np.uint8))
+        assert ro.read_words([0, 8]).tolist() == [0, 0]
+        memory = bytearray(3 * PAGE + 100)  # a partial last page
+        dev = vm.map_device(memory)
+        dev.write_words([0, PAGE, 8, 0], [5, 6, 7, 8])
+        words = np.frombuffer(memory, dtype=np.uint64, count=3 * WORDS)
+        assert words[[0, 1, WORDS]].tolist() == [8, 7, 6]
+        assert dev.read_words([0, 8, PAGE]).tolist() == [8, 7, 6]
+        last = dev.read_pages([3])[0]
+        assert not last.any()  # 100 zero bytes, then past the end
+        dev.write_pages([1, 1], np.stack([np.full(PAGE, 1, np.uint8), np.full(PAGE, 2, np.uint8)]))
+        assert memory[PAGE : 2 * PAGE] == bytes([2]) * PAGE
+        vm.check()
+        ro.close()

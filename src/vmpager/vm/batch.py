@@ -25,6 +25,7 @@ visited before stay visited: a write call may have stored part of its data),
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -44,10 +45,14 @@ __all__ = [
     "Visit",
     "hold_batch",
     "read_pages",
+    "read_pages_each",
     "read_words",
+    "read_words_each",
     "slot_accesses",
     "write_pages",
+    "write_pages_each",
     "write_words",
+    "write_words_each",
 ]
 
 #: ``visit(slots, frames)``: the pages at ``slots`` of the call's sorted page
@@ -346,3 +351,41 @@ def write_pages(
 
     with vm._cond:
         hold_batch(vm, obj, upages, write=True, overwrite=True, visit=visit)
+
+
+# -- objects with read/write of their own (files, device memory) -------------------------
+#
+# Their rules (read-only mappings, files that grow, memory that is not in
+# frames) live in their read and write methods: the batched calls use those,
+# one access at a time, with the same results as the calls above.
+
+
+def read_words_each(obj: VMObject, offsets: NDArray[np.int64]) -> NDArray[np.uint64]:
+    """``read_words`` through ``obj.read``."""
+    out = np.empty(len(offsets), dtype=np.uint64)
+    for i, offset in enumerate(offsets.tolist()):
+        out[i] = int.from_bytes(obj.read(offset, 8), sys.byteorder)
+    return out
+
+
+def write_words_each(obj: VMObject, offsets: NDArray[np.int64], values: NDArray[np.uint64]) -> None:
+    """``write_words`` through ``obj.write`` (the last value of a repeated offset wins)."""
+    for offset, value in zip(offsets.tolist(), values.tolist(), strict=True):
+        obj.write(offset, value.to_bytes(8, sys.byteorder))
+
+
+def read_pages_each(obj: VMObject, pindices: NDArray[np.int64]) -> NDArray[np.uint8]:
+    """``read_pages`` through ``obj.read``; bytes past the object's end read as zeros."""
+    ps = obj.page_size
+    out = np.zeros((len(pindices), ps), dtype=np.uint8)
+    for i, pindex in enumerate(pindices.tolist()):
+        data = obj.read(pindex * ps, min(ps, obj.size - pindex * ps))
+        out[i, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return out
+
+
+def write_pages_each(obj: VMObject, pindices: NDArray[np.int64], data: NDArray[np.uint8]) -> None:
+    """``write_pages`` through ``obj.write`` (the last row of a repeated page wins)."""
+    ps = obj.page_size
+    for row, pindex in enumerate(pindices.tolist()):
+        obj.write(pindex * ps, data[row].tobytes())

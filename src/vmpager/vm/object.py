@@ -194,6 +194,12 @@ class VMObject:
                 raise ValueError(f"{name} must be multiples of {step}")
         return array
 
+    def _frames_direct(self) -> bool:
+        """Whether batched calls may work on the frames directly: True unless a
+        subclass (files, device memory) has read and write rules of its own."""
+        cls = type(self)
+        return cls.read is VMObject.read and cls.write is VMObject.write
+
     def read_words(self, offsets: ArrayLike) -> NDArray[np.uint64]:
         """The 8-byte (native-endian) words at byte ``offsets``, in the order given.
 
@@ -202,6 +208,8 @@ class VMObject:
         ``DeviceError`` when a page's only copy cannot be read.
         """
         array = self._index_array(offsets, "offsets", step=8, maximum=self.size - 8)
+        if not self._frames_direct():
+            return batch.read_words_each(self, array)
         return batch.read_words(self._vm, self, array)
 
     def write_words(self, offsets: ArrayLike, values: ArrayLike) -> None:
@@ -221,11 +229,19 @@ class VMObject:
             )
         if words.dtype.kind == "i" and len(words) and int(words.min()) < 0:
             raise ValueError(f"values must be in [0, 2**64), got {int(words.min())}")
-        batch.write_words(self._vm, self, array, words.astype(np.uint64, copy=False))
+        words = words.astype(np.uint64, copy=False)
+        if not self._frames_direct():
+            # The last value of each offset, in offset order, then one write each.
+            array, last = np.unique(array[::-1], return_index=True)
+            batch.write_words_each(self, array, words[::-1][last])
+            return
+        batch.write_words(self._vm, self, array, words)
 
     def read_pages(self, pindices: ArrayLike) -> NDArray[np.uint8]:
         """Copies of whole pages, one row of ``page_size`` bytes per page index given."""
         array = self._index_array(pindices, "pindices", step=1, maximum=self.npages - 1)
+        if not self._frames_direct():
+            return batch.read_pages_each(self, array)
         return batch.read_pages(self._vm, self, array)
 
     def write_pages(self, pindices: ArrayLike, data: ArrayLike) -> None:
@@ -240,6 +256,10 @@ class VMObject:
                 f"data must be {len(array)} rows of {self.page_size} bytes, "
                 f"got shape {rows.shape} of {rows.dtype}"
             )
+        if not self._frames_direct():
+            # Later rows of a repeated page are written later: the last one wins.
+            batch.write_pages_each(self, array, rows)
+            return
         batch.write_pages(self._vm, self, array, rows)
 
     def discard(self, offset: int, length: int) -> None:
