@@ -11,8 +11,11 @@ call; the VM then
    blocks, ``batch_read_depth`` reads in flight at once (``SwapPager.read_runs``),
    so the disk works at queue depth 16 instead of 1;
 3. looks again, until every page was visited; a page that is busy, being
-   written (for a write), of a file or device object, of a clone, or in a
-   strategy request takes the ordinary fault path (``hold_page``) alone.
+   written (for a write), of a clone, or in a strategy request takes the
+   ordinary fault path (``hold_page``) alone.
+
+File and device objects have read and write rules of their own: their
+batched calls go through those methods (the ``*_each`` functions below).
 
 Pages are handled in chunks of at most ``batch_max_npages`` distinct pages
 (and a quarter of the frames), so a call may be larger than memory. Every
