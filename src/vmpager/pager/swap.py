@@ -120,10 +120,7 @@ class SwapPager:
     # -- queries ------------------------------------------------------------
 
     def has_page(self, obj: VMObject, pindex: int) -> bool:
-        if self.meta.lookup(obj.oid, pindex) == SWAPBLK_NONE:
-            return False
-        state = obj.reserve_state
-        return state is None or state[pindex] != RESERVED_UNWRITTEN
+        return self.block_of(obj, pindex) != SWAPBLK_NONE
 
     def page_run(
         self, obj: VMObject, pindex: int, before_max: int, after_max: int
@@ -194,7 +191,8 @@ class SwapPager:
         return PagerResult.OK
 
     def block_of(self, obj: VMObject, pindex: int) -> int:
-        """The block holding the data of ``(obj, pindex)``, or ``SWAPBLK_NONE``."""
+        """The block holding the data of ``(obj, pindex)``, or ``SWAPBLK_NONE`` (also for
+        a reserved block never written: it holds no data)."""
         blk = self.meta.lookup(obj.oid, pindex)
         state = obj.reserve_state
         if blk != SWAPBLK_NONE and state is not None and state[pindex] == RESERVED_UNWRITTEN:

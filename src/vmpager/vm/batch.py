@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Visit",
     "hold_batch",
+    "last_values",
     "read_pages",
     "read_pages_each",
     "read_words",
@@ -271,6 +272,15 @@ def _group(
     return ordered[bounds[:-1]], order, bounds
 
 
+def last_values(
+    offsets: NDArray[np.int64], values: NDArray[np.uint64]
+) -> tuple[NDArray[np.int64], NDArray[np.uint64]]:
+    """The distinct offsets, sorted, each with the last value given for it."""
+    # First occurrences in the reversed arrays are the last ones.
+    distinct, last = np.unique(offsets[::-1], return_index=True)
+    return distinct, values[::-1][last]
+
+
 def _located(
     order: NDArray[np.intp],
     bounds: NDArray[np.intp],
@@ -306,9 +316,7 @@ def write_words(
     """Store ``values[i]`` at ``offsets[i]``; an offset given twice keeps its last value."""
     if not len(offsets):
         return
-    # The last value of each offset: first occurrences in the reversed arrays.
-    offsets, last = np.unique(offsets[::-1], return_index=True)
-    values = values[::-1][last]
+    offsets, values = last_values(offsets, values)
     upages, order, bounds = _group(offsets >> vm._page_shift)
     word = (offsets & vm._page_mask) >> 3
     words = vm.frames.array.view(np.uint64)
@@ -373,6 +381,7 @@ def read_words_each(obj: VMObject, offsets: NDArray[np.int64]) -> NDArray[np.uin
 
 def write_words_each(obj: VMObject, offsets: NDArray[np.int64], values: NDArray[np.uint64]) -> None:
     """``write_words`` through ``obj.write`` (the last value of a repeated offset wins)."""
+    offsets, values = last_values(offsets, values)
     for offset, value in zip(offsets.tolist(), values.tolist(), strict=True):
         obj.write(offset, value.to_bytes(8, sys.byteorder))
 

@@ -231,9 +231,7 @@ class VMObject:
             raise ValueError(f"values must be in [0, 2**64), got {int(words.min())}")
         words = words.astype(np.uint64, copy=False)
         if not self._frames_direct():
-            # The last value of each offset, in offset order, then one write each.
-            array, last = np.unique(array[::-1], return_index=True)
-            batch.write_words_each(self, array, words[::-1][last])
+            batch.write_words_each(self, array, words)
             return
         batch.write_words(self._vm, self, array, words)
 
