@@ -1,14 +1,19 @@
-"""The pager map: a bounded pool of I/O mappings, with a reserve for the page daemon.
+"""The pager map: a bounded pool of I/O mappings, with a window reserved for the page daemon.
 
 In the kernel every paging transfer needs kernel virtual addresses to map its
-pages (uvm_pagermapin); the pool is bounded, ordinary callers sleep when it is
-exhausted, and the page daemon falls back on a reserved window (emergva) so
-that pageout, which is what frees memory, always makes progress.
+pages (NetBSD ``uvm_pagermapin``, ``uvm_pager.c`` 1.48); the pool is
+bounded, ordinary callers sleep when it is exhausted, and the page daemon
+falls back on one reserved window (``emergva``) so that pageout, which is
+what frees memory, always makes progress.
 
 Here a mapping is the list of frame views a transfer hands to the device.
-The pool is counted in pages: ``size_npages`` in all, of which
-``reserve_npages`` only the page daemon may take. The caller holds the VM
-lock; waiting releases it.
+The pool is counted in pages: ``size_npages`` in all, of which the last
+``reserve_npages`` form the daemon's window. As ``emergva``, the window is
+exclusive: one daemon transfer at a time uses it, whatever its size, and a
+second daemon transfer that finds the general pool full waits for it (or for
+the general pool). A mapping is held for the whole transfer: an asynchronous
+write keeps its mapping until its completion (``uvm_aio_aiodone`` calls
+``uvm_pagermapout``). The caller holds the VM lock; waiting releases it.
 """
 
 from __future__ import annotations
@@ -62,22 +67,30 @@ class PagerMap:
 
         Ordinary callers use the general pool and wait while it is full
         (``wait=False``: return None instead). The page daemon takes the
-        general pool when it can and the reserve otherwise, waiting only while
-        the reserve itself is busy. A request larger than the general pool
-        (or, for the daemon, the reserve) is a ValueError.
+        general pool when it can and the reserved window otherwise, waiting
+        only while the window itself is in use (it never returns None). A
+        request larger than the general pool, or, for the daemon, larger than
+        the window (the reference's ``KASSERT(npages <= MAXBSIZE >>
+        PAGE_SHIFT)``), is a ValueError. O(1) unless it waits.
         """
-        if npages < 1 or npages > self._general_npages:
-            raise ValueError(f"npages must be in [1, {self._general_npages}], got {npages}")
+        limit = self.reserve_npages if daemon else self._general_npages
+        if daemon and self.reserve_npages == 0:
+            limit = self._general_npages
+        if isinstance(npages, bool) or not isinstance(npages, int) or not 1 <= npages <= limit:
+            raise ValueError(
+                f"npages must be in [1, {limit}] for a{' daemon' if daemon else 'n ordinary'} "
+                f"mapping, got {npages!r}"
+            )
         while True:
             if self._in_use + npages <= self._general_npages:
                 self._in_use += npages
                 token = npages
                 break
-            if daemon and npages <= self.reserve_npages:
-                if self._reserve_in_use + npages <= self.reserve_npages:
-                    self._reserve_in_use += npages
+            if daemon and self.reserve_npages:
+                if not self._reserve_in_use:
+                    self._reserve_in_use = npages
                     self._reserve_uses += 1
-                    token = -npages  # negative: taken from the reserve
+                    token = -npages  # negative: the reserved window
                     break
             elif not wait:
                 return None
@@ -94,9 +107,9 @@ class PagerMap:
                 raise AssertionError("pager map: more pages unmapped than mapped")
             self._in_use -= token
         else:
-            if -token > self._reserve_in_use:
-                raise AssertionError("pager map: reserve unmapped twice")
-            self._reserve_in_use += token
+            if -token != self._reserve_in_use:
+                raise AssertionError("pager map: reserved window unmapped twice")
+            self._reserve_in_use = 0
         self._mappings -= 1
         self._cond.notify_all()
 

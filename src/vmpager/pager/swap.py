@@ -49,15 +49,11 @@ log = logging.getLogger("vmpager.swap")
 RESERVED_UNWRITTEN = 1
 RESERVED_WRITTEN = 2
 
-#: Smallest run putpages keeps halving towards before it gives up on a chunk.
-_MIN_HALVING_NPAGES = 4
-
-
-def _halving_floor(npages: int) -> int:
-    """The last size the seed's halving loop tries for a request of ``npages``."""
-    while npages > _MIN_HALVING_NPAGES:
-        npages >>= 1
-    return max(npages, 1)
+#: Smallest run a pageout halves towards. FreeBSD ``swap_pager_putpages``
+#: (2002) stops halving at 4 pages and fails those; here the halving goes on
+#: down to single blocks, so that swap fragmented into free runs shorter than
+#: 4 still takes pageouts (else they are refused while most of swap is free).
+MIN_PAGEOUT_RUN = 1
 
 
 class SwapPager:
@@ -74,6 +70,8 @@ class SwapPager:
         #: yet given back to the swap space (``flush_stale``).
         self._stale: list[int] = []
         self._stale_batch = max(vm.config.swap_free_batch_nblocks, 1)
+        #: Pager-map tokens of asynchronous writes in flight, by request id.
+        self._async_maps: dict[int, int] = {}
 
     # -- block bookkeeping ------------------------------------------------
 
@@ -302,11 +300,13 @@ class SwapPager:
                     n = next(
                         (k for k in range(1, n) if self._reserved_run(obj, pages, i + k, 1)), n
                     )
-                    got = self.space.alloc(n, min_count=_halving_floor(n))
+                    got = self.space.alloc(n, min_count=MIN_PAGEOUT_RUN)
             else:
-                got = self.space.alloc(n, min_count=_halving_floor(n))
+                got = self.space.alloc(n, min_count=MIN_PAGEOUT_RUN)
             if got is None:
-                # No run even at the smallest size: these pages stay dirty.
+                # Not one free block: these pages stay dirty; as
+                # swap_pager_putpages, fail them and go on with the rest
+                # from full size (a free may have come meanwhile).
                 self._refuse(pages[i : i + n])
                 i += n
                 continue
@@ -346,7 +346,7 @@ class SwapPager:
         count = len(pages)
         while i < count:
             n = min(count - i, cluster_max)
-            got = self.space.alloc(n, min_count=_halving_floor(n))
+            got = self.space.alloc(n, min_count=MIN_PAGEOUT_RUN)
             if got is None:
                 self._refuse(pages[i : i + n])
                 i += n
@@ -386,6 +386,9 @@ class SwapPager:
         vm.counters.note_cluster(n)
         if not sync:
             vm.inflight.acquire(kind)  # waits while swap_async_max writes are out
+            # The mapping is held until the completion (uvm_aio_aiodone maps
+            # out): asynchronous pageouts are what the daemon's window is for.
+            self._async_maps[id(request)] = vm.pagermap.map_in(n, daemon=True)
             vm.engine.submit(request)
             return [PagerResult.PEND] * n
         vm.inflight.acquire(kind)
@@ -399,6 +402,7 @@ class SwapPager:
 
     def _write_done(self, request: IORequest) -> None:
         """Completion of an asynchronous write (engine -> VM, lock held)."""
+        self._vm.pagermap.map_out(self._async_maps.pop(id(request)))
         self._vm.inflight.release(request.kind)
         self._finish_write(request)
 

@@ -540,10 +540,7 @@ class VM:
                 self._reservation_failed(end - first)
 
     def _reservation_failed(self, npages: int) -> None:
-        stats = self.space.statistics()
-        raise SwapExhausted(
-            f"cannot reserve swap for {npages} pages: {stats.free} of {stats.total} blocks free"
-        )
+        raise SwapExhausted(f"cannot reserve swap for {npages} pages: {self.space.describe_free()}")
 
     # -- services for the fault path, the pagers and the daemon (lock held) -----------
 
@@ -717,10 +714,14 @@ class VM:
     def _exhausted(self) -> None:
         self.swap_pager.flush_stale()
         self.counters.swap_exhausted += 1
-        stats = self.space.statistics()
+        if self.space.free_blocks:
+            # Swap has room but the pageouts still failed (write errors, or
+            # every dirty page busy): say so rather than "full".
+            what = "is full of dirty pages that could not be written"
+        else:
+            what = "and swap are full of data"
         raise SwapExhausted(
-            f"memory ({self.frames.nframes} frames) and swap ({stats.total} blocks, "
-            f"{stats.used} used, {stats.bad} bad) are full of data"
+            f"memory ({self.frames.nframes} frames) {what}: {self.space.describe_free()}"
         )
 
     def _daemon_needed(self) -> bool:
