@@ -1,6 +1,6 @@
 """Failed swap writes under each write-error policy, synchronous and asynchronous.
 
-- SEED: EAGAIN is transient (the cluster is dropped, its blocks go back to the
+- NETBSD_1_48 (SEED here): EAGAIN is transient (the cluster is dropped, its blocks go back to the
   pool, the one page asked for is retried alone); any other errno marks the
   blocks bad, and the pages stay dirty and resident.
 - NETBSD: ENOMEM is transient; everything else marks bad.
@@ -37,7 +37,8 @@ pytestmark = pytest.mark.timeout(60)
 
 T = TypeVar("T")
 
-SEED, NETBSD, FREEBSD = WriteErrorPolicy.SEED, WriteErrorPolicy.NETBSD, WriteErrorPolicy.FREEBSD
+SEED = WriteErrorPolicy.NETBSD_1_48
+NETBSD, FREEBSD = WriteErrorPolicy.NETBSD, WriteErrorPolicy.FREEBSD
 
 
 @dataclass(frozen=True)

@@ -363,13 +363,49 @@ class SwapPager:
 
     def _refuse(self, pages: Sequence[Page]) -> None:
         """No swap for ``pages``: they stay dirty and go back to the active queue."""
+        self._drop_cluster(pages)
+        self._vm.counters.pageout_fail_pages += len(pages)
+
+    def _drop_cluster(
+        self, pages: Sequence[Page], blk: int | None = None, *, mark_bad: bool = False
+    ) -> None:
+        """Give up on writing ``pages``: NetBSD's ``uvm_pager_dropcluster`` (``uvm_pager.c``
+        1.48) with ``PGO_REALLOCSWAP``, for every page of a failed or refused transfer.
+
+        Each page stops being written, stays dirty (its data is only in its
+        frame), goes back to the active queue, and its waiters are woken.
+        ``blk``: the first block of the transfer, whose blocks the pages
+        lose (REALLOCSWAP): given back to the swap space, or with
+        ``mark_bad`` marked bad (never handed out again); a reserved block
+        without ``mark_bad`` is kept for the next try. ``blk=None``: no
+        blocks were assigned (swap refused the pages).
+
+        The reference's ``PG_RELEASED`` case (the object was destroyed while
+        the cluster was busy) cannot arise: discarding or closing an object
+        waits for its pages being written (``VM._drop_pages``), so every
+        page here still belongs to a live object. Lock held.
+        """
         vm = self._vm
-        for page in pages:
+        meta = self.meta
+        activate = vm.queues.activate
+        for j, page in enumerate(pages):
+            if blk is not None:
+                oid = page.obj.oid
+                assert meta.lookup(oid, page.pindex) == blk + j
+                state = page.obj.reserve_state
+                if mark_bad:
+                    meta.pop(oid, page.pindex)
+                    if state is not None:
+                        state[page.pindex] = 0  # the reservation dies with its bad block
+                elif state is None or not state[page.pindex]:
+                    meta.free(oid, page.pindex)
             page.writing = False
-            vm.queues.activate(page)
-            if page.wanted:
-                page.wanted = False
-        vm.counters.pageout_fail_pages += len(pages)
+            page.dirty = True
+            activate(page)
+            page.wanted = False
+        if blk is not None and mark_bad:
+            self.space.mark_bad(blk, len(pages))
+            vm.counters.bad_blocks_marked += len(pages)
         vm._cond.notify_all()
 
     def _start_write(self, chunk: list[Page], blk: int, *, sync: bool) -> list[PagerResult]:
@@ -409,7 +445,6 @@ class SwapPager:
     def _finish_write(self, request: IORequest) -> list[PagerResult]:
         vm = self._vm
         err = request.error
-        queues = vm.queues
         if err is None:
             for page in request.pages:
                 page.writing = False
@@ -431,26 +466,7 @@ class SwapPager:
             err,
             "transient" if transient else ("blocks marked bad" if mark_bad else "hard"),
         )
-        for j, page in enumerate(request.pages):
-            oid = page.obj.oid
-            assert self.meta.lookup(oid, page.pindex) == request.blk + j
-            state = page.obj.reserve_state
-            if mark_bad:
-                self.meta.pop(oid, page.pindex)
-                if state is not None:
-                    state[page.pindex] = 0  # the reservation dies with its bad block
-            elif state is not None and state[page.pindex]:
-                pass  # keep the reserved block for the next try
-            else:
-                self.meta.free(oid, page.pindex)
-            page.writing = False
-            page.dirty = True
-            queues.activate(page)
-            page.wanted = False
-        if mark_bad:
-            self.space.mark_bad(request.blk, len(request.pages))
-            vm.counters.bad_blocks_marked += len(request.pages)
-        vm._cond.notify_all()
+        self._drop_cluster(request.pages, request.blk, mark_bad=mark_bad)
         result = PagerResult.AGAIN if transient else PagerResult.ERROR
         return [result] * len(request.pages)
 
@@ -516,7 +532,7 @@ class SwapPager:
     def reserve(self, obj: VMObject, start: int, npages: int) -> bool:
         """Assign swap blocks to pages ``[start, start + npages)`` that have none.
 
-        The seed's swap_pager_reserve: largest runs first (up to the cluster
+        FreeBSD's swap_pager_reserve (2002): largest runs first (up to the cluster
         size), halving on failure; all or nothing: on failure every block
         taken here is given back and False is returned. Reserved blocks hold
         no data until the page is first written out: they read as before

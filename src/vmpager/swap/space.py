@@ -3,15 +3,15 @@
 Swap blocks have global numbers; ``locate`` turns one into a device and a
 block on that device. Two layouts:
 
-``"stripe"`` (the seed's): devices are interleaved in stripes of
+``"stripe"`` (FreeBSD ``swap_pager.c`` 2002's): devices are interleaved in stripes of
 ``stripe_blocks`` blocks (dmmax). Global stripe ``s`` belongs to device
 ``s % max_devices`` at device stripe ``s // max_devices`` (BLK2DEVIDX), and
 one blist allocates for all devices, so consecutive allocations spread over
 the devices. Inside the blist each stripe is followed by one guard block
 that is never free: a run the blist hands out can never cross a stripe,
-where the seed had to cut runs at the boundary after the fact. Stripes of
+where FreeBSD 2002 had to cut runs at the boundary after the fact. Stripes of
 absent devices, and the blocks past the end of a device in its last stripe,
-are kept allocated, so only blocks that exist are ever free. Unlike the seed
+are kept allocated, so only blocks that exist are ever free. Unlike FreeBSD 2002
 no stripe is skipped at the start of a device: there is no disk label to
 protect.
 

@@ -1,7 +1,7 @@
 """The VM: frames, objects, pagers, the page daemon and the I/O engine in one place.
 
-``VM`` is the public entry point. It owns one lock (the seeds' "Giant"
-lock) that guards every piece of VM state: objects, pages, queues, swap
+``VM`` is the public entry point. It owns one lock (the "Giant" lock of
+FreeBSD 2002 and NetBSD 1.48) that guards every piece of VM state: objects, pages, queues, swap
 metadata and the swap allocator. Device transfers run with the lock
 released while the pages involved are busy; a single condition variable
 carries every wake-up (page no longer busy, frame freed, I/O slot free,
@@ -71,7 +71,7 @@ class VM:
     block device, (path, size) tuples, or ``BlockDevice`` objects; ``[]`` for
     no swap at all. ``page_size``: a power of two >= 4096.
     ``layout``: "per_device" (round-robin over devices) or "stripe" (the
-    seed's interleave). ``engine``: the asynchronous I/O engine (tests pass a
+    FreeBSD 2002 interleave). ``engine``: the asynchronous I/O engine (tests pass a
     ``HeldEngine``).
     """
 
