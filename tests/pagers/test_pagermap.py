@@ -47,16 +47,24 @@ def _locked(cond: threading.Condition, pmap: PagerMap, npages: int) -> int | Non
         return pmap.try_map_in(npages, daemon=True)
 
 
-def test_sizes_beyond_the_pool_or_the_window_are_value_errors() -> None:
+def test_sizes_beyond_the_pool_are_value_errors_and_beyond_the_window_wait() -> None:
     cond = threading.Condition()
     pmap = PagerMap(cond, 48, 16)
     with cond:
-        with pytest.raises(ValueError, match=r"npages must be in \[1, 32\]"):
-            pmap.try_map_in(33, daemon=False)
-        with pytest.raises(ValueError, match=r"npages must be in \[1, 16\] for a daemon"):
-            pmap.try_map_in(17, daemon=True)
-        with pytest.raises(ValueError, match="npages"):
-            pmap.try_map_in(0, daemon=False)
+        for daemon in (False, True):
+            with pytest.raises(ValueError, match=r"npages must be in \[1, 32\], got 33"):
+                pmap.try_map_in(33, daemon=daemon)
+            with pytest.raises(ValueError, match="npages"):
+                pmap.try_map_in(0, daemon=daemon)
+        big = pmap.try_map_in(17, daemon=True)  # too big for the window: general pool
+        assert big == 17
+        rest = pmap.try_map_in(15, daemon=False)
+        assert rest == 15
+        small = pmap.try_map_in(16, daemon=True)  # general pool spent: the window
+        assert small == -16
+        for token in (big, rest, small):
+            pmap.map_out(token)
+    assert pmap.check() == []
 
 
 def test_async_pageouts_hold_mappings_and_the_daemon_goes_on_alone() -> None:

@@ -68,25 +68,23 @@ class PagerMap:
         Ordinary callers use the general pool and wait while it is full
         (``wait=False``: return None instead). The page daemon takes the
         general pool when it can and the reserved window otherwise, waiting
-        only while the window itself is in use (it never returns None). A
-        request larger than the general pool, or, for the daemon, larger than
-        the window (the reference's ``KASSERT(npages <= MAXBSIZE >>
-        PAGE_SHIFT)``), is a ValueError. O(1) unless it waits.
+        only while the window itself is in use (it never returns None); a
+        daemon transfer larger than the window (the reference has
+        ``KASSERT(npages <= MAXBSIZE >> PAGE_SHIFT)``; pageouts here never
+        are, a window holds a cluster) waits for the general pool. A request
+        larger than the general pool is a ValueError naming the range.
+        O(1) unless it waits.
         """
-        limit = self.reserve_npages if daemon else self._general_npages
-        if daemon and self.reserve_npages == 0:
-            limit = self._general_npages
-        if isinstance(npages, bool) or not isinstance(npages, int) or not 1 <= npages <= limit:
-            raise ValueError(
-                f"npages must be in [1, {limit}] for a{' daemon' if daemon else 'n ordinary'} "
-                f"mapping, got {npages!r}"
-            )
+        general = self._general_npages
+        if isinstance(npages, bool) or not isinstance(npages, int) or not 1 <= npages <= general:
+            raise ValueError(f"npages must be in [1, {general}], got {npages!r}")
+        window = daemon and npages <= self.reserve_npages
         while True:
             if self._in_use + npages <= self._general_npages:
                 self._in_use += npages
                 token = npages
                 break
-            if daemon and self.reserve_npages:
+            if window:
                 if not self._reserve_in_use:
                     self._reserve_in_use = npages
                     self._reserve_uses += 1
