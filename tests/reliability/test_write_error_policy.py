@@ -1,10 +1,10 @@
 """Failed swap writes under each write-error policy, synchronous and asynchronous.
 
-- NETBSD_1_48 (SEED here): EAGAIN is transient (the cluster is dropped, its blocks go back to the
+- NETBSD_1_48: EAGAIN is transient (the cluster is dropped, its blocks go back to the
   pool, the one page asked for is retried alone); any other errno marks the
   blocks bad, and the pages stay dirty and resident.
 - NETBSD: ENOMEM is transient; everything else marks bad.
-- FREEBSD: blocks are never marked bad; EAGAIN is retried like SEED, any other
+- FREEBSD: blocks are never marked bad; EAGAIN is retried like NETBSD_1_48, any other
   error frees the blocks and leaves the pages dirty for a later try.
 
 Every path must lose nothing, keep the counters right, never hand a bad block
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(60)
 
 T = TypeVar("T")
 
-SEED = WriteErrorPolicy.NETBSD_1_48
+NETBSD_1_48 = WriteErrorPolicy.NETBSD_1_48
 NETBSD, FREEBSD = WriteErrorPolicy.NETBSD, WriteErrorPolicy.FREEBSD
 
 
@@ -54,10 +54,10 @@ class Expect:
 
 
 CASES = [
-    Expect(SEED, errno.EAGAIN, transient=True, marks_bad=False),
-    Expect(SEED, errno.ENOMEM, transient=False, marks_bad=True),
-    Expect(SEED, errno.EIO, transient=False, marks_bad=True),
-    Expect(SEED, errno.ENOSPC, transient=False, marks_bad=True),
+    Expect(NETBSD_1_48, errno.EAGAIN, transient=True, marks_bad=False),
+    Expect(NETBSD_1_48, errno.ENOMEM, transient=False, marks_bad=True),
+    Expect(NETBSD_1_48, errno.EIO, transient=False, marks_bad=True),
+    Expect(NETBSD_1_48, errno.ENOSPC, transient=False, marks_bad=True),
     Expect(NETBSD, errno.ENOMEM, transient=True, marks_bad=False),
     Expect(NETBSD, errno.EAGAIN, transient=False, marks_bad=True),
     Expect(NETBSD, errno.EIO, transient=False, marks_bad=True),
@@ -203,7 +203,7 @@ def test_async_pageout_write_error(case: Expect, order: str) -> None:
         vm.check()
 
 
-@pytest.mark.parametrize("policy", [SEED, NETBSD])
+@pytest.mark.parametrize("policy", [NETBSD_1_48, NETBSD])
 def test_bad_blocks_are_never_handed_out_again(policy: WriteErrorPolicy) -> None:
     vm, devices = small_vm(nframes=8, swap_nblocks=24, faulty=True, write_error_policy=policy)
     dev = devices[0]

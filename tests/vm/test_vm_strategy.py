@@ -99,7 +99,7 @@ def test_split_into_children_at_most_four_in_flight_errors_to_parent() -> None:
         assert not t.is_alive()
         assert isinstance(result[0], DeviceError)
         stats = vm.statistics()
-        assert stats.swap_bad_blocks == 2  # the seed's policy: hard error marks bad
+        assert stats.swap_bad_blocks == 2  # NetBSD 1.48's policy: hard error marks bad
         assert stats.swap_used_blocks == 10  # the five good children kept their blocks
         vm.check()
 

@@ -5,8 +5,11 @@ allocates blocks over the swap devices. An anonymous object has no swap
 until its first pageout (OBJT_DEFAULT becoming OBJT_SWAP).
 
 - ``put_pages``: assign the largest run of blocks the cluster allows,
-  halving on failure down to four pages, then FAIL the rest; a run never
-  crosses a stripe or device. Synchronous unless the caller is the page
+  halving on failure down to single blocks (FreeBSD's 2002
+  ``swap_pager_putpages`` stops at four pages, which starves pageout on
+  fragmented swap); with not one block free, FAIL the pages tried and go on
+  with the rest from full size, as the reference does; a run never crosses
+  a stripe or device. Synchronous unless the caller is the page
   daemon; asynchronous writes are bounded by ``swap_async_max``. Pages stay
   dirty until their write completes: completion marks them clean; a failed
   write leaves them dirty, reactivates them and disposes of the blocks as
