@@ -54,7 +54,19 @@ def reference_vm() -> VM:
     return vm
 
 
-CONFIGS: dict[str, Any] = {"default": default_vm, "reference": reference_vm}
+def reference_stripe_vm() -> VM:
+    """The reference's policies on FreeBSD 2002's striped swap layout."""
+    vm, _ = small_vm(
+        nframes=NFRAMES, swap_nblocks=SWAP_NBLOCKS, cluster_max_npages=16, layout="stripe"
+    )
+    return vm
+
+
+CONFIGS: dict[str, Any] = {
+    "default": default_vm,
+    "reference": reference_vm,
+    "reference-stripe": reference_stripe_vm,
+}
 
 
 def fragment(vm: VM, run: int) -> tuple[VMObject, dict[int, bytes]]:
@@ -122,4 +134,38 @@ def test_exhausted_only_when_full_and_message_is_honest(config: str) -> None:
             assert data.read(p * PAGE, PAGE) == page_bytes(p + 1), p
         for p, want in kept.items():
             assert filler.read(p * PAGE, PAGE) == want, p
+        vm.check()
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("run", [1, 2, 3])
+def test_filled_by_writes_then_fragmented(config: str, run: int) -> None:
+    """As a user would: write until ``SwapExhausted``, discard in a pattern that
+    leaves free runs of ``run`` blocks, then write more than memory holds."""
+    vm = CONFIGS[config]()
+    with vm:
+        first = vm.allocate((SWAP_NBLOCKS + 2 * NFRAMES) * PAGE)
+        stored = 0
+        with pytest.raises(SwapExhausted):
+            for p in range(first.npages):
+                first.write(p * PAGE, page_bytes(50_000 + p))
+                stored += 1
+        assert vm.space.free_blocks == 0
+        kept: dict[int, bytes] = {}
+        for p in range(stored):
+            blk = vm.swap_pager.block_of(first, p)
+            if blk == SWAPBLK_NONE or blk % (run + 1) == run:
+                kept[p] = page_bytes(50_000 + p)
+            else:
+                first.discard(p * PAGE, PAGE)
+        assert vm.space.largest_free_run() == run
+        npages = vm.space.free_blocks - NFRAMES
+        assert npages > 2 * NFRAMES
+        more = vm.allocate(npages * PAGE)
+        for p in range(npages):
+            more.write(p * PAGE, page_bytes(p + 1))
+        for p in range(npages):
+            assert more.read(p * PAGE, PAGE) == page_bytes(p + 1), p
+        for p, want in kept.items():
+            assert first.read(p * PAGE, PAGE) == want, p
         vm.check()
