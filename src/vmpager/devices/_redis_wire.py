@@ -29,13 +29,22 @@ from typing import Any, TypeVar
 
 from vmpager.errors import DeviceError
 
-__all__ = ["Identity", "Retrier", "exchange", "import_redis", "server_error"]
+__all__ = [
+    "BACKOFF_FIRST_S",
+    "BACKOFF_MAX_S",
+    "Identity",
+    "Retrier",
+    "exchange",
+    "exchange_each",
+    "import_redis",
+    "server_error",
+]
 
 T = TypeVar("T")
 
 #: First and largest pause between reconnection attempts (seconds).
-_BACKOFF_FIRST_S = 0.02
-_BACKOFF_MAX_S = 0.5
+BACKOFF_FIRST_S = 0.02
+BACKOFF_MAX_S = 0.5
 #: Longest error text kept in a DeviceError (pipeline errors quote their commands).
 _DETAIL_MAX = 200
 
@@ -83,44 +92,77 @@ def server_error(
     return DeviceError(err, device, blk, f"server {where}: {_short(error)}")
 
 
-def exchange(
+def exchange_each(
     redis: Any, batches: Sequence[tuple[Any, Sequence[tuple[Any, ...]]]]
-) -> list[list[Any]]:
+) -> list[list[Any] | Exception]:
     """Send every batch's commands on one connection of its pool, then read every reply.
 
     ``batches`` holds ``(pool, commands)`` pairs, a command being a tuple of
     arguments. All commands are written before any reply is read, so the
     servers work at the same time: the cost is one round trip to the slowest
-    server plus the transfer. Replies come back per batch, in order; an
-    error reply is returned as its ``ResponseError`` (not raised). A network
-    failure (``ConnectionError``/``TimeoutError``) is raised after the
-    connections involved are closed, so none is reused with replies pending.
-    Blocks for the round trip; thread-safe (each call takes its own connections).
+    server plus the transfer. Result ``i`` is batch ``i``'s replies, in order
+    (an error reply is its ``ResponseError``, not raised), or the network
+    error (``ConnectionError``/``TimeoutError``/``OSError``) that stopped the
+    batch, whose connection is then closed so none is reused with replies
+    pending. Blocks for the round trip; thread-safe (each call takes its own
+    connections).
     """
-    taken: list[tuple[Any, Any]] = []
     response_error = redis.exceptions.ResponseError
+    taken: list[tuple[Any, Any] | None] = []
+    results: list[list[Any] | Exception] = []
     try:
         for pool, commands in batches:
-            conn = pool.get_connection()
+            conn = None
+            try:
+                conn = pool.get_connection()
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            except (redis.exceptions.RedisError, OSError) as error:
+                if conn is not None:
+                    conn.disconnect()
+                    pool.release(conn)
+                taken.append(None)
+                results.append(error)
+                continue
             taken.append((pool, conn))
-            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        replies: list[list[Any]] = []
-        for (_, conn), (_, commands) in zip(taken, batches, strict=True):
+            results.append([])
+        for index, ((_, commands), held) in enumerate(zip(batches, taken, strict=True)):
+            if held is None:
+                continue
+            conn = held[1]
             out: list[Any] = []
-            for _ in commands:
-                try:
-                    out.append(conn.read_response())
-                except response_error as error:
-                    out.append(error)
-            replies.append(out)
-        return replies
+            try:
+                for _ in commands:
+                    try:
+                        out.append(conn.read_response())
+                    except response_error as error:
+                        out.append(error)
+            except (redis.exceptions.RedisError, OSError) as error:
+                conn.disconnect()
+                results[index] = error
+                continue
+            results[index] = out
+        return results
     except BaseException:
-        for _, conn in taken:
-            conn.disconnect()
+        for held in taken:
+            if held is not None:
+                held[1].disconnect()
         raise
     finally:
-        for pool, conn in taken:
-            pool.release(conn)
+        for held in taken:
+            if held is not None:
+                held[0].release(held[1])
+
+
+def exchange(
+    redis: Any, batches: Sequence[tuple[Any, Sequence[tuple[Any, ...]]]]
+) -> list[list[Any]]:
+    """``exchange_each``, raising the first network error instead of returning it."""
+    replies: list[list[Any]] = []
+    for result in exchange_each(redis, batches):
+        if isinstance(result, Exception):
+            raise result
+        replies.append(result)
+    return replies
 
 
 class Identity:
@@ -235,7 +277,7 @@ class Retrier:
     ) -> T:
         """``op()`` with retries; ``DeviceError`` (naming the server) when it cannot succeed."""
         deadline = time.monotonic() + self._retry_s
-        delay = _BACKOFF_FIRST_S
+        delay = BACKOFF_FIRST_S
         while True:
             try:
                 return op()
@@ -259,7 +301,7 @@ class Retrier:
             with self._lock:
                 self.retries += 1
             time.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+            delay = min(delay * 2, BACKOFF_MAX_S)
             if self._refresh is not None:
                 try:
                     self._refresh()
