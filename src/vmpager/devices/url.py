@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from vmpager.devices.protocol import BlockDevice
 from vmpager.units import check_int, parse_size
 
-__all__ = ["SwapURL", "is_swap_url", "open_swap_url", "parse_swap_url"]
+__all__ = ["SwapURL", "is_swap_url", "open_swap_url", "parse_swap_url", "redact_url"]
 
 SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
 PARAMETERS = ("size", "replicas", "timeout", "retry", "prefix", "ca")
@@ -80,8 +80,8 @@ def is_swap_url(spec: object) -> bool:
     return isinstance(spec, str) and "://" in spec
 
 
-def _redacted(text: str) -> str:
-    """``text`` with any password replaced by ``***`` (for error messages)."""
+def redact_url(text: str) -> str:
+    """``text`` with any URL password replaced by ``***`` (for messages and logs)."""
     try:
         parts = urllib.parse.urlsplit(text)
     except ValueError:
@@ -112,7 +112,7 @@ def parse_swap_url(spec: str) -> SwapURL:
     """
     if not isinstance(spec, str):
         raise TypeError(f"a swap URL must be a string, got {type(spec).__name__}")
-    shown = _redacted(spec)
+    shown = redact_url(spec)
     try:
         parts = urllib.parse.urlsplit(spec)
         port = parts.port
