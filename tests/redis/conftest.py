@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("redis", reason="redis-py is not installed (pip install 'vmpager[redis]')")
 
-from vmpager.testing.redis import (  # noqa: E402
+from vmpager.testing.redis import (
     RedisClusterProcesses,
     RedisServer,
     server_binaries,

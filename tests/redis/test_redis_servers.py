@@ -50,8 +50,12 @@ def replica_of_private(private_server: RedisServer) -> Iterator[RedisServer]:
     replica.stop()
 
 
-def test_vm_pages_to_two_servers_striped(private_server: RedisServer, second_server: RedisServer) -> None:
-    urls = [f"{s.url}?size=4M&prefix=stripe{i}:" for i, s in enumerate((private_server, second_server))]
+def test_vm_pages_to_two_servers_striped(
+    private_server: RedisServer, second_server: RedisServer
+) -> None:
+    urls = [
+        f"{s.url}?size=4M&prefix=stripe{i}:" for i, s in enumerate((private_server, second_server))
+    ]
     with VM(memory="256K", swap=urls, layout="stripe") as vm:
         assert [d.name for d in vm.swapinfo()] == [
             f"redis://127.0.0.1:{private_server.port}/0/stripe0:",
@@ -192,7 +196,9 @@ def test_server_restarted_empty_is_reported_lost_never_zeros(private_server: Red
         device.close()
 
 
-def test_dead_server_fails_its_pages_only(private_server: RedisServer, second_server: RedisServer) -> None:
+def test_dead_server_fails_its_pages_only(
+    private_server: RedisServer, second_server: RedisServer
+) -> None:
     urls = [f"{s.url}?size=2M&timeout=0.5&retry=0" for s in (private_server, second_server)]
     config = VMConfig(daemon_thread=False)
     with VM(memory="128K", swap=urls, layout="stripe", config=config) as vm:
@@ -214,7 +220,9 @@ def test_dead_server_fails_its_pages_only(private_server: RedisServer, second_se
         assert failed > 0 and ok > obj.npages // 4
 
 
-def test_read_many_is_one_pipeline(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_many_is_one_pipeline(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vmpager.devices import _redis_wire
 
     device = open_swap_url(f"{redis_server.url}?size=1M", PAGE)

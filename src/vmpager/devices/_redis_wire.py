@@ -52,8 +52,9 @@ _DETAIL_MAX = 200
 def import_redis() -> Any:
     """The ``redis`` module, or ImportError saying how to install it."""
     try:
-        import redis
         import redis.cluster
+
+        import redis
     except ImportError as error:
         raise ImportError(
             "Redis swap needs the redis package: pip install 'vmpager[redis]' (or redis>=5)"
@@ -173,8 +174,10 @@ class Identity:
     their value. ``on_connect`` is given to redis-py as ``redis_connect_func``:
     once ``armed`` (after the keys are written) it reads the keys on each new
     connection; a key the server answers for but does not hold (or holds
-    with another value) means the server lost its data, and every key range
-    it answered for is recorded as lost. Thread-safe.
+    with another value) means the server lost its data, and every such key
+    range is recorded as lost. A connection is refused (``ConnectionError``,
+    so the request retries) until the server can answer for its keys (not
+    while it reports CLUSTERDOWN or TRYAGAIN). Thread-safe.
     """
 
     def __init__(self, redis: Any, keys: Sequence[bytes]) -> None:
@@ -194,11 +197,15 @@ class Identity:
         conn.send_packed_command(conn.pack_commands([("GET", key) for key in self.keys]))
         where = f"{conn.host}:{conn.port}"
         missing: list[int] = []
+        unsure: BaseException | None = None
         for index in range(len(self.keys)):
             try:
                 value = conn.read_response()
-            except self._redis.exceptions.ResponseError:
-                continue  # MOVED/CLUSTERDOWN: not this server's key, or it cannot say
+            except self._redis.exceptions.MovedError:
+                continue  # a key another server answers for
+            except self._redis.exceptions.ResponseError as error:
+                unsure = error  # CLUSTERDOWN, TRYAGAIN...: the server cannot say yet
+                continue
             if value != self.token:
                 missing.append(index)
         if missing:
@@ -207,6 +214,11 @@ class Identity:
                     self._lost.setdefault(index, where)
             raise self._redis.exceptions.ConnectionError(
                 f"{where} restarted without the data of this swap device"
+            )
+        if unsure is not None:
+            # Not used before the server can vouch for its data: the request retries.
+            raise self._redis.exceptions.ConnectionError(
+                f"{where} cannot confirm it holds this swap device's data yet ({unsure})"
             )
 
     def lost(self, index: int | None = None) -> str | None:

@@ -314,14 +314,14 @@ class RedisClusterDevice:
                 retry = []
             for piece in final:
                 if not isinstance(piece.error, DeviceError):
-                    error = piece.error if piece.error is not None else RuntimeError("failed")
+                    cause = piece.error if piece.error is not None else RuntimeError("failed")
                     piece.error = server_error(
-                        self._redis, error, self._name, piece.blk, piece.where or self._seed
+                        self._redis, cause, self._name, piece.blk, piece.where or self._seed
                     )
             if final and not partial:
-                error = final[0].error
-                assert isinstance(error, DeviceError)
-                raise error
+                first = final[0].error
+                assert isinstance(first, DeviceError)
+                raise first
             if not retry:
                 return
             with self._stat_lock:
@@ -374,7 +374,7 @@ class RedisClusterDevice:
                     piece.error = result
                 continue
             acked = result[-1] if wait else None
-            short = wait and (isinstance(acked, Exception) or acked < self._replicas)
+            short = wait and (not isinstance(acked, int) or acked < self._replicas)
             for piece, reply in zip(group, result, strict=False):
                 if isinstance(reply, Exception):
                     piece.error = reply

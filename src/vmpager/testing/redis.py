@@ -33,7 +33,9 @@ def server_binaries() -> tuple[str, str] | str:
     server = shutil.which("redis-server")
     cli = shutil.which("redis-cli")
     if server is None or cli is None:
-        missing = " and ".join(n for n, p in (("redis-server", server), ("redis-cli", cli)) if not p)
+        missing = " and ".join(
+            n for n, p in (("redis-server", server), ("redis-cli", cli)) if not p
+        )
         return f"{missing} not installed (Debian package {PACKAGE}; scripts/test.sh installs it)"
     return server, cli
 
@@ -138,7 +140,9 @@ class RedisServer:
                 except redis.exceptions.ConnectionError:
                     if time.monotonic() > deadline or self.process.poll() is not None:
                         self.stop()
-                        raise RuntimeError(f"redis-server on port {self.port} did not start")
+                        raise RuntimeError(
+                            f"redis-server on port {self.port} did not start"
+                        ) from None
                     time.sleep(0.02)
         finally:
             client.close()
@@ -230,7 +234,8 @@ class RedisClusterProcesses:
         return sorted(a for a, r in self.roles().items() if r == "master")
 
     def wait_until_ok(self, expect_masters: int | None = None, timeout: float = 30.0) -> None:
-        """Wait until every live server reports ``cluster_state:ok`` (and the masters count)."""
+        """Wait until every live server reports ``cluster_state:ok``, every replica's link to
+        its master is up, and (if given) there are ``expect_masters`` masters."""
         deadline = time.monotonic() + timeout
         while True:
             states = []
@@ -241,7 +246,12 @@ class RedisClusterProcesses:
                 try:
                     info = client.execute_command("CLUSTER", "INFO")
                     text = info.decode() if isinstance(info, bytes) else str(info)
-                    states.append("cluster_state:ok" in text)
+                    replication = client.info("replication")
+                    synced = (
+                        replication.get("role") == "master"
+                        or replication.get("master_link_status") == "up"
+                    )
+                    states.append("cluster_state:ok" in text and synced)
                 except Exception:
                     states.append(False)
                 finally:

@@ -201,7 +201,7 @@ class VM:
         if isinstance(spec, tuple):
             path, size = spec
             device: BlockDevice = self._open_file_device(path, size)
-        elif is_swap_url(spec):
+        elif isinstance(spec, str) and is_swap_url(spec):
             device = open_swap_url(spec, self.page_size, replicas=self._swap_replicas)
             self._owned_devices.append(device)
         elif isinstance(spec, str):
