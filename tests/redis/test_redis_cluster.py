@@ -127,7 +127,7 @@ def test_batched_page_ins_are_one_pipeline_per_master(
 
 def test_open_checks_every_master(redis_cluster: RedisClusterProcesses) -> None:
     with pytest.raises(ValueError, match=r"replicas=2 asked, but 1 replica\(s\) are connected"):
-        _device(redis_cluster, 16, replicas="2", timeout="0.3")
+        _device(redis_cluster, 16, replicas="2", timeout="1")
     address = redis_cluster.masters()[1]
     client = redis_cluster.by_address(address).client()
     client.config_set("maxmemory-policy", "allkeys-lru")

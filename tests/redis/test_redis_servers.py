@@ -119,13 +119,13 @@ def test_evicting_server_is_refused_naming_it(private_server: RedisServer) -> No
 
 def test_replicas_need_connected_replicas(private_server: RedisServer) -> None:
     with pytest.raises(ValueError, match=r"replicas=1 asked, but 0 replica\(s\) are connected"):
-        open_swap_url(f"{private_server.url}?size=1M&timeout=0.3", PAGE, replicas=1)
+        open_swap_url(f"{private_server.url}?size=1M&timeout=1", PAGE, replicas=1)
 
 
 def test_writes_wait_for_the_replica(
     private_server: RedisServer, replica_of_private: RedisServer
 ) -> None:
-    device = open_swap_url(f"{private_server.url}?size=1M&replicas=1&timeout=0.5&retry=0.5", PAGE)
+    device = open_swap_url(f"{private_server.url}?size=1M&replicas=1&timeout=1&retry=0.5", PAGE)
     assert isinstance(device, RedisDevice) and device.replicas == 1
     try:
         device.write_blocks(0, [_page(7) * 4])

@@ -37,6 +37,7 @@ __all__ = [
     "exchange",
     "exchange_each",
     "import_redis",
+    "pack",
     "server_error",
 ]
 
@@ -93,6 +94,28 @@ def server_error(
     return DeviceError(err, device, blk, f"server {where}: {_short(error)}")
 
 
+def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    """The commands in the Redis protocol (RESP), as one buffer: one ``sendall`` for all.
+
+    Arguments are bytes, byte memoryviews (block data, copied once here),
+    ints or str. redis-py's packer sends each memoryview as a chunk of its
+    own (a system call per block); this is the reason for our own.
+    """
+    parts: list[Any] = []
+    append = parts.append
+    for command in commands:
+        append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, int):
+                arg = b"%d" % arg
+            elif isinstance(arg, str):
+                arg = arg.encode()
+            append(b"$%d\r\n" % len(arg))
+            append(arg)
+            append(b"\r\n")
+    return b"".join(parts)
+
+
 def exchange_each(
     redis: Any, batches: Sequence[tuple[Any, Sequence[tuple[Any, ...]]]]
 ) -> list[list[Any] | Exception]:
@@ -116,7 +139,7 @@ def exchange_each(
             conn = None
             try:
                 conn = pool.get_connection()
-                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                conn.send_packed_command([pack(commands)], check_health=False)
             except (redis.exceptions.RedisError, OSError) as error:
                 if conn is not None:
                     conn.disconnect()

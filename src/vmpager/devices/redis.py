@@ -166,7 +166,7 @@ class RedisDevice:
             self._pool = server.connection_pool
         where = server.display if isinstance(server, SwapURL) else self._describe_server()
         self._name = name if name is not None else f"{where}/{prefix}"
-        self._wait_ms = max(1, int(timeout * 800))  # WAIT gives up before the socket times out
+        self._wait_ms = max(1, int(timeout * 500))  # WAIT gives up well before the socket does
         self._delete_on_close = bool(delete_on_close)
         self._counters = DeviceCounters()
         self._retrier = Retrier(redis, self._name, float(retry))

@@ -141,7 +141,7 @@ class RedisClusterDevice:
         self._prefix = prefix.encode()
         self._name = name if name is not None else f"{url.display}/{prefix}"
         self._retry_s = float(retry)
-        self._wait_ms = max(1, int(timeout * 800))
+        self._wait_ms = max(1, int(timeout * 500))  # WAIT gives up well before the socket does
         self._delete_on_close = bool(delete_on_close)
         self._counters = DeviceCounters()
         self._close_lock = threading.Lock()
