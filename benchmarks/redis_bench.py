@@ -4,8 +4,9 @@ Targets (one private redis-server, and a private 3-master Redis Cluster, on
 this machine, started by the benchmark; loopback networking):
 
 - ``vm_out``: an object of ``--mib`` MiB, written whole while it fits in
-  memory, then timed: ``vm.pageout()`` + ``vm.sync()`` (every page written to
-  the server through the page daemon's clusters of 64 pages);
+  memory, then timed: ``vm.pageout(asynchronous=True)`` + ``vm.sync()``
+  (every page written to the server in the page daemon's clusters of 64
+  pages, asynchronously, ``swap_async_max`` in flight, as the daemon does);
 - ``vm_in``: then timed: ``obj.read_pages`` over every page in chunks of
   ``--chunk`` pages (batched page-ins: ``SwapSpace.read_many``, one pipeline
   per server);
@@ -123,7 +124,8 @@ def vm_run(
         before = vm.statistics()
 
         def out() -> int:
-            vm.pageout(npages)
+            # As the page daemon does: clusters written asynchronously, a few in flight.
+            vm.pageout(npages, asynchronous=True)
             vm.sync()
             return vm.statistics().pageout_pages - before.pageout_pages
 
@@ -245,6 +247,7 @@ def main() -> int:
 
     import redis
 
+    load_at_start = os.getloadavg()
     npages = args.mib * 256
     rng = np.random.default_rng(42)
     data = rng.integers(0, 256, size=(npages, PAGE), dtype=np.uint8)
@@ -323,6 +326,7 @@ def main() -> int:
     report = {
         "benchmark": "redis",
         "machine": machine(),
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "config": {
             "mib": args.mib,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -101,3 +102,42 @@ def test_master_back_empty_before_failover_is_reported_lost(
     finally:
         device.close()
         redis_cluster.wait_until_ok(expect_masters=3)
+
+
+@pytest.fixture(scope="module")
+def cluster_without_replicas() -> Iterator[RedisClusterProcesses]:
+    cluster = RedisClusterProcesses(masters=3, replicas=0)
+    yield cluster
+    cluster.stop()
+
+
+def test_dead_master_without_replicas_fails_its_pages_only(
+    cluster_without_replicas: RedisClusterProcesses,
+) -> None:
+    cluster = cluster_without_replicas
+    device = RedisClusterDevice(cluster.url, 64 * 16, PAGE, timeout=1.0, retry=0.2, group_blocks=16)
+    try:
+        for group in range(64):
+            device.write_blocks(group * 16, [_page(group, 3)])
+        victim = device._pool(device.slot_of(0))[1]
+        cluster.by_address(victim).kill()
+        lost = kept = 0
+        for group in range(64):
+            back = bytearray(b"\xee" * PAGE)
+            try:
+                device.read_blocks(group * 16, [back])
+            except DeviceError as error:
+                assert victim in str(error), error
+                assert back == b"\xee" * PAGE  # never zeros
+                lost += 1
+                continue
+            assert back == _page(group, 3)
+            kept += 1
+        assert lost >= 8 and kept >= 16, (lost, kept)
+        # Writes elsewhere keep working; writes to the dead master's slots fail.
+        alive = next(g for g in range(64) if device._pool(device.slot_of(g * 16))[1] != victim)
+        device.write_blocks(alive * 16, [_page(alive, 4)])
+        with pytest.raises(DeviceError, match=victim):
+            device.write_blocks(0, [_page(0, 4)])
+    finally:
+        device.close()
