@@ -131,7 +131,7 @@ def vm_run(
 
         out_m = meter(out)
         mid = vm.statistics()
-        assert mid.resident_npages < npages // 50, mid.resident_npages
+        assert mid.resident_npages < npages // 10, mid.resident_npages
 
         def back() -> int:
             for first in range(0, npages, chunk):

@@ -7,6 +7,7 @@ import errno
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from vmpager.devices.redis import RedisDevice
 from vmpager.devices.url import open_swap_url
 from vmpager.errors import DeviceError
 from vmpager.io.fanout import Fanout
-from vmpager.testing.redis import RedisServer, free_port
+from vmpager.testing.redis import RedisServer, free_port, make_tls_files
 from vmpager.vm.config import VMConfig
 from vmpager.vm.system import VM
 
@@ -261,3 +262,22 @@ def test_unwritten_blocks_are_zero_and_size_is_checked(redis_server: RedisServer
     device.read_blocks(15, [back])
     assert back == bytes(PAGE)
     device.close()
+
+
+def test_tls_server_by_rediss_url(tmp_path: Path) -> None:
+    files = make_tls_files(tmp_path)
+    server = RedisServer(tls=files)
+    try:
+        with VM(memory="64K", swap=[f"{server.url}?size=1M&ca={files['ca']}"]) as vm:
+            assert vm.swapinfo()[0].name.startswith(f"rediss://127.0.0.1:{server.port}/0/")
+            obj = vm.allocate(512 << 10)
+            for p in range(obj.npages):
+                obj.write(p * PAGE, _page(p))
+            assert vm.statistics().pageout_pages > 0
+            for p in range(obj.npages):
+                assert obj.read(p * PAGE, PAGE) == _page(p)
+        # Without the CA the server's certificate is not trusted: named, at open.
+        with pytest.raises(DeviceError, match=f"server 127.0.0.1:{server.port}"):
+            open_swap_url(f"{server.url}?size=1M&timeout=2", PAGE)
+    finally:
+        server.stop()

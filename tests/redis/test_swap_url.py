@@ -77,6 +77,8 @@ def test_vm_refuses_a_bad_url_before_paging() -> None:
         VM(memory="1M", swap=["redis://127.0.0.1:1/0"])
     with pytest.raises(ValueError, match=r"replicas must be in \[0, 16\]"):
         VM(memory="1M", swap=[], replicas=17)
+    with VM(memory="1M", swap=[]) as vm, pytest.raises(ValueError, match=r"'\?size=\.\.\.'"):
+        vm.swapon("redis://127.0.0.1:1/0", "4G")
 
 
 def test_command_line_reports_a_bad_url(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,7 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RedisClusterProcesses", "RedisServer", "free_port", "server_binaries"]
+__all__ = [
+    "RedisClusterProcesses",
+    "RedisServer",
+    "free_port",
+    "make_tls_files",
+    "server_binaries",
+]
 
 PACKAGE = "redis-server"
 _START_TIMEOUT_S = 15.0
@@ -59,10 +65,49 @@ def free_port(*, bus: bool = False) -> int:
     raise RuntimeError("no free port pair found")
 
 
-def _client(port: int, password: str | None = None) -> Any:
+def _client(port: int, password: str | None = None, ca: str | None = None) -> Any:
     import redis
 
-    return redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=5)
+    tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": ca} if ca is not None else {}
+    return redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=5, **tls)
+
+
+def make_tls_files(directory: Path) -> dict[str, str]:
+    """A private CA and a certificate for 127.0.0.1 signed by it (``openssl``), one day long.
+
+    Returns the paths: ``ca`` (the CA certificate), ``cert`` and ``key`` (the
+    server's). ``RuntimeError`` when the openssl program is missing.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("openssl is not installed (Debian package openssl)")
+    files = {name: str(directory / f"{name}.pem") for name in ("ca", "ca_key", "cert", "key")}
+    csr = str(directory / "server.csr")
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    quiet = {"check": True, "capture_output": True, "timeout": 60}
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", files["ca_key"], "-out", files["ca"], "-subj", "/CN=vmpager test CA"),
+        ],
+        **quiet,  # type: ignore[call-overload]
+    )
+    subprocess.run(
+        [
+            *(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", files["key"]),
+            *("-out", csr, "-subj", "/CN=127.0.0.1"),
+        ],
+        **quiet,  # type: ignore[call-overload]
+    )
+    subprocess.run(
+        [
+            *(openssl, "x509", "-req", "-in", csr, "-CA", files["ca"], "-CAkey", files["ca_key"]),
+            *("-CAcreateserial", "-out", files["cert"], "-days", "1", "-extfile", str(ext)),
+        ],
+        **quiet,  # type: ignore[call-overload]
+    )
+    return files
 
 
 class RedisServer:
@@ -76,6 +121,7 @@ class RedisServer:
         extra: list[str] | None = None,
         password: str | None = None,
         cluster_dir: Path | None = None,
+        tls: dict[str, str] | None = None,
     ) -> None:
         found = server_binaries()
         if binary is None:
@@ -85,10 +131,15 @@ class RedisServer:
         self.binary = binary
         self.port = port if port is not None else free_port(bus=cluster_dir is not None)
         self.password = password
+        self.ca = tls["ca"] if tls is not None else None
+        listen = ["--port", str(self.port)]
+        if tls is not None:  # TLS only: the plain port is off
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            listen += ["--tls-cert-file", tls["cert"], "--tls-key-file", tls["key"]]
+            listen += ["--tls-ca-cert-file", tls["ca"]]
         args = [
             binary,
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -114,7 +165,8 @@ class RedisServer:
                 str(cluster_dir),
             ]
         self.args = args + (extra or [])
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if tls is not None else "redis"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -149,7 +201,7 @@ class RedisServer:
 
     def client(self) -> Any:
         """A new ``redis.Redis`` for this server (the caller closes it)."""
-        return _client(self.port, self.password)
+        return _client(self.port, self.password, self.ca)
 
     def kill(self) -> None:
         """SIGKILL the server (its data is gone; a restart comes back empty)."""

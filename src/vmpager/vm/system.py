@@ -200,6 +200,8 @@ class VM:
     def _add_swap(self, spec: SwapSpec) -> BlockDevice:
         if isinstance(spec, tuple):
             path, size = spec
+            if is_swap_url(path):
+                raise ValueError(f"a swap URL gives its size as '?size=...', not apart: {spec!r}")
             device: BlockDevice = self._open_file_device(path, size)
         elif isinstance(spec, str) and is_swap_url(spec):
             device = open_swap_url(spec, self.page_size, replicas=self._swap_replicas)
