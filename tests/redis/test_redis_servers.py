@@ -13,10 +13,10 @@ import pytest
 
 from vmpager.devices.redis import RedisDevice
 from vmpager.devices.url import open_swap_url
-from vmpager.errors import DeviceError
+from vmpager.errors import DeviceError, SwapExhausted
 from vmpager.io.fanout import Fanout
 from vmpager.testing.redis import RedisServer, free_port, make_tls_files
-from vmpager.vm.config import VMConfig
+from vmpager.vm.config import VMConfig, WriteErrorPolicy
 from vmpager.vm.system import VM
 
 pytestmark = pytest.mark.redis
@@ -281,3 +281,39 @@ def test_tls_server_by_rediss_url(tmp_path: Path) -> None:
             open_swap_url(f"{server.url}?size=1M&timeout=2", PAGE)
     finally:
         server.stop()
+
+
+def test_network_errors_go_through_the_write_error_policy(
+    private_server: RedisServer, second_server: RedisServer
+) -> None:
+    urls = [f"{s.url}?size=2M&timeout=0.5&retry=0" for s in (private_server, second_server)]
+    config = VMConfig(daemon_thread=False, write_error_policy=WriteErrorPolicy.SEED)
+    with VM(memory="128K", swap=urls, config=config) as vm:
+        obj = vm.allocate(1 << 20)
+        model = {}
+        for p in range(obj.npages):
+            obj.write(p * PAGE, _page(p + 1))
+            model[p] = _page(p + 1)
+        second_server.kill()
+        # Whole pages rewritten: pageouts that meet the dead server fail (EIO, like
+        # a disk's) and the policy marks their blocks bad; the pages stay dirty.
+        # (The VM may then report SwapExhausted, as it does for a disk failing
+        # every write; what was written stays readable either way.)
+        try:
+            for version in (2, 3):
+                for p in range(obj.npages):
+                    obj.write(p * PAGE, _page(p * version + 7))
+                    model[p] = _page(p * version + 7)
+        except SwapExhausted:
+            pass
+        stats = vm.statistics()
+        assert stats.write_errors > 0 and stats.bad_blocks_marked > 0
+        vm.check()
+        for p in range(obj.npages):
+            try:
+                data = obj.read(p * PAGE, PAGE)
+            except DeviceError as error:  # its only copy was on the dead server
+                assert f"127.0.0.1:{second_server.port}" in str(error)
+                continue
+            assert data == model[p], p
+        vm.check()
