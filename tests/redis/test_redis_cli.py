@@ -75,6 +75,7 @@ def test_vmpager_run_names_an_unreachable_seed() -> None:
     assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.clients
 def test_vmpager_serve_with_swap_on_the_cluster(
     redis_cluster: RedisClusterProcesses, tmp_path: Path
 ) -> None:

@@ -203,8 +203,11 @@ class Identity:
     while it reports CLUSTERDOWN or TRYAGAIN). Thread-safe.
     """
 
-    def __init__(self, redis: Any, keys: Sequence[bytes]) -> None:
+    def __init__(self, redis: Any, keys: Sequence[bytes], *, handshake: bool = True) -> None:
         self._redis = redis
+        #: Whether ``on_connect`` does the connection's handshake first (a plain
+        #: pool's hook must; RedisCluster does it before calling the hook).
+        self._handshake = handshake
         self.token = uuid.uuid4().hex.encode()
         self.keys = list(keys)
         self.armed = False
@@ -214,7 +217,8 @@ class Identity:
 
     def on_connect(self, conn: Any) -> None:
         """redis-py connect hook: handshake, then check the identity keys (once armed)."""
-        conn.on_connect()
+        if self._handshake:
+            conn.on_connect()
         if not self.armed or not self.keys:
             return
         conn.send_packed_command(conn.pack_commands([("GET", key) for key in self.keys]))

@@ -151,7 +151,7 @@ class RedisClusterDevice:
         self._stat_lock = threading.Lock()
         #: slot -> index of the identity key (master at open) that vouches for it.
         self._vouch = np.full(_NSLOTS, -1, dtype=np.int16)
-        self._identity = Identity(redis, [])
+        self._identity = Identity(redis, [], handshake=False)
         kwargs: dict[str, Any] = {
             "host": url.host,
             "port": url.port,
