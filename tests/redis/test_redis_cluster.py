@@ -79,7 +79,7 @@ def test_blocks_spread_over_every_master(redis_cluster: RedisClusterProcesses) -
             client.close()
         assert len(per_master) == 3
         # 64 groups hashed over 3 masters: every master holds a fair share.
-        assert all(count >= 8 for count in per_master.values()), per_master
+        assert all(count >= 5 for count in per_master.values()), per_master
         assert sum(per_master.values()) == 64
 
 
