@@ -12,6 +12,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from vmpager.devices.url import redact_url
+from vmpager.errors import DeviceError
 from vmpager.units import format_size, parse_size
 from vmpager.vm.system import VM
 from vmpager.workload import PATTERNS, Workload
@@ -155,7 +157,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     err = sys.stderr
     print(
         f"vmpager run: {format_size(size)} object, {format_size(memory)} memory, "
-        f"swap: {', '.join(args.swap) if args.swap else 'private swap file (temporary)'}",
+        f"swap: {', '.join(map(redact_url, args.swap)) if args.swap else 'private swap file'}",
         file=err,
     )
     for pattern in patterns:
@@ -334,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--swap",
         action="append",
-        metavar="PATH[:SIZE]",
-        help="swap device (repeatable); default: a private temporary swap file",
+        metavar="PATH[:SIZE]|URL",
+        help="swap device (repeatable): a file, or a URL such as redis://host:6379/0?size=4G "
+        "or redis+cluster://host:6379?size=64G; default: a private temporary swap file",
     )
     run.add_argument("--accesses", type=int, default=None, help="accesses for random/zipf")
     run.add_argument("--no-verify", action="store_true", help="skip the final verification")
@@ -354,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--export", action="append", metavar="NAME:SIZE", help="another export (repeatable)"
     )
     serve.add_argument("--memory", default="256M", help="memory budget (default 256M)")
-    serve.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
+    serve.add_argument("--swap", action="append", metavar="PATH[:SIZE]|URL")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT (default loopback)")
     where.add_argument("--unix", metavar="PATH", help="serve on a unix socket instead")
@@ -387,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     stress.set_defaults(func=_cmd_stress)
 
     swapinfo = sub.add_parser("swapinfo", help="list swap devices and their use (like swapctl -l)")
-    swapinfo.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
+    swapinfo.add_argument("--swap", action="append", metavar="PATH[:SIZE]|URL")
     swapinfo.add_argument("--memory", default="16M")
     swapinfo.add_argument("--json", action="store_true")
     swapinfo.set_defaults(func=_cmd_swapinfo)
@@ -401,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
     except (ValueError, TypeError) as exc:
         parser.exit(2, f"vmpager: error: {exc}\n")
+    except DeviceError as exc:  # a swap device that cannot be opened (unreachable server...)
+        parser.exit(1, f"vmpager: error: {exc}\n")
     except KeyboardInterrupt:
         return 130
     return result
