@@ -41,6 +41,7 @@ import os
 import pstats
 import resource
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -520,15 +521,18 @@ def run_kernel(
     """One run of kworkload in its cgroup on the kernel's swap, in the report's fields."""
     disk = _disk_of(swap.directory)
     disk_before = _diskstats(disk)
-    result = kernel.run_kernel(
-        pattern,  # type: ignore[arg-type]
-        mib,
-        limit_mib,
-        swap=swap,
-        binary=binary,
-        accesses=accesses,
-        willneed=willneed,
-    )
+    try:
+        result = kernel.run_kernel(
+            pattern,  # type: ignore[arg-type]
+            mib,
+            limit_mib,
+            swap=swap,
+            binary=binary,
+            accesses=accesses,
+            willneed=willneed,
+        )
+    except OSError as exc:  # the cgroup: permissions, a controller that cannot be enabled
+        raise kernel.KernelBenchError(f"{exc}; needs root and a writable memory cgroup") from exc
     disk_after = _diskstats(disk)
     return {
         "system": "kernel-batch" if willneed else "kernel",
@@ -559,7 +563,13 @@ def _kernel_side(
         return
     with tempfile.TemporaryDirectory(prefix="vmpager-bench-") as bindir:
         binary = kernel.compile_kworkload(bindir)
-        with kernel.SwapFile(max(2 * mib, 1024), directory) as swap:
+        with contextlib.ExitStack() as stack:
+            try:
+                swap = stack.enter_context(kernel.SwapFile(max(2 * mib, 1024), directory))
+            except (OSError, subprocess.CalledProcessError) as exc:
+                raise kernel.KernelBenchError(
+                    f"could not set up a swap file in {directory}: {exc}"
+                ) from exc
             yield swap, binary
 
 
@@ -775,7 +785,9 @@ def run_bench(
                             f"pages in {run['pages_in']:,} out {run['pages_out']:,}"
                         )
     except kernel.KernelBenchError as exc:
-        raise BenchError(f"kernel side: {exc}") from exc
+        raise BenchError(
+            f"--kernel: the kernel side failed: {exc} (--kernel no runs vmpager alone)"
+        ) from exc
     finally:
         swap.close_all()
     overall.finish()
