@@ -166,6 +166,11 @@ def _run_workload(args: argparse.Namespace) -> tuple[str, int, int, int | None]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     name, size, memory, accesses = _run_workload(args)
+    _check_swap_specs(args.swap)
+    if args.swap:
+        # Open the devices once before anything is printed: a bad one fails at once.
+        with blame("--swap"):
+            VM(memory=memory, swap=args.swap).close()
     patterns = list(PATTERNS) if args.pattern == "all" else [args.pattern]
     reports = []
     console = Console(sys.stderr, sys.stdout, quiet=args.json and not sys.stderr.isatty())
@@ -241,6 +246,22 @@ def _print_report(r: dict[str, Any]) -> None:
     )
 
 
+def _check_swap_specs(specs: Sequence[str] | None) -> None:
+    """Refuse, as a usage error, a ``--swap PATH`` without a size whose file does not exist.
+
+    Everything else about a device is checked by opening it as ``VM()`` does.
+    URLs (``scheme://...``) are left to the devices that understand them.
+    """
+    for spec in specs or ():
+        if "://" in spec:
+            continue
+        path = _swap_path(spec)
+        if path == spec and not os.path.exists(path):
+            raise CliError(
+                f"--swap {path}: no such file; give PATH:SIZE (e.g. {path}:4G) to create it", 2
+            )
+
+
 def _swap_path(spec: str) -> str:
     """The file a ``--swap`` spec names (``PATH:SIZE`` or ``PATH``), parsed as VM() does."""
     path, sep, size_text = spec.rpartition(":")
@@ -258,6 +279,9 @@ def _cmd_swapinfo(args: argparse.Namespace) -> int:
     """
     memory = parse_size(args.memory, "--memory", minimum=4 * 4096)
     page_size = parse_size(args.page_size, "--page-size", minimum=4096)
+    if page_size & (page_size - 1):
+        raise ValueError(f"--page-size must be a power of two >= 4K, got {args.page_size}")
+    _check_swap_specs(args.swap)
     if not args.swap:
         directory = tempfile.gettempdir()
         message = (
@@ -356,6 +380,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     exports = _parse_exports(args)
     memory = parse_size(args.memory, "--memory", minimum=16 * 4096)
     host, port = _parse_listen(args.listen)
+    _check_swap_specs(args.swap)
     with blame("--swap"):
         vm = VM(memory=memory, swap=args.swap or None)
     with vm:
@@ -459,6 +484,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise CliError(f"{option} {path}: no such directory; create it first")
     if not os.path.isdir(args.swap_dir):
         raise CliError(f"--swap-dir {args.swap_dir}: no such directory; create it first")
+    try:
+        paging.kernel_plan(options)  # --kernel yes that cannot be honoured: fail before starting
+    except paging.BenchError as exc:
+        raise CliError(str(exc)) from exc
     console = Console(sys.stderr, sys.stdout)
     console.note(
         f"vmpager bench: {format_size(size)} object, {format_size(memory)} memory, "

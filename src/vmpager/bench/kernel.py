@@ -81,9 +81,9 @@ def unavailable() -> str | None:
     compiler. Cheap; changes nothing.
     """
     if sys.platform != "linux":
-        return f"the kernel side needs Linux (this is {sys.platform})"
+        return f"it needs Linux (this is {sys.platform})"
     if os.geteuid() != 0:
-        return "the kernel side needs root (swapon and memory cgroups); run as root"
+        return "it needs root (swapon and memory cgroups); run as root"
     missing = [tool for tool in ("mkswap", "swapon", "swapoff") if shutil.which(tool) is None]
     if missing:
         return f"{', '.join(missing)} not found; install util-linux"
