@@ -97,9 +97,10 @@ class _PlainBar:
         frac = min(self.done / self.total, 1.0)
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        speed = f"{rate:,.0f}/s" if rate >= 10 else f"{rate * 60:,.1f}/min"
         return (
             f"{self.label}: {frac:4.0%} ({self.done:,}/{self.total:,}), "
-            f"{rate:,.0f}/s, ETA {format_duration(eta)}"
+            f"{speed}, ETA {format_duration(eta)}"
         )
 
     def update(self, done: int) -> None:
