@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -554,11 +555,17 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
-    """Let SIGTERM unwind through the finally blocks (swapoff, cgroup removal)."""
+    """Let SIGTERM unwind through the finally blocks (swapoff, cgroup removal).
+
+    Only the main thread can set signal handlers; elsewhere this does nothing.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
