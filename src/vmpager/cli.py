@@ -432,14 +432,16 @@ def _cmd_stress(args: argparse.Namespace) -> int:
         file=err,
     )
 
-    def progress(elapsed: float, ops: int) -> None:
-        if err.isatty():
-            err.write(f"\r  {elapsed:6.1f} s  {ops:>10,} operations")
-            err.flush()
+    # Progress in tenths of a second of the run (on a terminal only: a log gets the summary).
+    console = Console(err, quiet=not err.isatty())
+    bar = console.bar("stress", max(round(config.seconds * 10), 1))
 
-    report = run_stress(config, progress=progress)
-    if err.isatty():
-        err.write("\n")
+    def progress(elapsed: float, ops: int) -> None:
+        bar.update(round(elapsed * 10))
+
+    with console:
+        report = run_stress(config, progress=progress)
+        bar.finish()
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         print()
