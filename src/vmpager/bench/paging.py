@@ -58,7 +58,7 @@ from vmpager.devices.file import FileDevice
 from vmpager.devices.memory import MemoryDevice
 from vmpager.vm.config import VMConfig
 from vmpager.vm.system import VM
-from vmpager.workload import PATTERNS, Workload
+from vmpager.workload import DEFAULT_ACCESSES, DEFAULT_PASSES, PATTERNS, Workload
 
 __all__ = [
     "BenchError",
@@ -731,12 +731,20 @@ def run_bench(
         console.note(f"hit path {report['hit_path']}")
 
     runs: list[dict[str, Any]] = []
-    # A bar per phase on a terminal; in a log, the runs bar and one line per run.
+    # A bar per phase on a terminal; in a log, the overall bar and one line per run.
     phase_bars = console.bar if console.is_terminal else (lambda label, total: _QUIET)
     systems = 2 if use_kernel else 1
-    overall = console.bar(
-        "runs", options.reps * len(options.patterns) * len(options.variants) * systems
-    )
+    # The overall bar counts work, not runs, so that its ETA weighs a 1,000,000-access
+    # random run more than a short seq one: each run's accesses plus its pages.
+    npages = options.size // WORKLOAD_PAGE
+    work = {
+        p: (options.accesses or (DEFAULT_PASSES * npages if p == "seq" else DEFAULT_ACCESSES))
+        + npages
+        for p in options.patterns
+    }
+    per_rep = sum(work.values()) * len(options.variants) * systems
+    overall = console.bar("bench", options.reps * per_rep)
+    work_done = 0
     try:
         with (
             kernel.sigterm_as_exit(),
@@ -777,7 +785,8 @@ def run_bench(
                             )
                         run["rep"] = rep
                         runs.append(run)
-                        overall.update(len(runs))
+                        work_done += work[pattern]
+                        overall.update(work_done)
                         console.note(
                             f"rep {rep} {pattern:>6} {run['system']:<13} "
                             f"{run['accesses_per_s']:>10,.0f} accesses/s  "
