@@ -284,3 +284,27 @@ def test_ratio_rows_of_a_report_with_the_kernel() -> None:
     assert header == ["pattern", "vmpager acc/s", "kernel acc/s", "vmpager / kernel"]
     # Medians of 30, 10 and 20, 10; the ratio is the median of the per-rep ratios 1.5, 1.0.
     assert rows == [["seq", "20", "15", "1.25"]]
+
+
+@pytest.mark.skipif(kernel.compiler() is None, reason="no C compiler (install gcc)")
+@pytest.mark.parametrize("pattern", ["seq", "zipf"])
+def test_shipped_kworkload_makes_the_accesses_vmpager_predicts(
+    pattern: str, tmp_path: Path
+) -> None:
+    """The C program, compiled from the package, run plainly (no cgroup, no swap)."""
+    import subprocess
+
+    from vmpager.workload import Workload
+
+    binary = kernel.compile_kworkload(tmp_path)
+    workload = Workload(1024, pattern, accesses=5000)  # type: ignore[arg-type]
+    index_file = tmp_path / "indices.u32"
+    workload.indices.astype("<u4").tofile(index_file)
+    argv = [str(binary), "--mib", "4", "--index-file", str(index_file)]
+    argv += ["--seed", "42", "--fill-offset", str(workload.index_draws)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    result = json.loads(done.stdout)
+    assert result["accesses"] == 5000
+    assert kernel._verify(workload, result) == []
+    result["checksum"] += 1
+    assert kernel._verify(workload, result), "a wrong checksum must be noticed"
