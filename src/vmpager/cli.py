@@ -298,7 +298,8 @@ def _cmd_swapinfo(args: argparse.Namespace) -> int:
         else:
             print(message)
         return 0
-    created = [p for p in map(_swap_path, args.swap) if not os.path.lexists(p)]
+    files = [_swap_path(spec) for spec in args.swap if "://" not in spec]
+    created = [path for path in files if not os.path.lexists(path)]
     try:
         with blame("--swap"):
             vm = VM(memory=memory, swap=args.swap, page_size=page_size, layout=args.layout)
