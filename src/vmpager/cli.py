@@ -68,7 +68,9 @@ def blame(option: str, hint: str = "") -> Iterator[None]:
 
     OSError becomes a failure (status 1) naming ``option``, the path and what
     to do; ValueError a usage error (status 2) prefixed with ``option``.
-    ``hint`` replaces the errno's advice when given.
+    ``hint`` replaces the errno's advice when given. A new option wraps the
+    calls that can fail for it, e.g. ``with blame("--mapped", "userfaultfd is
+    not permitted: run as root or set vm.unprivileged_userfaultfd=1"):``.
     """
     try:
         yield
