@@ -308,3 +308,12 @@ def test_shipped_kworkload_makes_the_accesses_vmpager_predicts(
     assert kernel._verify(workload, result) == []
     result["checksum"] += 1
     assert kernel._verify(workload, result), "a wrong checksum must be noticed"
+
+
+@pytest.mark.skipif(not paging.have_matplotlib(), reason="pip install 'vmpager[plot]'")
+def test_bench_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "bench.png"
+    argv = [*TINY, "--kernel", "no", "--patterns", "seq", "--plot", str(target)]
+    assert main(argv) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {target}" in capsys.readouterr().out
