@@ -111,6 +111,12 @@ def run_pattern(
         before = vm.statistics()
         elapsed = loop.access(obj, workload, console.bar(pattern, workload.naccesses))
         after = vm.statistics()
+        # The number people wait for, before the (long) verification.
+        console.note(
+            f"{pattern}: {workload.naccesses / elapsed:,.0f} accesses/s "
+            f"({workload.naccesses:,} in {elapsed:.2f} s)"
+            + ("; verifying every page" if verify else "")
+        )
         bad = loop.verify(obj, workload, console.bar("verify", npages)) if verify else None
         vm.check()
         faults = after.faults - before.faults
