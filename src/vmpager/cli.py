@@ -518,7 +518,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(text)
         return 0
     header, rows = paging.ratio_rows(report)
-    console.table(header, rows, title="accesses per second (median) and ratios (median of reps):")
+    console.table(header, rows, title="accesses/s and ratios (medians)")
     if not report["config"]["kernel"]:
         print(f"kernel side skipped: {report['config']['kernel_skipped_because']}")
     print(
