@@ -467,6 +467,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         memory = max(size // 4 >> 20, 1) << 20
     else:
         memory = parse_size(args.memory, "--memory", minimum=1 << 20, multiple=1 << 20)
+    page_size = parse_size(args.page_size, "--page-size", minimum=4096)
+    if page_size & (page_size - 1):
+        raise ValueError(f"--page-size must be a power of two >= 4K, got {args.page_size}")
     with blame("--config"):
         config = paging.parse_config(args.config)
     try:
@@ -479,7 +482,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             reps=args.reps,
             kernel=args.kernel,
             accesses=args.accesses,
-            page_size=parse_size(args.page_size, "--page-size", minimum=4096),
+            page_size=page_size,
             device=args.device,
             swap_dir=args.swap_dir,
             config=config,

@@ -55,6 +55,7 @@ USAGE_CASES: list[tuple[list[str], tuple[str, ...]]] = [
     (["bench", "--reps", "0"], ("--reps",)),
     (["bench", "--config", "no_such_knob=1"], ("--config", "KEY=VALUE")),
     (["bench", "--kernel", "maybe"], ("--kernel", "maybe")),
+    (["bench", "--page-size", "12K"], ("--page-size", "power of two")),
     (["serve", "--listen", "localhost"], ("--listen", "HOST:PORT")),
     (["serve", "--export", "noname"], ("--export", "NAME:SIZE")),
     (["swapinfo", "--memory", "-1"], ("--memory",)),
