@@ -362,3 +362,11 @@ def test_random_write_errors_lose_nothing(seed: int) -> None:
         assert stats.write_errors > 0
         assert stats.swap_bad_blocks == stats.bad_blocks_marked
         vm.check()
+
+
+def test_the_former_name_and_value_still_select_netbsd_1_48() -> None:
+    assert WriteErrorPolicy.SEED is WriteErrorPolicy.NETBSD_1_48
+    assert WriteErrorPolicy("seed") is WriteErrorPolicy.NETBSD_1_48
+    assert WriteErrorPolicy("netbsd-1.48") is WriteErrorPolicy.NETBSD_1_48
+    with pytest.raises(ValueError):
+        WriteErrorPolicy("openbsd")

@@ -22,6 +22,12 @@ class WriteErrorPolicy(enum.Enum):
     NETBSD_1_48 = "netbsd-1.48"
     #: The former name of ``NETBSD_1_48``, kept so that existing code still works.
     SEED = "netbsd-1.48"
+
+    @classmethod
+    def _missing_(cls, value: object) -> WriteErrorPolicy | None:
+        # "seed" was the value of NETBSD_1_48 before it named its source.
+        return cls.NETBSD_1_48 if value == "seed" else None
+
     NETBSD = "netbsd"
     FREEBSD = "freebsd"
 
