@@ -79,7 +79,7 @@ def test_async_pageouts_hold_mappings_and_the_daemon_goes_on_alone() -> None:
         for p in range(12):
             obj.write(p * PAGE, bytes([p + 1]) * PAGE)
         general = pmap.size_npages - pmap.reserve_npages
-        with vm._cond:
+        with vm.kernel.cond:
             token = pmap.try_map_in(general, daemon=False)
         assert token is not None
         done = threading.Event()
@@ -91,7 +91,7 @@ def test_async_pageouts_hold_mappings_and_the_daemon_goes_on_alone() -> None:
         while not done.is_set() and deadline:
             deadline -= 1
             thread.join(0.05)
-            with vm._cond:
+            with vm.kernel.cond:
                 if engine.pending:
                     # The write in flight holds the window; nothing else maps.
                     assert len(engine.pending) == 1
@@ -100,7 +100,7 @@ def test_async_pageouts_hold_mappings_and_the_daemon_goes_on_alone() -> None:
         assert done.is_set()
         engine.complete_all()
         assert pmap.statistics().reserve_uses >= 2
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(token)
         assert pmap.statistics().in_use_npages == 0
         assert pmap.statistics().reserve_in_use_npages == 0

@@ -89,7 +89,7 @@ def test_cluster_takes_active_neighbours_unless_switched_to_the_reference() -> N
         with vm:
             obj = vm.allocate(4 * PAGE)
             fill(obj)
-            with vm._cond:
+            with vm.kernel.cond:
                 for page in obj.pages.values():
                     vm.queues.activate(page)
                 center = obj.pages[1]
@@ -111,7 +111,7 @@ def test_the_scan_follows_the_cluster_switch() -> None:
         with vm:
             obj = vm.allocate(4 * PAGE)
             fill(obj)
-            with vm._cond:
+            with vm.kernel.cond:
                 for page in obj.pages.values():
                     vm.queues.activate(page)
                     page.referenced = True
@@ -133,7 +133,7 @@ def test_transient_retry_of_the_centre_takes_a_fresh_block() -> None:
         obj = vm.allocate(4 * PAGE)
         fill(obj)
         devices[0].fail_writes(range(4), errno.EAGAIN, times=1)
-        with vm._cond:
+        with vm.kernel.cond:
             outcome = pager_put(vm.swap_pager, obj, obj.pages[1], sync=True, max_npages=4)
         assert outcome.retried and outcome.result is PagerResult.OK
         assert outcome.cluster_npages == 4
@@ -154,7 +154,7 @@ def test_refused_cluster_is_not_retried() -> None:
         filler.strategy_write(0, bytes(8 * PAGE))
         obj = vm.allocate(4 * PAGE)
         fill(obj)
-        with vm._cond:
+        with vm.kernel.cond:
             outcome = pager_put(vm.swap_pager, obj, obj.pages[1], sync=True, max_npages=4)
         assert outcome.result is PagerResult.FAIL and not outcome.retried
         assert all(p.dirty and not p.writing for p in obj.pages.values())
@@ -174,7 +174,7 @@ def test_hard_error_marks_only_the_failed_transfer_bad() -> None:
         devices[0].fail_writes(range(8, 12), errno.EIO, times=1)
         b = vm.allocate(8 * PAGE)
         fill(b)
-        with vm._cond:
+        with vm.kernel.cond:
             outcome = pager_put(vm.swap_pager, b, b.pages[0], sync=True, max_npages=8)
         assert outcome.cluster_npages == 8 and outcome.result is PagerResult.OK
         stats = vm.statistics()

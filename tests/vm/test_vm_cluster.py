@@ -163,7 +163,7 @@ def test_pageout_cluster_skips_pages_being_written() -> None:
         for p in range(4, 8):
             obj.write(p * PAGE, page_bytes(p))
         # Pages 0..3 are still being written: a cluster around 5 starts at 4.
-        with vm._cond:
+        with vm.kernel.cond:
             outcome = pager_put(vm.swap_pager, obj, obj.pages[5], sync=True, max_npages=8)
         assert outcome.result is PagerResult.OK
         assert outcome.cluster_npages == 4
@@ -234,10 +234,10 @@ def test_readaround_stops_at_resident_pages() -> None:
         assert fault(vm, obj, 18) == set(range(14, 23))
         # Keep 18 and 23 resident; drop the rest (clean: their swap copies stay).
         assert fault(vm, obj, 27) == set(range(23, 32))
-        with vm._cond:
+        with vm.kernel.cond:
             for p in list(obj.pages):
                 if p not in (18, 23):
-                    vm._free_page(obj.pages[p])
+                    vm.kernel.free_page(obj.pages[p])
         assert set(obj.pages) == {18, 23}
         # Window 16..24 around 20: stops after 18 going back, before 23 going on.
         assert fault(vm, obj, 20) == {19, 20, 21, 22}

@@ -274,7 +274,7 @@ def test_pager_map_reserve_keeps_the_daemon_paging_out() -> None:
         # Another user takes the whole general pool (the pager map is used
         # with the VM lock held).
         general = pmap.size_npages - pmap.reserve_npages
-        with vm._cond:
+        with vm.kernel.cond:
             token = pmap.try_map_in(general, daemon=False)
             assert token is not None
             assert pmap.try_map_in(1, daemon=False) is None
@@ -293,7 +293,7 @@ def test_pager_map_reserve_keeps_the_daemon_paging_out() -> None:
         assert vm.statistics().pageout_pages >= 12
         assert not any(p.dirty for p in dirty.pages.values())
         assert reader.is_alive() and not got
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(token)
         reader.join(10)
         assert got == [page_bytes(50)]
@@ -310,7 +310,7 @@ def test_pageout_waits_for_the_reserve_only_when_it_is_spent_too() -> None:
         obj = vm.allocate(8 * PAGE)
         fill(obj)
         general = pmap.size_npages - pmap.reserve_npages
-        with vm._cond:
+        with vm.kernel.cond:
             token = pmap.try_map_in(general, daemon=False)
             reserve = pmap.try_map_in(pmap.reserve_npages, daemon=True)
         assert token is not None and reserve is not None and reserve < 0
@@ -319,11 +319,11 @@ def test_pageout_waits_for_the_reserve_only_when_it_is_spent_too() -> None:
         thread.start()
         thread.join(0.3)
         assert not done.is_set(), "with the reserve spent too, pageout must wait"
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(reserve)
         thread.join(10)
         assert done.is_set()
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(token)
         for p in range(8):
             assert obj.read(p * PAGE, PAGE) == page_bytes(1 + p)
@@ -410,7 +410,7 @@ def test_daemon_thread_pages_out_while_the_general_pager_map_is_spent() -> None:
         vm.pageout()
         vm.wait_idle()
         general = pmap.size_npages - pmap.reserve_npages
-        with vm._cond:
+        with vm.kernel.cond:
             token = pmap.try_map_in(general, daemon=False)
         assert token is not None
         got: list[bytes] = []
@@ -421,7 +421,7 @@ def test_daemon_thread_pages_out_while_the_general_pager_map_is_spent() -> None:
         fill(obj, 1)
         assert vm.statistics().pageout_pages >= 40
         assert reader.is_alive() and not got, "a page-in must wait for a mapping"
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(token)
         reader.join(10)
         assert got == [page_bytes(50)]

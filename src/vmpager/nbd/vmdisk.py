@@ -33,7 +33,7 @@ class VMObjectBackend:
         if obj.kind != "anonymous":
             raise ValueError(f"NBD disks are swap-backed objects, not {obj.kind!r} objects")
         self._obj = obj
-        self._vm = obj._vm
+        self._kernel = obj.kernel
 
     @property
     def size_bytes(self) -> int:
@@ -78,11 +78,11 @@ class VMObjectBackend:
             self.flush()
 
     def flush(self) -> None:
-        self._vm.sync()
+        self._kernel.sync()
 
     def cache(self, offset: int, length: int) -> None:
         """Prefetch: fault the range in, as far as a quarter of memory allows."""
-        limit = self._vm.frames.nframes * self._vm.page_size // 4
+        limit = self._kernel.frames.nframes * self._kernel.page_size // 4
         length = min(length, limit)
         if length:
             self._obj.readinto(offset, bytearray(length))
@@ -92,7 +92,7 @@ class VMObjectBackend:
         first = offset // ps
         last = (offset + length - 1) // ps
         npages = min(last - first + 1, _EXTENT_SCAN_NPAGES)
-        data = self._vm.data_map(self._obj, first, npages)
+        data = self._kernel.data_map(self._obj, first, npages)
         out: list[tuple[int, int]] = []
         pos = offset
         end = min(offset + length, (first + npages) * ps)

@@ -69,6 +69,11 @@ class Pager(Protocol):
         """
         ...
 
+    def readaround_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
+        """The read-around window for a fault at ``pindex`` (``default_npages``
+        unless the pager ramps it up for sequential access). O(1)."""
+        ...
+
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
         """``[lo, hi)``: the page indices a pageout cluster around ``pindex`` may span."""
         ...

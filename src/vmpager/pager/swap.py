@@ -40,9 +40,9 @@ from vmpager.vm.config import WriteErrorPolicy
 
 if TYPE_CHECKING:
     from vmpager.swap.space import SwapSpace
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
     from vmpager.vm.page import Page
-    from vmpager.vm.system import VM
 
 __all__ = ["SwapPager"]
 
@@ -64,7 +64,7 @@ class SwapPager:
 
     kind = "swap"
 
-    def __init__(self, vm: VM, space: SwapSpace) -> None:
+    def __init__(self, vm: Kernel, space: SwapSpace) -> None:
         self._vm = vm
         self.space = space
         self.meta = SwapMeta(self._free_blocks)
@@ -80,7 +80,7 @@ class SwapPager:
 
     def _free_blocks(self, blk: int, nblocks: int) -> None:
         self.space.free(blk, nblocks)
-        self._vm._swap_freed()
+        self._vm.note_swap_freed()
 
     def flush_stale(self) -> int:
         """Give the blocks of pages made dirty back to the swap space now; returns how many.
@@ -106,7 +106,7 @@ class SwapPager:
             prev = blk
         free(start, prev - start + 1)
         stale.clear()
-        self._vm._swap_freed()
+        self._vm.note_swap_freed()
         return count
 
     def marks_bad(self, err: DeviceError) -> bool:
@@ -153,6 +153,11 @@ class SwapPager:
         after = min(after, self.space.run_limit(blk0) - 1)
         return before, after
 
+    def readaround_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
+        """The fixed read-around window (sequential anonymous streams ramp up in the
+        fault path, ``Kernel.fault_stream``)."""
+        return default_npages
+
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
         # uao_cluster: the aligned window of one maximal transfer around pindex.
         n = self._vm.config.cluster_max_npages
@@ -177,9 +182,9 @@ class SwapPager:
             reqpage=reqpage,
         )
         vm.inflight.acquire(IOKind.READ)
-        token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
+        token = vm.pagermap.map_in(len(pages), daemon=vm.in_daemon())
         try:
-            vm._perform_unlocked(request)
+            vm.transfer_unlocked(request)
         finally:
             vm.pagermap.map_out(token)
             vm.inflight.release(IOKind.READ)
@@ -187,7 +192,7 @@ class SwapPager:
         vm.counters.pagein_pages += len(pages)
         self._read_done(request)
         if request.error is not None:
-            vm._note_read_error(request.error)
+            vm.note_read_error(request.error)
             return PagerResult.ERROR
         return PagerResult.OK
 
@@ -225,15 +230,15 @@ class SwapPager:
             slots += 1
         window = sum(sorted((len(pages) for _, pages in runs), reverse=True)[:slots])
         general = vm.pagermap.size_npages - vm.pagermap.reserve_npages
-        token = vm.pagermap.map_in(min(window, general), daemon=vm._in_daemon())
+        token = vm.pagermap.map_in(min(window, general), daemon=vm.in_daemon())
         view = vm.frames.frame_view
         requests = [(blk, [view(p.frame) for p in pages]) for blk, pages in runs]
         errors: list[DeviceError | None] = []
-        vm._lock.release()
+        vm.lock.release()
         try:
             errors = vm.space.read_many(requests, functools.partial(vm.fanout.run, width=slots))
         finally:
-            vm._lock.acquire()
+            vm.lock.acquire()
             vm.pagermap.map_out(token)
             for _ in range(slots):
                 inflight.release(IOKind.READ)
@@ -241,7 +246,7 @@ class SwapPager:
                 # Interrupted: nothing read here is trusted; the data is still on swap.
                 for _, pages in runs:
                     for page in pages:
-                        vm._free_page(page)
+                        vm.free_page(page)
         first_error: DeviceError | None = None
         counters = vm.counters
         activate = vm.queues.activate
@@ -258,8 +263,8 @@ class SwapPager:
             if first_error is None:
                 first_error = err
             for page in pages:
-                vm._free_page(page)
-        vm._cond.notify_all()
+                vm.free_page(page)
+        vm.cond.notify_all()
         return first_error
 
     def _read_done(self, request: IORequest) -> None:
@@ -272,18 +277,18 @@ class SwapPager:
             if i == request.reqpage:
                 continue  # stays busy for the caller
             if err is not None:
-                vm._free_page(page)
+                vm.free_page(page)
             else:
                 page.dirty = False
                 page.busy = False
                 vm.queues.deactivate(page)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
 
     # -- pageout ----------------------------------------------------------------
 
     def put_pages(self, obj: VMObject, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
         vm = self._vm
-        if not vm._in_daemon():
+        if not vm.in_daemon():
             sync = True  # only the page daemon writes asynchronously
         obj.swap_backed = True
         self.flush_stale()
@@ -339,7 +344,7 @@ class SwapPager:
         synchronous write releases it during the transfer.
         """
         vm = self._vm
-        if not vm._in_daemon():
+        if not vm.in_daemon():
             sync = True
         self.flush_stale()
         results = [PagerResult.FAIL] * len(pages)
@@ -409,7 +414,7 @@ class SwapPager:
         if blk is not None and mark_bad:
             self.space.mark_bad(blk, len(pages))
             vm.counters.bad_blocks_marked += len(pages)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
 
     def _start_write(self, chunk: list[Page], blk: int, *, sync: bool) -> list[PagerResult]:
         """Write ``chunk`` (blocks assigned from ``blk`` on) now or through the engine."""
@@ -431,16 +436,16 @@ class SwapPager:
             vm.engine.submit(request)
             return [PagerResult.PEND] * n
         vm.inflight.acquire(kind)
-        token = vm.pagermap.map_in(n, daemon=vm._in_daemon())
+        token = vm.pagermap.map_in(n, daemon=vm.in_daemon())
         try:
-            vm._perform_unlocked(request)
+            vm.transfer_unlocked(request)
         finally:
             vm.pagermap.map_out(token)
             vm.inflight.release(kind)
         return self._finish_write(request)
 
     def _write_done(self, request: IORequest) -> None:
-        """Completion of an asynchronous write (engine -> VM, lock held)."""
+        """Completion of an asynchronous write (engine -> Kernel, lock held)."""
         self._vm.pagermap.map_out(self._async_maps.pop(id(request)))
         self._vm.inflight.release(request.kind)
         self._finish_write(request)
@@ -457,9 +462,9 @@ class SwapPager:
                     state[page.pindex] = RESERVED_WRITTEN
                 if page.wanted:
                     page.wanted = False
-            vm._cond.notify_all()
+            vm.cond.notify_all()
             if request.kind is IOKind.WRITE_ASYNC:
-                vm._written_clean(request.pages)
+                vm.free_written_if_short(request.pages)
             return [PagerResult.OK] * len(request.pages)
         vm.counters.write_errors += 1
         transient = self._is_transient(err)

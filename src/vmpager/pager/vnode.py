@@ -65,13 +65,14 @@ from vmpager.io.request import IOKind
 from vmpager.pager.protocol import PagerResult
 from vmpager.pager.put import pager_put
 from vmpager.units import check_int
+from vmpager.vm import readahead
 from vmpager.vm.fault import hold_page
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import Page
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
-    from vmpager.vm.system import VM
+    from vmpager.vm.kernel import Kernel
 
 __all__ = [
     "FileShrunkError",
@@ -88,8 +89,6 @@ log = logging.getLogger("vmpager.vnode")
 MAX_FILE_BYTES = (1 << 63) - 1
 #: Buffers one preadv/pwritev call may take.
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
-#: Default ceiling of sequential read-ahead, in pages (256 KiB of 4 KiB pages).
-READAHEAD_MAX_NPAGES = 64
 #: Asynchronous read-ahead windows kept in flight ahead of a sequential reader.
 ASYNC_READAHEAD_WINDOWS = 2
 #: Seconds an idle read-ahead worker thread waits for work before it exits.
@@ -144,13 +143,13 @@ class VnodePagerStatistics:
 
 
 @contextmanager
-def _unlocked(vm: VM) -> Iterator[None]:
+def _unlocked(vm: Kernel) -> Iterator[None]:
     """Release the VM lock for a transfer; the pages involved must be busy or writing."""
-    vm._lock.release()
+    vm.lock.release()
     try:
         yield
     finally:
-        vm._lock.acquire()
+        vm.lock.acquire()
 
 
 def _advance(buffers: list[memoryview], nbytes: int) -> None:
@@ -234,7 +233,7 @@ class _FileMapping(VMObject):
     """What both kinds of file mapping share: byte size, writability, the path."""
 
     def __init__(
-        self, vm: VM, npages: int, kind: str, path: str, size_bytes: int, writable: bool
+        self, vm: Kernel, npages: int, kind: str, path: str, size_bytes: int, writable: bool
     ) -> None:
         super().__init__(vm, 0, npages, kind)
         self.path = path
@@ -273,7 +272,7 @@ class VnodeObject(_FileMapping):
 
     def __init__(
         self,
-        vm: VM,
+        vm: Kernel,
         pager: VnodePager,
         path: str,
         fd: int,
@@ -311,7 +310,7 @@ class VnodeObject(_FileMapping):
 
     def _hold(self, pindex: int, write: bool, overwrite: bool) -> Page:
         """``hold_page`` that fails cleanly when the object shrank while it waited."""
-        vm = self._vm
+        vm = self._kernel
         if self.closed:
             raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
         if pindex >= self.npages:
@@ -320,7 +319,7 @@ class VnodeObject(_FileMapping):
         if pindex >= self.npages or self.closed:
             # Truncated or closed while the fault path waited: the page it
             # made lies outside the object now; forget it.
-            vm._free_page(page)
+            vm.free_page(page)
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
@@ -341,11 +340,11 @@ class VnodeObject(_FileMapping):
         if type(offset) is not int or type(length) is not int:
             offset = check_int(offset, "offset")
             length = check_int(length, "length")
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         pindex, off = divmod(offset, ps)
         if length > 0 and off + length <= ps:
-            with vm._cond:
+            with vm.cond:
                 if self.closed:
                     raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
                 self._check_span(offset, length)
@@ -372,11 +371,11 @@ class VnodeObject(_FileMapping):
         return view.nbytes
 
     def _copy_out(self, offset: int, view: memoryview) -> None:
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         length = view.nbytes
         pos = 0
-        with vm._cond:
+        with vm.cond:
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             self._check_span(offset, length)
@@ -400,11 +399,11 @@ class VnodeObject(_FileMapping):
         view = memoryview(data).cast("B")
         offset = check_int(offset, "offset", maximum=MAX_FILE_BYTES - view.nbytes)
         self._refuse_write()
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         length = view.nbytes
         pos = 0
-        with vm._cond:
+        with vm.cond:
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             if offset + length > self.size_bytes:
@@ -446,8 +445,8 @@ class VnodeObject(_FileMapping):
         ``DeviceError`` naming the file); the pages that failed stay dirty
         and the next flush or pageout tries again.
         """
-        vm = self._vm
-        with vm._cond:
+        vm = self._kernel
+        with vm.cond:
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             error = self._pager.flush(self)
@@ -470,7 +469,7 @@ class VnodeObject(_FileMapping):
         """
         size = check_int(size, "size", maximum=MAX_FILE_BYTES)
         self._refuse_write()
-        with self._vm._cond:
+        with self._kernel.cond:
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             self._pager.resize(self, size)
@@ -481,8 +480,8 @@ class VnodeObject(_FileMapping):
         A write error during the flush is raised and the map stays open, so
         no data is dropped silently.
         """
-        vm = self._vm
-        with vm._cond:
+        vm = self._kernel
+        with vm.cond:
             if self.closed:
                 return
             error = self._pager.flush(self)
@@ -490,8 +489,8 @@ class VnodeObject(_FileMapping):
                 raise error
             self.refcount -= 1
             if self.refcount == 0:
-                vm._destroy_object(self)
-                vm._cond.notify_all()
+                vm.destroy_object(self)
+                vm.cond.notify_all()
 
     def clone(self) -> VMObject:
         """Not for files: map the file with ``private=True`` for a copy-on-write view."""
@@ -518,7 +517,7 @@ class PrivateFileObject(_FileMapping):
     map time; pages past the end of a file truncated since read as zeros.
     """
 
-    def __init__(self, vm: VM, vnode: VnodeObject, writable: bool) -> None:
+    def __init__(self, vm: Kernel, vnode: VnodeObject, writable: bool) -> None:
         super().__init__(vm, vnode.npages, "anonymous", vnode.path, vnode.size_bytes, writable)
         self.backing = vnode
         self.backing_offset = 0
@@ -542,11 +541,11 @@ class VnodePager:
 
     kind = "vnode"
 
-    def __init__(self, vm: VM) -> None:
-        self._vm = vm
+    def __init__(self, vm: Kernel) -> None:
+        self._kernel = vm
         self._cache: dict[tuple[int, int], VnodeObject] = {}
         #: Ceiling of the sequential read-ahead window, in pages.
-        self.readahead_max_npages = READAHEAD_MAX_NPAGES
+        self.readahead_max_npages = vm.config.readahead_max_npages
         #: Read-ahead windows kept in flight asynchronously; 0 turns it off.
         #: Off in VMs without a daemon thread, which stay deterministic.
         self.async_readahead_windows = ASYNC_READAHEAD_WINDOWS if vm.config.daemon_thread else 0
@@ -575,7 +574,7 @@ class VnodePager:
         device and inode) shares the first one's object and, if it needs to
         write and the first did not, upgrades its descriptor to read-write.
         """
-        vm = self._vm
+        vm = self._kernel
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         fd = os.open(path, flags)
         try:
@@ -583,8 +582,8 @@ class VnodePager:
             if not stat.S_ISREG(st.st_mode):
                 raise ValueError(f"path must name a regular file, got {path!r}")
             key = (st.st_dev, st.st_ino)
-            with vm._cond:
-                vm._check_vm_open()
+            with vm.cond:
+                vm.check_open()
                 obj = self._cache.get(key)
                 if obj is not None and not obj.closed:
                     obj.refcount += 1
@@ -599,7 +598,7 @@ class VnodePager:
                 except OSError:
                     pass
                 obj = VnodeObject(vm, self, path, fd, key, st.st_size, writable)
-                vm._register_object(obj)
+                vm.register_object(obj)
                 self._cache[key] = obj
                 fd = -1
                 return obj
@@ -618,7 +617,7 @@ class VnodePager:
         already longer. Raises ``DeviceError`` naming the file when
         ``ftruncate`` fails (nothing changed then).
         """
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         new_npages = -(-size_bytes // ps)
         if size_bytes < obj.size_bytes:
@@ -630,10 +629,10 @@ class VnodePager:
                 )
                 if waiting is None:
                     break
-                vm._wait_page(waiting)
+                vm.wait_page(waiting)
             self._ftruncate(obj, size_bytes)
             for cut in [p for i, p in obj.pages.items() if i >= new_npages]:
-                vm._free_page(cut)
+                vm.free_page(cut)
             tail = size_bytes % ps
             last = obj.pages.get(first) if tail else None
             if last is not None:
@@ -653,7 +652,7 @@ class VnodePager:
             os.ftruncate(obj.fd, size_bytes)
         except OSError as exc:
             raise DeviceError(
-                exc.errno or errno.EIO, obj.path, size_bytes // self._vm.page_size, "ftruncate"
+                exc.errno or errno.EIO, obj.path, size_bytes // self._kernel.page_size, "ftruncate"
             ) from exc
 
     # -- msync -------------------------------------------------------------------------
@@ -668,7 +667,7 @@ class VnodePager:
         it reaches them.
         Cost: O(resident pages) plus the writes.
         """
-        vm = self._vm
+        vm = self._kernel
         self._flushes += 1
         todo = sorted(i for i, p in obj.pages.items() if p.dirty)
         error: DeviceError | None = None
@@ -683,7 +682,7 @@ class VnodePager:
                     k += 1
                     continue
                 if page.busy or page.writing:
-                    vm._wait_page(page)
+                    vm.wait_page(page)
                     continue
                 obj._write_error = None
                 outcome = pager_put(self, obj, page, sync=True, max_npages=max_npages)
@@ -702,7 +701,7 @@ class VnodePager:
     def _sequential(obj: VnodeObject, pindex: int) -> bool:
         return pindex == obj.next_read_pindex or pindex == 0
 
-    def readahead_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
+    def readaround_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
         """The fault path's read-around window for a fault at ``pindex`` of ``obj``.
 
         Ramps up as vm_fault's read-ahead does: each sequential fault doubles
@@ -711,11 +710,12 @@ class VnodePager:
         page, see ``page_run``). O(1).
         """
         vobj = cast(VnodeObject, obj)
-        if self._sequential(vobj, pindex):
-            window = max(default_npages, 2 * vobj.readahead_npages)
-            vobj.readahead_npages = min(window, max(default_npages, self.readahead_max_npages))
-        else:
-            vobj.readahead_npages = 0
+        vobj.readahead_npages = readahead.next_window(
+            vobj.readahead_npages,
+            sequential=self._sequential(vobj, pindex),
+            first=default_npages,
+            maximum=self.readahead_max_npages,
+        )
         return max(vobj.readahead_npages, default_npages)
 
     def has_page(self, obj: VMObject, pindex: int) -> bool:
@@ -738,7 +738,7 @@ class VnodePager:
 
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
         # uvn_cluster: the aligned window of one maximal transfer around pindex.
-        n = self._vm.config.cluster_max_npages
+        n = self._kernel.config.cluster_max_npages
         lo = pindex - pindex % n
         return lo, min(lo + n, obj.npages)
 
@@ -750,7 +750,7 @@ class VnodePager:
         result is OK; otherwise ``FileShrunkError`` is noted and the result is
         ERROR.
         """
-        vm = self._vm
+        vm = self._kernel
         vobj = cast(VnodeObject, obj)
         ps = vm.page_size
         first = pages[0].pindex
@@ -771,8 +771,8 @@ class VnodePager:
         got = 0
         file_size = -1
         vm.inflight.acquire(IOKind.READ)
-        token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
-        lock = vm._lock
+        token = vm.pagermap.map_in(len(pages), daemon=vm.in_daemon())
+        lock = vm.lock
         lock.release()  # the pages are busy: nobody else touches them
         try:
             try:
@@ -803,9 +803,9 @@ class VnodePager:
             for i, page in enumerate(pages):
                 if i != reqpage:
                     page.busy = False
-                    vm._free_page(page)
-            vm._note_read_error(error)
-            vm._cond.notify_all()
+                    vm.free_page(page)
+            vm.note_read_error(error)
+            vm.cond.notify_all()
             return PagerResult.ERROR
         if tail < ps:
             frames.array[pages[-1].frame, tail:] = 0
@@ -817,13 +817,13 @@ class VnodePager:
                 page.dirty = False
                 vm.queues.deactivate(page)
             else:
-                vm._free_page(page)  # past the end of the shrunk file
+                vm.free_page(page)  # past the end of the shrunk file
         sequential = self._sequential(vobj, first + reqpage)
         vobj.next_read_pindex = first + nvalid
         if sequential and self.async_readahead_windows and nvalid == len(pages):
             self._start_pipeline(vobj, first + nvalid)
         if len(pages) > 1:
-            vm._cond.notify_all()  # read-around pages are no longer busy
+            vm.cond.notify_all()  # read-around pages are no longer busy
         return PagerResult.OK
 
     # -- asynchronous read-ahead ------------------------------------------------------
@@ -856,11 +856,15 @@ class VnodePager:
         pager map without waiting; returns False when it started nothing.
         The pages are busy until the read completes (faults on them wait).
         """
-        vm = self._vm
+        vm = self._kernel
         start = obj.ra_next_pindex
         window = min(
-            self.readahead_max_npages,
-            max(vm.config.readaround_npages, 2 * obj.readahead_npages),
+            readahead.next_window(
+                obj.readahead_npages,
+                sequential=True,
+                first=vm.config.readaround_npages,
+                maximum=self.readahead_max_npages,
+            ),
             obj.npages - start,
         )
         if window <= 0 or start in obj.pages or not vm.inflight.try_acquire(IOKind.READ):
@@ -873,7 +877,7 @@ class VnodePager:
         for pindex in range(start, start + window):
             if pindex in obj.pages:
                 break
-            frame = vm._alloc_frame_for_readaround()
+            frame = vm.alloc_frame_for_readaround()
             if frame is None:
                 break
             page = _new_page(obj, pindex, frame)
@@ -905,13 +909,13 @@ class VnodePager:
 
     def _work(self) -> None:
         """A read-ahead worker: transfers without the lock, completes with it."""
-        vm = self._vm
+        vm = self._kernel
         me = threading.current_thread()
         while True:
             try:
                 job = self._jobs.get(timeout=_WORKER_IDLE_SECONDS)
             except queue.Empty:
-                with vm._cond:
+                with vm.cond:
                     if self._njobs == 0:  # submissions happen under the lock
                         self._workers.remove(me)
                         return
@@ -924,7 +928,7 @@ class VnodePager:
                 log.info("vnode_pager: read-ahead of %s failed: %s", job.obj.path, exc)
             except BaseException:  # never leave pages busy
                 log.exception("vnode_pager: read-ahead of %s", job.obj.path)
-            with vm._cond:
+            with vm.cond:
                 self._njobs -= 1
                 self._async_done(job, got)
 
@@ -932,7 +936,7 @@ class VnodePager:
         """Completion of a read-ahead (lock held): whole pages become clean and
         inactive; pages the read did not fill are dropped (a fault reads them
         again, and reports any error)."""
-        vm = self._vm
+        vm = self._kernel
         obj = job.obj
         ps = vm.page_size
         vm.pagermap.map_out(job.token)
@@ -948,7 +952,7 @@ class VnodePager:
             if i < nvalid:
                 vm.queues.deactivate(page)
             else:
-                vm._free_page(page)
+                vm.free_page(page)
         obj.async_reads -= 1
         self._pageins += 1
         self._pagein_pages += nvalid
@@ -958,13 +962,13 @@ class VnodePager:
         vm.counters.pageins += 1
         vm.counters.pagein_pages += nvalid
         vm.counters.readaround_pages += nvalid
-        vm._cond.notify_all()
+        vm.cond.notify_all()
 
     def wait_async(self, obj: VnodeObject) -> None:
         """Wait until no read-ahead of ``obj`` is in flight (lock held; it is
         released while waiting)."""
         while obj.async_reads:
-            self._vm._cond.wait()
+            self._kernel.cond.wait()
 
     def put_pages(self, obj: VMObject, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
         """Write ``pages`` to the file in one vectored write, clipped at end of file.
@@ -973,7 +977,7 @@ class VnodePager:
         I/O engine serves the swap space only. Checks the file's size first,
         so that a file shrunk by someone else is not extended again.
         """
-        vm = self._vm
+        vm = self._kernel
         vobj = cast(VnodeObject, obj)
         ps = vm.page_size
         first = pages[0].pindex
@@ -987,7 +991,7 @@ class VnodePager:
         fd = vobj.fd
         error: DeviceError | None = None
         vm.inflight.acquire(IOKind.WRITE_SYNC)
-        token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
+        token = vm.pagermap.map_in(len(pages), daemon=vm.in_daemon())
         try:
             with _unlocked(vm):
                 try:
@@ -1015,7 +1019,7 @@ class VnodePager:
                 page.writing = False
                 page.dirty = False
                 page.wanted = False
-            vm._cond.notify_all()
+            vm.cond.notify_all()
             return [PagerResult.OK] * len(pages)
         self._write_errors += 1
         if isinstance(error, FileShrunkError):
@@ -1031,7 +1035,7 @@ class VnodePager:
             page.writing = False
             page.wanted = False
             vm.queues.activate(page)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
         return [PagerResult.AGAIN if transient else PagerResult.ERROR] * len(pages)
 
     def unswapped(self, obj: VMObject, pindex: int) -> None:
@@ -1083,10 +1087,10 @@ class VnodePager:
         does not match the byte size; a page past the end; a nonzero byte
         past end of file in a resident last page.
         """
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         problems: list[str] = []
-        registered = {o.oid: o for o in vm._objects.values()}
+        registered = {o.oid: o for o in vm.objects.values()}
         for key, obj in self._cache.items():
             where = f"vnode object {obj.oid} ({obj.path})"
             if obj.key != key:
@@ -1116,7 +1120,7 @@ class VnodePager:
 
 
 def map_file(
-    vm: VM, path: str | os.PathLike[str], mode: str = "r", *, private: bool = False
+    vm: Kernel, path: str | os.PathLike[str], mode: str = "r", *, private: bool = False
 ) -> VnodeObject | PrivateFileObject:
     """Map the file at ``path``: see ``VM.map_file``.
 
@@ -1139,9 +1143,9 @@ def map_file(
     vnode = pager.open(name, writable=writable and not private)
     if not private:
         return vnode
-    with vm._cond:
+    with vm.cond:
         # The map counted by open() belongs to the shadow from now on.
         shadow = PrivateFileObject(vm, vnode, writable)
-        vm._register_object(shadow)
+        vm.register_object(shadow)
         vnode.shadows.append(shadow)
         return shadow
