@@ -144,7 +144,9 @@ def test_frame_copies_from_generic_paths_are_dropped_by_direct_writes() -> None:
     with vm:
         dev = vm.map_device(memory)
         with vm.kernel.cond:
-            page = hold_page(vm, dev, 1, False, False)  # what a shadow chain walk does
+            page = hold_page(
+                vm.kernel, dev, 1, write=False, overwrite=False
+            )  # what a shadow chain walk does
             assert bytes(vm.frames.frame_view(page.frame)) == b"a" * PAGE
         vm.check()  # the copy equals the memory
         dev.write(PAGE + 5, b"new")

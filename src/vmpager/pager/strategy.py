@@ -58,8 +58,8 @@ class _Chain:
 
     outstanding: int = 0
     issued: int = 0
-    errors: list[tuple[IORequest, DeviceError]] = field(default_factory=list)
-    done: list[IORequest] = field(default_factory=list)
+    errors: list[tuple[IORequest[object], DeviceError]] = field(default_factory=list)
+    done: list[IORequest[object]] = field(default_factory=list)
 
 
 def _check_request(vm: Kernel, obj: VMObject, offset: int, length: int) -> tuple[int, int]:
@@ -145,7 +145,7 @@ def _issue(vm: Kernel, chain: _Chain, kind: IOKind, blk: int, buffers: list[memo
     while chain.outstanding >= CHAIN_MAX_INFLIGHT:
         vm.cond.wait()
 
-    def child_done(request: IORequest) -> None:
+    def child_done(request: IORequest[object]) -> None:
         chain.outstanding -= 1
         chain.done.append(request)
         if request.error is not None:

@@ -267,7 +267,7 @@ class SwapPager:
         vm.cond.notify_all()
         return first_error
 
-    def _read_done(self, request: IORequest) -> None:
+    def _read_done(self, request: IORequest[Page]) -> None:
         vm = self._vm
         err = request.error
         if err is not None:
@@ -444,13 +444,13 @@ class SwapPager:
             vm.inflight.release(kind)
         return self._finish_write(request)
 
-    def _write_done(self, request: IORequest) -> None:
+    def _write_done(self, request: IORequest[Page]) -> None:
         """Completion of an asynchronous write (engine -> Kernel, lock held)."""
         self._vm.pagermap.map_out(self._async_maps.pop(id(request)))
         self._vm.inflight.release(request.kind)
         self._finish_write(request)
 
-    def _finish_write(self, request: IORequest) -> list[PagerResult]:
+    def _finish_write(self, request: IORequest[Page]) -> list[PagerResult]:
         vm = self._vm
         err = request.error
         if err is None:

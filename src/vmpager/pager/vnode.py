@@ -66,7 +66,6 @@ from vmpager.pager.protocol import PagerResult
 from vmpager.pager.put import pager_put
 from vmpager.units import check_int
 from vmpager.vm import readahead
-from vmpager.vm.fault import hold_page
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import Page
 
@@ -308,14 +307,14 @@ class VnodeObject(_FileMapping):
 
     # -- data ---------------------------------------------------------------------
 
-    def _hold(self, pindex: int, write: bool, overwrite: bool) -> Page:
+    def _hold(self, pindex: int, *, write: bool, overwrite: bool) -> Page:
         """``hold_page`` that fails cleanly when the object shrank while it waited."""
         vm = self._kernel
         if self.closed:
             raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
         if pindex >= self.npages:
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
-        page = hold_page(vm, self, pindex, write, overwrite)
+        page = vm.hold_page(self, pindex, write=write, overwrite=overwrite)
         if pindex >= self.npages or self.closed:
             # Truncated or closed while the fault path waited: the page it
             # made lies outside the object now; forget it.
@@ -350,7 +349,7 @@ class VnodeObject(_FileMapping):
                 self._check_span(offset, length)
                 page = self.pages.get(pindex)
                 if page is None or page.busy or page.prefetched:
-                    page = self._hold(pindex, False, False)
+                    page = self._hold(pindex, write=False, overwrite=False)
                 else:
                     page.referenced = True
                     vm.counters.hits += 1
@@ -383,7 +382,7 @@ class VnodeObject(_FileMapping):
             while pos < length:
                 pindex, off = divmod(offset + pos, ps)
                 n = min(ps - off, length - pos)
-                page = self._hold(pindex, False, False)
+                page = self._hold(pindex, write=False, overwrite=False)
                 start = page.frame * ps + off
                 view[pos : pos + n] = fview[start : start + n]
                 pos += n
@@ -415,7 +414,7 @@ class VnodeObject(_FileMapping):
                 # A whole page, or the whole valid part of the last page, is
                 # an overwrite: no need to read the old contents.
                 valid = min(ps, self.size_bytes - pindex * ps)
-                page = self._hold(pindex, True, off == 0 and n >= valid)
+                page = self._hold(pindex, write=True, overwrite=off == 0 and n >= valid)
                 start = page.frame * ps + off
                 fview[start : start + n] = view[pos : pos + n]
                 if n < ps and off + n >= valid and valid < ps:

@@ -184,7 +184,7 @@ def _hold_chunk(
             vm.wait_for_frame(for_read=not write)  # nothing could start: make room
         for i in sorted(slow):
             # The fault path alone (it counts its own faults and waits as it must).
-            page = hold_page(vm, obj, chunk[i], write, overwrite)
+            page = hold_page(vm, obj, chunk[i], write=write, overwrite=overwrite)
             visit(np.array([base + i], dtype=np.intp), np.array([page.frame], dtype=np.intp))
         # Pages just paged in (or zero-filled) are visited on the next look.
         done = set(ready)

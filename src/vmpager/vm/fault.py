@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["hold_page"]
 
 
-def hold_page(vm: Kernel, obj: VMObject, pindex: int, write: bool, overwrite: bool) -> Page:
+def hold_page(vm: Kernel, obj: VMObject, pindex: int, *, write: bool, overwrite: bool) -> Page:
     """Return the resident page with the data of ``(obj, pindex)``; VM lock held.
 
     For a write the page belongs to ``obj``, is idle and already marked dirty
@@ -61,12 +61,14 @@ def hold_page(vm: Kernel, obj: VMObject, pindex: int, write: bool, overwrite: bo
                     continue  # it made room, releasing the lock: look again
                 vm.make_dirty(obj, page)
             return page
-        page = _fault_in(vm, obj, pindex, write, overwrite)
+        page = _fault_in(vm, obj, pindex, write=write, overwrite=overwrite)
         if page is not None:
             return page
 
 
-def _fault_in(vm: Kernel, obj: VMObject, pindex: int, write: bool, overwrite: bool) -> Page | None:
+def _fault_in(
+    vm: Kernel, obj: VMObject, pindex: int, *, write: bool, overwrite: bool
+) -> Page | None:
     """Bring the page in; None means "state changed while waiting, look again"."""
     if obj.strategy_ranges and any(s <= pindex < e for s, e in obj.strategy_ranges):
         vm.cond.wait()  # a strategy request owns this page right now

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
 from vmpager.io.fanout import Fanout
 from vmpager.io.inflight import InflightLimits
-from vmpager.io.request import IOKind, IORequest
+from vmpager.io.request import AnyIORequest, IOKind
 from vmpager.pager import strategy
 from vmpager.pager.pagermap import PagerMap
 from vmpager.pager.registry import PagerRegistry
@@ -166,7 +166,7 @@ class Kernel:
                 page = obj.pages.get(pindex)
                 if page is None or page.busy or page.prefetched:
                     # hold_page also counts the use of a read-around page.
-                    page = hold_page(self, obj, pindex, False, False)
+                    page = hold_page(self, obj, pindex, write=False, overwrite=False)
                 else:
                     page.referenced = True
                     self.counters.hits += 1
@@ -199,7 +199,7 @@ class Kernel:
                     raise ObjectClosed(f"VM object {obj.oid} is closed")
                 pindex, off = divmod(offset + pos, ps)
                 n = min(ps - off, length - pos)
-                page = hold_page(self, obj, pindex, write, write and n == ps)
+                page = hold_page(self, obj, pindex, write=write, overwrite=write and n == ps)
                 start = page.frame * ps + off
                 if write:
                     fview[start : start + n] = view[pos : pos + n]
@@ -356,6 +356,12 @@ class Kernel:
             return result
 
     # -- services for the fault path, the pagers and the daemon (lock held) -----------
+
+    def hold_page(self, obj: VMObject, pindex: int, *, write: bool, overwrite: bool) -> Page:
+        """Fault page ``pindex`` of ``obj`` in and return it resident and idle
+        (``vm/fault.py``: ``hold_page``); ``overwrite`` when the caller replaces
+        the whole page. Lock held; may release it while paging."""
+        return hold_page(self, obj, pindex, write=write, overwrite=overwrite)
 
     def pager_for(self, obj: VMObject) -> Pager | None:
         return self.pagers.pager_for(obj)
@@ -616,7 +622,7 @@ class Kernel:
 
     # -- I/O ------------------------------------------------------------------------
 
-    def perform(self, request: IORequest) -> None:
+    def perform(self, request: AnyIORequest) -> None:
         """The device transfer of ``request`` (no lock held); sets ``request.error``."""
         try:
             if request.kind is IOKind.READ:
@@ -628,14 +634,14 @@ class Kernel:
         except OSError as exc:
             request.error = DeviceError(exc.errno or 5, "swap", request.blk, str(exc))
 
-    def transfer_unlocked(self, request: IORequest) -> None:
+    def transfer_unlocked(self, request: AnyIORequest) -> None:
         self.lock.release()
         try:
             self.perform(request)
         finally:
             self.lock.acquire()
 
-    def complete(self, requests: list[IORequest]) -> None:
+    def complete(self, requests: list[AnyIORequest]) -> None:
         with self.cond:
             for request in requests:
                 request.done = True
