@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from vmpager.io.engine import HeldEngine
-from vmpager.pager.pagermap import PagerMap
 from vmpager.testing.worlds import PAGE, small_vm
+from vmpager.vm.pagermap import PagerMap
 
 
 def test_window_is_exclusive_and_only_for_the_daemon() -> None:

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 
 from vmpager.io.engine import HeldEngine
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.put import pager_put
 from vmpager.testing.worlds import PAGE, small_vm
 from vmpager.vm.config import VMConfig
 from vmpager.vm.object import VMObject
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.put import pager_put
 from vmpager.vm.system import VM
 
 

@@ -20,12 +20,12 @@ import pytest
 from hypothesis import given, settings
 
 from vmpager.io.engine import HeldEngine
-from vmpager.pager.cluster import make_put_cluster
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.put import pager_put
 from vmpager.testing.worlds import PAGE, small_vm
+from vmpager.vm.cluster import make_put_cluster
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import QUEUE_INACTIVE, Page
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.put import pager_put
 from vmpager.vm.system import VM
 
 pytestmark = pytest.mark.timeout(120)

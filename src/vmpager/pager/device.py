@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from vmpager.errors import ObjectClosed
-from vmpager.pager.protocol import PagerResult
 from vmpager.units import check_int
 from vmpager.vm.object import VMObject
+from vmpager.vm.pagerops import PagerResult
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
@@ -239,6 +239,10 @@ class DevicePager:
         """Every page of the memory is on the "store"."""
         return 0 <= pindex < obj.npages
 
+    def has_pages(self, obj: VMObject, start: int, npages: int) -> list[bool]:
+        """``has_page`` for ``npages`` pages from ``start``. O(npages), no I/O."""
+        return [self.has_page(obj, start + i) for i in range(npages)]
+
     def page_run(
         self, obj: VMObject, pindex: int, before_max: int, after_max: int
     ) -> tuple[int, int] | None:
@@ -380,4 +384,4 @@ class DevicePager:
 
 def map_device(vm: Kernel, buffer: object) -> DeviceObject:
     """Map fixed memory as a device object: see ``VM.map_device`` and the module docstring."""
-    return vm.device_pager.map(buffer)
+    return cast(DevicePager, vm.device_pager).map(buffer)  # this module's own pager

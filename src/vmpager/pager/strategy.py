@@ -35,14 +35,15 @@ paths, which walk the chain.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
 from vmpager.io.request import IOKind, IORequest
-from vmpager.pager.swap import RESERVED_UNWRITTEN, RESERVED_WRITTEN
 from vmpager.swap.meta import SWAPBLK_NONE
+from vmpager.vm.object import NOT_RESERVED, RESERVED_UNWRITTEN, RESERVED_WRITTEN
 
 if TYPE_CHECKING:
+    from vmpager.pager.swap import SwapPager
     from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
 
@@ -71,6 +72,12 @@ def _check_request(vm: Kernel, obj: VMObject, offset: int, length: int) -> tuple
         )
     obj._check_range(offset, length)
     return offset // ps, length // ps
+
+
+def _swap_pager(vm: Kernel) -> SwapPager:
+    """The swap pager, whose strategy this module is (the kernel knows it by its
+    contract only)."""
+    return cast("SwapPager", vm.swap_pager)
 
 
 def strategy(
@@ -104,7 +111,7 @@ def strategy(
                 _write(vm, obj, first, npages, buffer)
             elif op == "delete":
                 vm.drop_pages(obj, first, first + npages)
-                vm.swap_pager.free_space(obj, first, npages)
+                _swap_pager(vm).free_space(obj, first, npages)
             else:
                 raise ValueError(f"op must be 'read', 'write' or 'delete', got {op!r}")
         finally:
@@ -165,7 +172,7 @@ def _wait(vm: Kernel, chain: _Chain) -> None:
 
 def _read(vm: Kernel, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
     ps = vm.page_size
-    blocks = vm.swap_pager.meta.lookup_range(obj.oid, first, npages).tolist()
+    blocks = _swap_pager(vm).meta.lookup_range(obj.oid, first, npages).tolist()
     state = obj.reserve_state
     fview = vm.frames.view
     for i in range(npages):
@@ -221,7 +228,7 @@ def _alloc_in_place(
     ``SwapExhausted`` (nothing taken) when a page without a block finds none.
     """
     space = vm.space
-    blocks = vm.swap_pager.meta.lookup_range(obj.oid, first, npages).tolist()
+    blocks = _swap_pager(vm).meta.lookup_range(obj.oid, first, npages).tolist()
     missing = npages - _owned(blocks)
     fresh = [False] * npages
     taken: list[tuple[int, int]] = []
@@ -288,7 +295,7 @@ def _write(vm: Kernel, obj: VMObject, first: int, npages: int, buffer: memoryvie
     _wait(vm, chain)
     failed = {req.blk for req, _ in chain.errors}
     obj.swap_backed = True
-    meta = vm.swap_pager.meta
+    meta = _swap_pager(vm).meta
     state = obj.reserve_state
     for i, blk, n, fresh in runs:
         if blk in failed:
@@ -298,12 +305,12 @@ def _write(vm: Kernel, obj: VMObject, first: int, npages: int, buffer: memoryvie
             if fresh:
                 meta.build(obj.oid, pindex, blk + j)  # frees the previous copy
                 if state is not None:
-                    state[pindex] = 0
+                    state[pindex] = NOT_RESERVED
             elif state is not None and state[pindex]:
                 state[pindex] = RESERVED_WRITTEN  # the reserved block now holds data
     if chain.errors:
         vm.counters.write_errors += len(chain.errors)
-        policy_bad = vm.swap_pager.marks_bad
+        policy_bad = _swap_pager(vm).marks_bad
         in_place = {blk for _, blk, _, fresh in runs if not fresh}
         for request, err in chain.errors:
             if request.blk in in_place:

@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING
 
 from vmpager.errors import DeviceError
 from vmpager.io.request import IOKind, IORequest
-from vmpager.pager.protocol import PagerResult
+from vmpager.pager import strategy
 from vmpager.swap.meta import SWAPBLK_NONE, SwapMeta
 from vmpager.vm.config import WriteErrorPolicy
+from vmpager.vm.object import NOT_RESERVED, RESERVED_UNWRITTEN, RESERVED_WRITTEN
+from vmpager.vm.pagerops import PagerResult
 
 if TYPE_CHECKING:
     from vmpager.swap.space import SwapSpace
@@ -48,9 +50,6 @@ __all__ = ["SwapPager"]
 
 log = logging.getLogger("vmpager.swap")
 
-#: ``VMObject.reserve_state`` values: a reserved block without data, with data.
-RESERVED_UNWRITTEN = 1
-RESERVED_WRITTEN = 2
 
 #: Smallest run a pageout halves towards. FreeBSD ``swap_pager_putpages``
 #: (2002) stops halving at 4 pages and fails those; here the halving goes on
@@ -122,6 +121,18 @@ class SwapPager:
 
     def has_page(self, obj: VMObject, pindex: int) -> bool:
         return self.block_of(obj, pindex) != SWAPBLK_NONE
+
+    def has_pages(self, obj: VMObject, start: int, npages: int) -> list[bool]:
+        """``has_page`` for ``npages`` pages from ``start``. O(npages), no I/O."""
+        if not obj.swap_backed:
+            return [self.has_page(obj, start + i) for i in range(npages)]
+        blocks = self.meta.lookup_range(obj.oid, start, npages).tolist()
+        state = obj.reserve_state
+        # A reserved block that was never written holds no data.
+        return [
+            blk >= 0 and (state is None or state[start + i] != RESERVED_UNWRITTEN)
+            for i, blk in enumerate(blocks)
+        ]
 
     def page_run(
         self, obj: VMObject, pindex: int, before_max: int, after_max: int
@@ -204,6 +215,10 @@ class SwapPager:
         if blk != SWAPBLK_NONE and state is not None and state[pindex] == RESERVED_UNWRITTEN:
             return SWAPBLK_NONE
         return blk
+
+    def run_limit(self, blk: int) -> int:
+        """The most blocks one transfer from ``blk`` may span (device or stripe end)."""
+        return self.space.run_limit(blk)
 
     def read_runs(
         self, obj: VMObject, runs: Sequence[tuple[int, list[Page]]]
@@ -404,7 +419,7 @@ class SwapPager:
                 if mark_bad:
                     meta.pop(oid, page.pindex)
                     if state is not None:
-                        state[page.pindex] = 0  # the reservation dies with its bad block
+                        state[page.pindex] = NOT_RESERVED  # the reservation dies with its bad block
                 elif state is None or not state[page.pindex]:
                     meta.free(oid, page.pindex)
             page.writing = False
@@ -498,7 +513,7 @@ class SwapPager:
     def release_block(self, obj: VMObject, pindex: int) -> None:
         """Free the page's block even if it is reserved (swapoff moving it away)."""
         if obj.reserve_state is not None:
-            obj.reserve_state[pindex] = 0
+            obj.reserve_state[pindex] = NOT_RESERVED
         self.meta.free(obj.oid, pindex)
 
     def free_space(self, obj: VMObject, start: int, npages: int) -> None:
@@ -573,7 +588,7 @@ class SwapPager:
             if got is None:
                 for p in taken:
                     self.meta.free(oid, p)
-                    state[p] = 0
+                    state[p] = NOT_RESERVED
                 return False
             blk, n = got
             obj.swap_backed = True
@@ -586,6 +601,18 @@ class SwapPager:
                     page.dirty = True  # its data is nowhere else now
             pindex += n
         return True
+
+    def strategy(
+        self, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
+    ) -> None:
+        """Strategy I/O on ``obj``'s swap (``pager/strategy.py``); deferred frees first,
+        since it allocates blocks itself. Lock held; blocks until done."""
+        self.flush_stale()
+        strategy.strategy(self._vm, obj, op, offset, buffer, length)
+
+    def check(self) -> None:
+        """The swap metadata's consistency (``SwapMeta.check``). Lock held."""
+        self.meta.check()
 
     def release_reservation(self, holder: VMObject, former: VMObject) -> None:
         """Clone froze ``former`` into ``holder``: reserved blocks that hold no data

@@ -62,12 +62,12 @@ from typing import TYPE_CHECKING, cast
 
 from vmpager.errors import TRANSIENT_ERRNOS, DeviceError, ObjectClosed
 from vmpager.io.request import IOKind
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.put import pager_put
 from vmpager.units import check_int
 from vmpager.vm import readahead
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import Page
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.put import pager_put
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
@@ -721,6 +721,10 @@ class VnodePager:
         """Every page inside the file is on the store (holes read as zeros)."""
         return 0 <= pindex < obj.npages
 
+    def has_pages(self, obj: VMObject, start: int, npages: int) -> list[bool]:
+        """``has_page`` for ``npages`` pages from ``start``. O(npages), no I/O."""
+        return [self.has_page(obj, start + i) for i in range(npages)]
+
     def page_run(
         self, obj: VMObject, pindex: int, before_max: int, after_max: int
     ) -> tuple[int, int] | None:
@@ -1137,7 +1141,7 @@ def map_file(
         raise TypeError(f"path must be a str or os.PathLike, got {path!r}") from None
     if not isinstance(name, str):
         raise TypeError(f"path must be a str or os.PathLike[str], got {path!r}")
-    pager = vm.vnode_pager
+    pager = cast(VnodePager, vm.vnode_pager)  # this module's own pager
     writable = mode == "r+"
     vnode = pager.open(name, writable=writable and not private)
     if not private:

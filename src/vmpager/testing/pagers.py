@@ -41,12 +41,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpager.pager.protocol import Pager, PagerResult
-from vmpager.pager.put import pager_put
-from vmpager.pager.registry import get_pages, put_pages
 from vmpager.testing.worlds import PAGE, small_vm
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import QUEUE_INACTIVE, Page
+from vmpager.vm.pagerops import Pager, PagerResult
+from vmpager.vm.put import pager_put
+from vmpager.vm.registry import get_pages, put_pages
 from vmpager.vm.system import VM
 
 __all__ = [

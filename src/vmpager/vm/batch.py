@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 
 from vmpager.errors import ObjectClosed
 from vmpager.swap.meta import SWAPBLK_NONE
+from vmpager.vm import registry
 from vmpager.vm.fault import hold_page
 from vmpager.vm.page import Page
 
@@ -244,11 +245,11 @@ def _page_in_many(
         if run_pages:
             runs.append((run_blk, run_pages))
         run_blk, run_end_blk, run_pages = blk, blk + 1, [page]
-        run_room = min(vm.config.cluster_max_npages, pager.space.run_limit(blk))
+        run_room = min(vm.config.cluster_max_npages, pager.run_limit(blk))
     if run_pages:
         runs.append((run_blk, run_pages))
     if runs:
-        err = pager.read_runs(obj, runs)
+        err = registry.read_runs(pager, obj, runs)
         if err is not None:
             raise err
     return started

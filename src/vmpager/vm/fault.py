@@ -24,14 +24,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vmpager.errors import DeviceError
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.registry import get_pages
 from vmpager.vm.page import Page
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.registry import get_pages
 
 if TYPE_CHECKING:
-    from vmpager.pager.protocol import Pager
     from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
+    from vmpager.vm.pagerops import Pager
 
 __all__ = ["hold_page"]
 

@@ -32,9 +32,6 @@ from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
 from vmpager.io.fanout import Fanout
 from vmpager.io.inflight import InflightLimits
 from vmpager.io.request import AnyIORequest, IOKind
-from vmpager.pager import strategy
-from vmpager.pager.pagermap import PagerMap
-from vmpager.pager.registry import PagerRegistry
 from vmpager.swap.space import SwapSpace
 from vmpager.units import check_int
 from vmpager.vm import readahead, shadow
@@ -44,16 +41,15 @@ from vmpager.vm.fault import hold_page
 from vmpager.vm.frames import FramePool
 from vmpager.vm.object import ObjectKind, VMObject
 from vmpager.vm.page import QUEUE_NONE, QUEUE_WIRED, Page
+from vmpager.vm.pagermap import PagerMap
 from vmpager.vm.queues import PageQueues
+from vmpager.vm.registry import PagerRegistry
 from vmpager.vm.stats import Counters
 
 if TYPE_CHECKING:
     from vmpager.io.engine import IOEngine
-    from vmpager.pager.device import DevicePager
-    from vmpager.pager.protocol import Pager
-    from vmpager.pager.swap import SwapPager
-    from vmpager.pager.vnode import VnodePager
     from vmpager.vm.pageout import PageDaemon
+    from vmpager.vm.pagerops import CheckedPager, Pager, SwapPagerOps
 
 __all__ = ["Kernel"]
 
@@ -115,11 +111,11 @@ class Kernel:
         self._read_error: DeviceError | None = None
         self.closed = False
 
-    def attach_pagers(self, swap: SwapPager, vnode: VnodePager, device: DevicePager) -> None:
+    def attach_pagers(self, swap: SwapPagerOps, vnode: CheckedPager, device: CheckedPager) -> None:
         """Register the three pagers (wiring, once, before any object exists)."""
-        self.swap_pager = swap
-        self.vnode_pager = vnode
-        self.device_pager = device
+        self.swap_pager: SwapPagerOps = swap
+        self.vnode_pager: CheckedPager = vnode
+        self.device_pager: CheckedPager = device
         self.pagers.register(ObjectKind.ANONYMOUS, swap)
         self.pagers.register(ObjectKind.VNODE, vnode)
         self.pagers.register(ObjectKind.DEVICE, device)
@@ -301,8 +297,7 @@ class Kernel:
             else:
                 obj.discard(offset, length)
             return
-        self.swap_pager.flush_stale()  # strategy allocates swap itself
-        strategy.strategy(self, obj, op, offset, buffer, length)
+        self.swap_pager.strategy(obj, op, offset, buffer, length)
 
     def reserve(self, obj: VMObject, offset: int, length: int) -> None:
         if length == 0:
@@ -332,15 +327,9 @@ class Kernel:
             start = first
             while level is not None:
                 pager = self.pager_for(level)
-                if pager is self.swap_pager and level.swap_backed:
-                    blocks = self.swap_pager.meta.lookup_range(level.oid, start, npages).tolist()
-                    state = level.reserve_state
-                    for i, blk in enumerate(blocks):
-                        if blk >= 0 and (state is None or state[start + i] != 1):
-                            result[i] = True
-                elif pager is not None:
-                    for i in range(npages):
-                        if not result[i] and pager.has_page(level, start + i):
+                if pager is not None:
+                    for i, has in enumerate(pager.has_pages(level, start, npages)):
+                        if has:
                             result[i] = True
                 pages = level.pages
                 if len(pages) < npages:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from vmpager.vm.kernel import Kernel
     from vmpager.vm.page import Page
 
-__all__ = ["ObjectKind", "VMObject"]
+__all__ = ["NOT_RESERVED", "RESERVED_UNWRITTEN", "RESERVED_WRITTEN", "ObjectKind", "VMObject"]
 
 Int64Array = NDArray[np.int64]
 
@@ -44,6 +44,12 @@ class ObjectKind(enum.StrEnum):
     #: Fixed memory the VM does not own (OBJT_DEVICE).
     DEVICE = "device"
 
+
+#: ``VMObject.reserve_state`` values per page: no reserved block, a reserved
+#: block without data yet (reads as zeros), a reserved block with data.
+NOT_RESERVED = 0
+RESERVED_UNWRITTEN = 1
+RESERVED_WRITTEN = 2
 
 #: Buffer types the hit path of ``write`` takes as they are (others go through memoryview).
 _FAST_BUFFERS = (bytes, bytearray)
@@ -76,8 +82,8 @@ class VMObject:
         self.refcount = 1
         #: A frozen backing object made by ``clone``, invisible to users.
         self.internal = False
-        #: Per page, for objects with reserved swap: 0 none, 1 reserved and
-        #: unwritten (the block holds no data), 2 reserved and written.
+        #: Per page, for objects with reserved swap: NOT_RESERVED,
+        #: RESERVED_UNWRITTEN (the block holds no data) or RESERVED_WRITTEN.
         self.reserve_state: bytearray | None = None
         #: Page ranges [start, end) of strategy requests in flight: faults wait.
         self.strategy_ranges: list[tuple[int, int]] = []

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmpager.io.request import IOKind
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.put import pager_put
+from vmpager.vm import registry
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.put import pager_put
 from vmpager.vm.queues import ACT_ADVANCE, ACT_DECLINE, ACT_MAX
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class PageDaemon:
         vm = self._vm
         # Object order: neighbours in an object become neighbours on swap.
         batch.sort(key=_object_order)
-        results = vm.swap_pager.put_batch(batch, sync=not asynchronous)
+        results = registry.put_batch(vm.swap_pager, batch, sync=not asynchronous)
         for page, outcome in zip(batch, results, strict=True):
             if outcome is PagerResult.PEND:
                 result.laundered_pages += 1

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmpager.pager.swap import RESERVED_UNWRITTEN, RESERVED_WRITTEN
-from vmpager.vm.object import VMObject
+from vmpager.vm.object import RESERVED_UNWRITTEN, RESERVED_WRITTEN, VMObject
 
 if TYPE_CHECKING:
     from vmpager.vm.kernel import Kernel

@@ -37,11 +37,11 @@ if TYPE_CHECKING:
 
     from vmpager.io.fanout import Fanout
     from vmpager.io.inflight import InflightLimits
-    from vmpager.pager.pagermap import PagerMap
-    from vmpager.pager.registry import PagerRegistry
     from vmpager.swap.space import SwapSpace
     from vmpager.vm.frames import FramePool
+    from vmpager.vm.pagermap import PagerMap
     from vmpager.vm.queues import PageQueues
+    from vmpager.vm.registry import PagerRegistry
     from vmpager.vm.stats import Counters
 
 __all__ = ["VM"]
@@ -92,9 +92,11 @@ class VM:
         self.config = config if config is not None else VMConfig()
         self.page_size = page_size
         kernel = self.kernel = Kernel(self.config, page_size, memory_bytes // page_size, layout)
-        kernel.attach_pagers(
-            SwapPager(kernel, kernel.space), VnodePager(kernel), DevicePager(kernel)
-        )
+        # The concrete pagers stay here too, for the attributes tools and tests read.
+        self._swap_pager = SwapPager(kernel, kernel.space)
+        self._vnode_pager = VnodePager(kernel)
+        self._device_pager = DevicePager(kernel)
+        kernel.attach_pagers(self._swap_pager, self._vnode_pager, self._device_pager)
         self._swapctl = SwapControl(kernel, replicas)
         try:
             self._swapctl.open_initial(swap)
@@ -132,15 +134,15 @@ class VM:
 
     @property
     def swap_pager(self) -> SwapPager:
-        return self.kernel.swap_pager
+        return self._swap_pager
 
     @property
     def vnode_pager(self) -> VnodePager:
-        return self.kernel.vnode_pager
+        return self._vnode_pager
 
     @property
     def device_pager(self) -> DevicePager:
-        return self.kernel.device_pager
+        return self._device_pager
 
     @property
     def pagermap(self) -> PagerMap:
