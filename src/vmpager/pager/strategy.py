@@ -35,17 +35,17 @@ paths, which walk the chain.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
 from vmpager.io.request import IOKind, IORequest
 from vmpager.swap.meta import SWAPBLK_NONE
-from vmpager.vm.object import NOT_RESERVED, RESERVED_UNWRITTEN, RESERVED_WRITTEN
+from vmpager.vm.object import NOT_RESERVED, RESERVED_UNWRITTEN, RESERVED_WRITTEN, checked_range
 
 if TYPE_CHECKING:
-    from vmpager.pager.swap import SwapPager
     from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
+    from vmpager.vm.pagerops import SwapPagerOps
 
 __all__ = ["CHAIN_MAX_INFLIGHT", "strategy"]
 
@@ -70,14 +70,13 @@ def _check_request(vm: Kernel, obj: VMObject, offset: int, length: int) -> tuple
             f"strategy requests must cover whole pages of {ps} bytes (EINVAL): "
             f"offset {offset}, length {length}"
         )
-    obj._check_range(offset, length)
+    checked_range(obj, offset, length)
     return offset // ps, length // ps
 
 
-def _swap_pager(vm: Kernel) -> SwapPager:
-    """The swap pager, whose strategy this module is (the kernel knows it by its
-    contract only)."""
-    return cast("SwapPager", vm.swap_pager)
+def _swap_pager(vm: Kernel) -> SwapPagerOps:
+    """The swap pager, whose strategy this module is."""
+    return vm.swap_pager
 
 
 def strategy(

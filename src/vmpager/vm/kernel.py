@@ -39,7 +39,7 @@ from vmpager.vm.condition import VMCondition
 from vmpager.vm.config import VMConfig, watermarks
 from vmpager.vm.fault import hold_page
 from vmpager.vm.frames import FramePool
-from vmpager.vm.object import ObjectKind, VMObject
+from vmpager.vm.object import ObjectKind, VMObject, checked_range
 from vmpager.vm.page import QUEUE_NONE, QUEUE_WIRED, Page
 from vmpager.vm.pagermap import PagerMap
 from vmpager.vm.queues import PageQueues
@@ -152,7 +152,7 @@ class Kernel:
         ):
             # Anything but plain ints in range gets the full check (bool and
             # float refused by name, numpy integers converted).
-            offset, length = obj._check_range(offset, length)
+            offset, length = checked_range(obj, offset, length)
         ps = self.page_size
         pindex, off = divmod(offset, ps)
         if off + length <= ps:

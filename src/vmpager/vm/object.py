@@ -26,9 +26,26 @@ if TYPE_CHECKING:
     from vmpager.vm.kernel import Kernel
     from vmpager.vm.page import Page
 
-__all__ = ["NOT_RESERVED", "RESERVED_UNWRITTEN", "RESERVED_WRITTEN", "ObjectKind", "VMObject"]
+__all__ = [
+    "NOT_RESERVED",
+    "RESERVED_UNWRITTEN",
+    "RESERVED_WRITTEN",
+    "ObjectKind",
+    "VMObject",
+    "checked_range",
+]
 
 Int64Array = NDArray[np.int64]
+
+
+def checked_range(obj: VMObject, offset: int, length: int) -> tuple[int, int]:
+    """``(offset, length)`` as ints inside ``obj``; ``ObjectClosed`` for a closed
+    object, ``ValueError``/``TypeError`` naming the argument otherwise. O(1)."""
+    if obj.closed:
+        raise ObjectClosed(f"VM object {obj.oid} is closed")
+    offset = check_int(offset, "offset", minimum=0, maximum=obj.size)
+    length = check_int(length, "length", minimum=0, maximum=obj.size - offset)
+    return offset, length
 
 
 class ObjectKind(enum.StrEnum):
@@ -122,11 +139,7 @@ class VMObject:
     # -- data -------------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int) -> tuple[int, int]:
-        if self.closed:
-            raise ObjectClosed(f"VM object {self.oid} is closed")
-        offset = check_int(offset, "offset", minimum=0, maximum=self.size)
-        length = check_int(length, "length", minimum=0, maximum=self.size - offset)
-        return offset, length
+        return checked_range(self, offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset`` (zeros where never written).

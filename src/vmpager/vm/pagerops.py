@@ -137,6 +137,11 @@ class SwapPagerOps(BatchPager, Protocol):
 
     meta: SwapMeta
 
+    def marks_bad(self, err: DeviceError) -> bool:
+        """Does the write-error policy mark the blocks of a write that failed with
+        ``err`` bad?"""
+        ...
+
     def flush_stale(self) -> int:
         """Give back the blocks of pages made dirty (deferred frees). Lock held."""
         ...
