@@ -177,6 +177,8 @@ class PageDaemon:
                     result.freed += 1
             else:
                 result.launder_failures += 1
+                if outcome in (PagerResult.AGAIN, PagerResult.ERROR):
+                    result.write_errors += 1
 
     def _age_active(self, result: ScanResult) -> None:
         vm = self._vm
@@ -224,7 +226,10 @@ class PageDaemon:
         memory is full of pages nobody can take. A pass whose writes failed
         is tried again, up to ``WRITE_ERROR_PASSES`` times per call: the
         failed pages are dirty and queued again, and their next write goes
-        to other blocks (or the fault has cleared). A synchronous run that
+        to other blocks (or the fault has cleared). A pass that marked blocks
+        bad is retried without limit: swap has changed, and a device that
+        fails every write runs out of blocks to mark, after which pageout
+        goes to the healthy devices. A synchronous run that
         can do nothing more while writes are in flight waits for their
         completions (releasing the lock, which they need).
         """
@@ -233,8 +238,14 @@ class PageDaemon:
         while True:
             if vm.frames.free_nframes + self._pending_npages(asynchronous) >= target_free:
                 return True
+            marked_bad = vm.counters.bad_blocks_marked
             result = self.scan(target_free, asynchronous=asynchronous)
             if result.progress or self.reclaim_clean(target_free):
+                continue
+            if vm.counters.bad_blocks_marked > marked_bad:
+                # The failed writes left their blocks behind as bad: the next
+                # pass writes elsewhere (another device, if one is failing every
+                # write). Terminates: each such pass marks blocks that stay bad.
                 continue
             if result.write_errors and error_passes < WRITE_ERROR_PASSES:
                 error_passes += 1
