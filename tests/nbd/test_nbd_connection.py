@@ -7,6 +7,7 @@ depend on how the bytes arrived).
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -100,7 +101,9 @@ def handshaken(**kwargs: object) -> NbdConnection:
     return conn
 
 
-def transmitting(*, structured: bool = False, meta: bool = False, **kwargs: object) -> NbdConnection:
+def transmitting(
+    *, structured: bool = False, meta: bool = False, **kwargs: object
+) -> NbdConnection:
     conn = handshaken(**kwargs)
     stream = b""
     if structured or meta:
@@ -531,7 +534,7 @@ def run_split(stream: bytes, cuts: list[int]) -> tuple[list[Event], bytes]:
     out = conn.data_to_send()
     got: list[Event] = []
     bounds = [0, *sorted(set(cuts)), len(stream)]
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         if a == b:
             continue
         conn.receive_data(stream[a:b])
