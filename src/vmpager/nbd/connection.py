@@ -36,6 +36,7 @@ while the reading thread goes on parsing.
 from __future__ import annotations
 
 import array
+import functools
 import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -96,6 +97,22 @@ _pack_simple = p.SIMPLE_REPLY.pack
 _pack_data_header = p.CHUNK_OFFSET_DATA_HEADER.pack
 _unpack_request = p.REQUEST.unpack_from
 _REQUEST_SIZE: Final = p.REQUEST.size
+_REQUEST_MAGIC: Final = p.REQUEST_MAGIC
+_CMD_READ: Final = p.NBD_CMD_READ
+_CMD_WRITE: Final = p.NBD_CMD_WRITE
+# Events of the request path are built without a Python-level constructor call.
+_new = tuple.__new__
+
+#: The reply to a successful command without payload: ``ok_reply(cookie)``.
+ok_reply: Final = functools.partial(_pack_simple, p.SIMPLE_REPLY_MAGIC, 0)
+#: Header of the one DONE data chunk of a structured read:
+#: ``data_chunk_header(cookie, length + 8, offset)``.
+data_chunk_header: Final = functools.partial(
+    _pack_data_header,
+    p.STRUCTURED_REPLY_MAGIC,
+    p.NBD_REPLY_FLAG_DONE,
+    p.NBD_REPLY_TYPE_OFFSET_DATA,
+)
 
 
 class NbdProtocolError(Exception):
@@ -263,6 +280,7 @@ class NbdConnection:
         self.export: ExportInfo | None = None
         self.block_status_ok = False
         self._size = 0
+        self._read_flags = _READ_FLAGS
 
     # -- bytes in -----------------------------------------------------------------------------
 
@@ -351,16 +369,33 @@ class NbdConnection:
                     magic, flags, command, cookie, offset, length = _unpack_request(
                         self._buf, start
                     )
-                    if magic != p.REQUEST_MAGIC:
+                    if magic != _REQUEST_MAGIC:
                         raise NbdProtocolError(f"bad request magic {magic:#x}")
-                    if command == p.NBD_CMD_WRITE:
-                        write = self._write_request(start, end, flags, cookie, offset, length)
-                        if write is not None:
-                            return write
+                    # READ and WRITE are checked inline: they are nearly every request.
+                    if command == _CMD_READ:
+                        self._start = start + _REQUEST_SIZE
+                        if (
+                            flags & ~self._read_flags
+                            or offset + length > self._size
+                            or length > self._max_payload
+                        ):
+                            return self._bad_read(flags, cookie, offset, length)
+                        return _new(Request, (_CMD_READ, flags, cookie, offset, length, b""))
+                    if command == _CMD_WRITE:
+                        begin = start + _REQUEST_SIZE
+                        if end - begin >= length and length <= self._max_payload:
+                            self._start = begin + length
+                            if (
+                                flags & ~_WRITE_FLAGS
+                                or self.read_only
+                                or offset + length > self._size
+                            ):
+                                return self._bad_write(flags, cookie)
+                            data = self._view[begin : begin + length]
+                            return _new(Request, (_CMD_WRITE, flags, cookie, offset, length, data))
+                        self._write_request(start, end, flags, cookie, offset, length)
                     else:
                         self._start = start + _REQUEST_SIZE
-                        if command == p.NBD_CMD_READ:
-                            return self._read_request(flags, cookie, offset, length)
                         return self._other_request(command, flags, cookie, offset, length)
             else:
                 event = self._slow_event()
@@ -624,6 +659,7 @@ class NbdConnection:
         self.export = export
         self._size = export.size_bytes
         self.block_status_ok = self.structured and self._meta_export == export.name
+        self._read_flags = _READ_FLAGS if self.structured else _READ_FLAGS & ~p.NBD_CMD_FLAG_DF
         self._state = _TRANSMISSION
         return Ready(export)
 
@@ -631,16 +667,12 @@ class NbdConnection:
 
     def _write_request(
         self, start: int, end: int, flags: int, cookie: int, offset: int, length: int
-    ) -> Request | Invalid | None:
+    ) -> None:
+        """A write whose payload has not all arrived (or is over the limit)."""
         if length > self._max_payload:
             raise NbdProtocolError(f"write payload {length} exceeds maximum {self._max_payload}")
         begin = start + _REQUEST_SIZE
         have = end - begin
-        if have >= length:
-            self._start = begin + length
-            return self._check_write(
-                flags, cookie, offset, length, self._view[begin : begin + length]
-            )
         if length <= INLINE_PAYLOAD_BYTES:
             return None  # header and payload fit the buffer once it is compacted
         # A large payload goes to its own buffer, which the caller then receives into.
@@ -664,25 +696,28 @@ class NbdConnection:
     def _check_write(
         self, flags: int, cookie: int, offset: int, length: int, data: memoryview
     ) -> Request | Invalid:
+        if flags & ~_WRITE_FLAGS or self.read_only or offset + length > self._size:
+            return self._bad_write(flags, cookie)
+        return Request(p.NBD_CMD_WRITE, flags, cookie, offset, length, data)
+
+    def _bad_write(self, flags: int, cookie: int) -> Invalid:
+        """The error of a write whose payload arrived but that cannot be done."""
         bad_flags = flags & ~_WRITE_FLAGS
         if bad_flags:
             return Invalid(cookie, p.NBD_EINVAL, f"unsupported flags {bad_flags:#x}")
         if self.read_only:
             return Invalid(cookie, p.NBD_EPERM, "export is read-only")
-        if offset + length > self._size:
-            return Invalid(cookie, p.NBD_ENOSPC, f"write past the end ({self._size} bytes)")
-        return Request(p.NBD_CMD_WRITE, flags, cookie, offset, length, data)
+        return Invalid(cookie, p.NBD_ENOSPC, f"write past the end ({self._size} bytes)")
 
-    def _read_request(self, flags: int, cookie: int, offset: int, length: int) -> Request | Invalid:
+    def _bad_read(self, flags: int, cookie: int, offset: int, length: int) -> Invalid:
+        """The error of a read that failed the inline checks."""
         structured = self.structured
-        if flags & ~_READ_FLAGS or (flags & p.NBD_CMD_FLAG_DF and not structured):
+        if flags & ~self._read_flags:
             return Invalid(cookie, p.NBD_EINVAL, f"unsupported flags {flags:#x}")
         if offset + length > self._size:
             return Invalid(cookie, p.NBD_EINVAL, f"read past the end ({self._size} bytes)")
-        if length > self._max_payload:
-            error = p.NBD_EOVERFLOW if structured else p.NBD_EINVAL
-            return Invalid(cookie, error, f"read length {length} > maximum {self._max_payload}")
-        return Request(p.NBD_CMD_READ, flags, cookie, offset, length, b"")
+        error = p.NBD_EOVERFLOW if structured else p.NBD_EINVAL
+        return Invalid(cookie, error, f"read length {length} > maximum {self._max_payload}")
 
     def _other_request(
         self, command: int, flags: int, cookie: int, offset: int, length: int
@@ -723,7 +758,7 @@ class NbdConnection:
 
     def ok_reply(self, cookie: int) -> bytes:
         """Success of a command without payload (a simple reply)."""
-        return _pack_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie)
+        return ok_reply(cookie)
 
     def error_reply(self, cookie: int, error: int, message: str) -> tuple[bytes, ...]:
         """An error: an ERROR chunk with ``message`` when structured, else a simple reply."""
@@ -745,16 +780,8 @@ class NbdConnection:
     ) -> tuple[bytes, bytes | bytearray | memoryview]:
         """A whole read: one OFFSET_DATA chunk when structured, else a simple reply."""
         if self.structured:
-            header = _pack_data_header(
-                p.STRUCTURED_REPLY_MAGIC,
-                p.NBD_REPLY_FLAG_DONE,
-                p.NBD_REPLY_TYPE_OFFSET_DATA,
-                cookie,
-                len(data) + 8,
-                offset,
-            )
-            return (header, data)
-        return (_pack_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie), data)
+            return (data_chunk_header(cookie, len(data) + 8, offset), data)
+        return (ok_reply(cookie), data)
 
     def empty_read_reply(self, cookie: int) -> bytes:
         """A structured read of length 0: one NONE chunk."""

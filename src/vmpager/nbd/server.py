@@ -43,10 +43,10 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, cast
+from typing import Final
 
 from vmpager.errors import InvariantViolation, SwapExhausted
 from vmpager.nbd import protocol as p
@@ -64,6 +64,8 @@ from vmpager.nbd.connection import (
     Ready,
     Request,
     StartTls,
+    data_chunk_header,
+    ok_reply,
 )
 from vmpager.units import check_int
 
@@ -85,6 +87,7 @@ class NbdServerStatistics:
     connections_refused: int
     handshakes_completed: int
     protocol_errors: int
+    tls_sessions: int
     reads: int
     writes: int
     flushes: int
@@ -110,6 +113,7 @@ class _Counters:
         "handshakes_completed",
         "protocol_errors",
         "reads",
+        "tls_sessions",
         "trims",
         "write_zeroes",
         "writes",
@@ -124,6 +128,7 @@ class _Counters:
     handshakes_completed: int
     protocol_errors: int
     reads: int
+    tls_sessions: int
     trims: int
     write_zeroes: int
     writes: int
@@ -388,17 +393,19 @@ class NbdServer:
         """The NBD URI of ``export`` (default: the default export), e.g. ``nbd://127.0.0.1:1/x``.
 
         Unix sockets give ``nbd+unix:///x?socket=/path``; qemu, libnbd and
-        fio all accept both forms.
+        fio all accept both forms. A TLS-only server gives libnbd's ``nbds``
+        and ``nbds+unix`` schemes (qemu takes TLS from ``tls-creds`` instead).
         """
         name = self._default_name if export is None else export
         quoted = urllib.parse.quote(name, safe="")
         address = self.address
+        scheme = "nbd" if self._tls_context is None else "nbds"
         if isinstance(address, str):
-            return f"nbd+unix:///{quoted}?socket={urllib.parse.quote(address, safe='/')}"
+            return f"{scheme}+unix:///{quoted}?socket={urllib.parse.quote(address, safe='/')}"
         host, port = address
         if ":" in host:
             host = f"[{host}]"
-        return f"nbd://{host}:{port}/{quoted}"
+        return f"{scheme}://{host}:{port}/{quoted}"
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -415,6 +422,7 @@ class NbdServer:
                 connections_refused=self._refused,
                 handshakes_completed=total.handshakes_completed,
                 protocol_errors=total.protocol_errors,
+                tls_sessions=total.tls_sessions,
                 reads=total.reads,
                 writes=total.writes,
                 flushes=total.flushes,
@@ -500,6 +508,9 @@ def _error_from_exception(exc: BaseException) -> int:
 
 
 _Buffer = bytes | bytearray | memoryview
+_CMD_READ: Final = p.NBD_CMD_READ
+_CMD_WRITE: Final = p.NBD_CMD_WRITE
+_FLAG_FUA: Final = p.NBD_CMD_FLAG_FUA
 
 
 class _Connection:
@@ -646,6 +657,7 @@ class _Connection:
         self.sock = context.wrap_socket(self.sock, server_side=True)
         self._gather = False
         self.protocol.tls_started()
+        self.counters.tls_sessions += 1
 
     # -- the request loop ---------------------------------------------------------------------
 
@@ -663,7 +675,7 @@ class _Connection:
         workers = self.server._workers_per_connection
         pool: concurrent.futures.ThreadPoolExecutor | None = None
         slots = threading.BoundedSemaphore(4 * max(workers, 1))
-        run = self._run_request
+        run: Callable[[Request], None] = self._reject_request
         queue = self._queue
         error_reply = protocol.error_reply
         next_event = protocol.next_event
@@ -684,21 +696,18 @@ class _Connection:
         try:
             while True:
                 event = next_event()
-                cls = type(event)
-                if cls is Request:
-                    request = cast(Request, event)
+                if type(event) is Request:
                     if pool is None:
-                        run(request)
+                        run(event)
                     else:
-                        if request.data:
+                        if event.data:
                             # The payload view is only valid until the next receive.
-                            request = request._replace(data=bytes(request.data))
+                            event = event._replace(data=bytes(event.data))
                         slots.acquire()
-                        pool.submit(run_in_worker, request)
-                elif cls is Invalid:
-                    invalid = cast(Invalid, event)
+                        pool.submit(run_in_worker, event)
+                elif type(event) is Invalid:
                     self._counters().error_replies += 1
-                    queue(*error_reply(invalid.cookie, invalid.error, invalid.message))
+                    queue(*error_reply(event.cookie, event.error, event.message))
                 elif event is NEED_DATA:
                     # About to wait for the client: everything answered so far goes out first.
                     if self.export is None:
@@ -707,12 +716,12 @@ class _Connection:
                         self._send_pending()
                     n = self.sock.recv_into(protocol.receive_buffer())
                     protocol.received(n)
-                elif cls is OptionReplied:
+                elif type(event) is OptionReplied:
                     continue
-                elif cls is Ready:
-                    ready = cast(Ready, event)
+                elif type(event) is Ready:
                     self.sock.sendall(protocol.data_to_send())
-                    self.export = self.server._exports[ready.export.name]
+                    self.export = self.server._exports[event.export.name]
+                    run = self._runner(self.export)
                     self.sock.settimeout(None)
                     self.counters.handshakes_completed += 1
                     if workers:
@@ -721,18 +730,17 @@ class _Connection:
                         pool = concurrent.futures.ThreadPoolExecutor(
                             workers, thread_name_prefix=f"vmpager-nbd-conn-{self.cid}-worker"
                         )
-                elif cls is StartTls:
+                elif type(event) is StartTls:
                     self._start_tls()
-                elif cls is Aborted:
+                elif type(event) is Aborted:
                     with contextlib.suppress(OSError):
                         self.sock.sendall(protocol.data_to_send())
                     return
-                else:
-                    disconnect = cast(Disconnect, event)
-                    if disconnect.clean:
-                        log.debug("NBD client %s: %s", self.peer, disconnect.reason)
+                elif type(event) is Disconnect:
+                    if event.clean:
+                        log.debug("NBD client %s: %s", self.peer, event.reason)
                     elif self.export is None:
-                        log.info("NBD client %s: %s", self.peer, disconnect.reason)
+                        log.info("NBD client %s: %s", self.peer, event.reason)
                     if pool is None:
                         self._send_pending()
                     return
@@ -740,54 +748,70 @@ class _Connection:
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _run_request(self, request: Request) -> None:
-        """Call the backend for one valid request and queue its reply."""
-        command, flags, cookie, offset, length, data = request
-        export = self.export
-        assert export is not None
-        backend = export.backend
-        if command == p.NBD_CMD_WRITE:
-            try:
-                if length:
-                    backend.write(offset, data, fua=bool(flags & p.NBD_CMD_FLAG_FUA))
-            except Exception as exc:
-                self._backend_error(cookie, exc, "write", offset, length)
-            else:
-                counters = self._counters()
-                counters.writes += 1
-                counters.bytes_written += length
-                self._queue(self.protocol.ok_reply(cookie))
-        elif command == p.NBD_CMD_READ:
-            self._read(backend, flags, cookie, offset, length)
-        else:
-            self._other_command(backend, request)
+    def _runner(self, export: _Export) -> Callable[[Request], None]:
+        """The function that calls the backend for one valid request and queues its reply.
 
-    def _read(self, backend: Backend, flags: int, cookie: int, offset: int, length: int) -> None:
-        """NBD_CMD_READ: a simple reply, one data chunk, or data and hole chunks."""
+        A closure over what stays fixed for the connection (backend,
+        negotiated reply kind), because this is the per-request path.
+        """
+        backend = export.backend
         protocol = self.protocol
-        if protocol.structured:
-            if length == 0:
-                self._counters().reads += 1
-                self._queue(protocol.empty_read_reply(cookie))
-                return
-            sparse_read_bytes = self.server._sparse_read_bytes
-            if (
-                sparse_read_bytes is not None
-                and length >= sparse_read_bytes
-                and not flags & p.NBD_CMD_FLAG_DF
-            ):
-                self._sparse_read(backend, cookie, offset, length)
-                return
-        out = bytearray(length)
-        try:
-            backend.read_into(offset, memoryview(out))
-        except Exception as exc:
-            self._backend_error(cookie, exc, "read", offset, length)
-            return
-        counters = self._counters()
-        counters.reads += 1
-        counters.bytes_read += length
-        self._queue(*protocol.read_reply(cookie, offset, out))
+        structured = protocol.structured
+        sparse_read_bytes = self.server._sparse_read_bytes
+        if not structured:
+            sparse_read_bytes = None
+        queue = self._queue
+        counters_of = self._counters
+        backend_error = self._backend_error
+        read_into = backend.read_into
+        write = backend.write
+
+        def run(request: Request) -> None:
+            command, flags, cookie, offset, length, data = request
+            if command == _CMD_READ:
+                if structured:
+                    if length == 0:
+                        counters_of().reads += 1
+                        queue(protocol.empty_read_reply(cookie))
+                        return
+                    if (
+                        sparse_read_bytes is not None
+                        and length >= sparse_read_bytes
+                        and not flags & p.NBD_CMD_FLAG_DF
+                    ):
+                        self._sparse_read(backend, cookie, offset, length)
+                        return
+                out = bytearray(length)
+                try:
+                    read_into(offset, memoryview(out))
+                except Exception as exc:
+                    backend_error(cookie, exc, "read", offset, length)
+                    return
+                counters = counters_of()
+                counters.reads += 1
+                counters.bytes_read += length
+                if structured:
+                    queue(data_chunk_header(cookie, length + 8, offset), out)
+                else:
+                    queue(ok_reply(cookie), out)
+            elif command == _CMD_WRITE:
+                try:
+                    if length:
+                        write(offset, data, fua=bool(flags & _FLAG_FUA))
+                except Exception as exc:
+                    backend_error(cookie, exc, "write", offset, length)
+                else:
+                    counters = counters_of()
+                    counters.writes += 1
+                    counters.bytes_written += length
+                    queue(ok_reply(cookie))
+            else:
+                self._other_command(backend, request)
+
+        return run
+
+    def _reject_request(self, request: Request) -> None:
+        raise AssertionError(f"request {request} before the handshake ended")
 
     def _sparse_read(self, backend: Backend, cookie: int, offset: int, length: int) -> None:
         """A structured read that sends zero extents as OFFSET_HOLE chunks.
@@ -869,4 +893,4 @@ class _Connection:
         except Exception as exc:
             self._backend_error(cookie, exc, name, offset, length)
             return
-        self._queue(self.protocol.ok_reply(cookie))
+        self._queue(ok_reply(cookie))
