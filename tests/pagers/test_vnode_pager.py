@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from vmpager import DeviceError, ObjectClosed
-from vmpager.pager.vnode import FileShrunkError, VnodeObject
+from vmpager.pager.file_object import VnodeObject
+from vmpager.pager.vnode import FileShrunkError
 from vmpager.testing.worlds import PAGE, small_vm
 
 

@@ -721,7 +721,6 @@ class _Connection:
                 elif type(event) is Ready:
                     self.sock.sendall(protocol.data_to_send())
                     self.export = self.server._exports[event.export.name]
-                    run = self._runner(self.export)
                     self.sock.settimeout(None)
                     self.counters.handshakes_completed += 1
                     if workers:
@@ -730,6 +729,7 @@ class _Connection:
                         pool = concurrent.futures.ThreadPoolExecutor(
                             workers, thread_name_prefix=f"vmpager-nbd-conn-{self.cid}-worker"
                         )
+                    run = self._runner(self.export, pooled=pool is not None)
                 elif type(event) is StartTls:
                     self._start_tls()
                 elif type(event) is Aborted:
@@ -748,11 +748,13 @@ class _Connection:
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _runner(self, export: _Export) -> Callable[[Request], None]:
+    def _runner(self, export: _Export, *, pooled: bool) -> Callable[[Request], None]:
         """The function that calls the backend for one valid request and queues its reply.
 
         A closure over what stays fixed for the connection (backend,
-        negotiated reply kind), because this is the per-request path.
+        negotiated reply kind, whether workers share it), because this is
+        the per-request path: without workers, replies to reads and writes
+        are appended to the pending list here rather than through ``_queue``.
         """
         backend = export.backend
         protocol = self.protocol
@@ -765,6 +767,45 @@ class _Connection:
         backend_error = self._backend_error
         read_into = backend.read_into
         write = backend.write
+        pending = self._pending
+        own_counters = self.counters
+        # Reads from this length on may be answered with holes (the general path).
+        sparse_min = (1 << 64) if sparse_read_bytes is None else sparse_read_bytes
+
+        if not pooled:
+
+            def run_inline(request: Request) -> None:
+                command, flags, cookie, offset, length, data = request
+                if command == _CMD_READ and 0 < length < sparse_min:
+                    out = bytearray(length)
+                    try:
+                        read_into(offset, memoryview(out))
+                    except Exception as exc:
+                        backend_error(cookie, exc, "read", offset, length)
+                        return
+                    own_counters.reads += 1
+                    own_counters.bytes_read += length
+                    if structured:
+                        pending.append(data_chunk_header(cookie, length + 8, offset))
+                    else:
+                        pending.append(ok_reply(cookie))
+                    pending.append(out)
+                    self._pending_bytes += length
+                elif command == _CMD_WRITE:
+                    try:
+                        if length:
+                            write(offset, data, fua=bool(flags & _FLAG_FUA))
+                    except Exception as exc:
+                        backend_error(cookie, exc, "write", offset, length)
+                        return
+                    own_counters.writes += 1
+                    own_counters.bytes_written += length
+                    pending.append(ok_reply(cookie))
+                else:
+                    run(request)
+                    return
+                if len(pending) >= SEND_BATCH_BUFFERS or self._pending_bytes >= SEND_BATCH_BYTES:
+                    self._send_pending()
 
         def run(request: Request) -> None:
             command, flags, cookie, offset, length, data = request
@@ -808,7 +849,7 @@ class _Connection:
             else:
                 self._other_command(backend, request)
 
-        return run
+        return run if pooled else run_inline
 
     def _reject_request(self, request: Request) -> None:
         raise AssertionError(f"request {request} before the handshake ended")
