@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from vmpager.testing.nbd import (
     make_tls_credentials,
     require_client,
     run_client,
+    serve_command,
 )
 
 SIZE = 8 << 20
@@ -269,52 +268,19 @@ def test_serve_with_tls_creds_and_insecure_warning(creds: TlsCredentials) -> Non
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.close()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vmpager",
-            "serve",
-            "--size",
-            "8M",
-            "--memory",
-            "2M",
-            "--name",
-            "disk",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--tls-creds",
-            str(creds.server),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
+    args = ["--size", "8M", "--memory", "2M", "--name", "disk", "--listen", f"127.0.0.1:{port}"]
+    with serve_command([*args, "--tls-creds", str(creds.server)]) as (line, _stderr):
         assert "nbds://" in line, line
         uri = f"nbds://127.0.0.1:{port}/disk?tls-certificates={creds.client}"
         assert run_client(["nbdinfo", "--size", uri]).stdout.strip() == str(8 << 20)
         plain = run_client(["nbdinfo", f"nbd://127.0.0.1:{port}/disk"], check=False)
         assert plain.returncode != 0
-    finally:
-        proc.terminate()
-        _out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
     # Beyond loopback without TLS: allowed with --insecure, and it says so.
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "vmpager", "serve", "--size", "1M", "--memory", "1M"),
-            *("--listen", "0.0.0.0:0", "--insecure"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
+    with serve_command(
+        ["--size", "1M", "--memory", "1M", "--listen", "0.0.0.0:0", "--insecure"]
+    ) as (
+        line,
+        stderr,
+    ):
         assert "serving" in line, line
-    finally:
-        proc.terminate()
-        _out, err = proc.communicate(timeout=30)
-    assert "warning: serving without TLS on 0.0.0.0" in err
+    assert "warning: serving without TLS on 0.0.0.0" in stderr[0]

@@ -753,106 +753,84 @@ class _Connection:
 
         A closure over what stays fixed for the connection (backend,
         negotiated reply kind, whether workers share it), because this is
-        the per-request path: without workers, replies to reads and writes
-        are appended to the pending list here rather than through ``_queue``.
+        the per-request path: plain reads and writes are done here, and
+        without workers their replies are appended to the pending list
+        directly; everything else goes to ``_other_command``.
         """
         backend = export.backend
         protocol = self.protocol
         structured = protocol.structured
         sparse_read_bytes = self.server._sparse_read_bytes
-        if not structured:
-            sparse_read_bytes = None
+        # Reads from this length on may be answered with holes (the general path).
+        sparse_min = (1 << 64) if sparse_read_bytes is None or not structured else sparse_read_bytes
         queue = self._queue
         counters_of = self._counters
         backend_error = self._backend_error
+        other_command = self._other_command
         read_into = backend.read_into
         write = backend.write
         pending = self._pending
         own_counters = self.counters
-        # Reads from this length on may be answered with holes (the general path).
-        sparse_min = (1 << 64) if sparse_read_bytes is None else sparse_read_bytes
-
-        if not pooled:
-
-            def run_inline(request: Request) -> None:
-                command, flags, cookie, offset, length, data = request
-                if command == _CMD_READ and 0 < length < sparse_min:
-                    out = bytearray(length)
-                    try:
-                        read_into(offset, memoryview(out))
-                    except Exception as exc:
-                        backend_error(cookie, exc, "read", offset, length)
-                        return
-                    own_counters.reads += 1
-                    own_counters.bytes_read += length
-                    if structured:
-                        pending.append(data_chunk_header(cookie, length + 8, offset))
-                    else:
-                        pending.append(ok_reply(cookie))
-                    pending.append(out)
-                    self._pending_bytes += length
-                elif command == _CMD_WRITE:
-                    try:
-                        if length:
-                            write(offset, data, fua=bool(flags & _FLAG_FUA))
-                    except Exception as exc:
-                        backend_error(cookie, exc, "write", offset, length)
-                        return
-                    own_counters.writes += 1
-                    own_counters.bytes_written += length
-                    pending.append(ok_reply(cookie))
-                else:
-                    run(request)
-                    return
-                if len(pending) >= SEND_BATCH_BUFFERS or self._pending_bytes >= SEND_BATCH_BYTES:
-                    self._send_pending()
 
         def run(request: Request) -> None:
             command, flags, cookie, offset, length, data = request
-            if command == _CMD_READ:
-                if structured:
-                    if length == 0:
-                        counters_of().reads += 1
-                        queue(protocol.empty_read_reply(cookie))
-                        return
-                    if (
-                        sparse_read_bytes is not None
-                        and length >= sparse_read_bytes
-                        and not flags & p.NBD_CMD_FLAG_DF
-                    ):
-                        self._sparse_read(backend, cookie, offset, length)
-                        return
+            if command == _CMD_READ and 0 < length < sparse_min:
                 out = bytearray(length)
                 try:
                     read_into(offset, memoryview(out))
                 except Exception as exc:
                     backend_error(cookie, exc, "read", offset, length)
                     return
-                counters = counters_of()
+                counters = counters_of() if pooled else own_counters
                 counters.reads += 1
                 counters.bytes_read += length
                 if structured:
-                    queue(data_chunk_header(cookie, length + 8, offset), out)
+                    header = data_chunk_header(cookie, length + 8, offset)
                 else:
-                    queue(ok_reply(cookie), out)
+                    header = ok_reply(cookie)
+                if pooled:
+                    queue(header, out)
+                    return
+                pending.append(header)
+                pending.append(out)
+                self._pending_bytes += length
             elif command == _CMD_WRITE:
                 try:
                     if length:
                         write(offset, data, fua=bool(flags & _FLAG_FUA))
                 except Exception as exc:
                     backend_error(cookie, exc, "write", offset, length)
-                else:
-                    counters = counters_of()
-                    counters.writes += 1
-                    counters.bytes_written += length
+                    return
+                counters = counters_of() if pooled else own_counters
+                counters.writes += 1
+                counters.bytes_written += length
+                if pooled:
                     queue(ok_reply(cookie))
+                    return
+                pending.append(ok_reply(cookie))
             else:
-                self._other_command(backend, request)
+                other_command(backend, request)
+                return
+            if len(pending) >= SEND_BATCH_BUFFERS or self._pending_bytes >= SEND_BATCH_BYTES:
+                self._send_pending()
 
-        return run if pooled else run_inline
+        return run
 
     def _reject_request(self, request: Request) -> None:
         raise AssertionError(f"request {request} before the handshake ended")
+
+    def _whole_read(self, backend: Backend, cookie: int, offset: int, length: int) -> None:
+        """A long structured read the client asked not to split (DF): one data chunk."""
+        out = bytearray(length)
+        try:
+            backend.read_into(offset, memoryview(out))
+        except Exception as exc:
+            self._backend_error(cookie, exc, "read", offset, length)
+            return
+        counters = self._counters()
+        counters.reads += 1
+        counters.bytes_read += length
+        self._queue(*self.protocol.read_reply(cookie, offset, out))
 
     def _sparse_read(self, backend: Backend, cookie: int, offset: int, length: int) -> None:
         """A structured read that sends zero extents as OFFSET_HOLE chunks.
@@ -898,9 +876,22 @@ class _Connection:
         self._error(cookie, error, f"{what} failed: {exc}")
 
     def _other_command(self, backend: Backend, request: Request) -> None:
-        """FLUSH, TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS (already checked by the protocol)."""
+        """Empty and sparse reads, FLUSH, TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS
+        (already checked by the protocol)."""
         command, flags, cookie, offset, length, _ = request
         counters = self._counters()
+        if command == p.NBD_CMD_READ:
+            if length == 0:
+                counters.reads += 1
+                if self.protocol.structured:
+                    self._queue(self.protocol.empty_read_reply(cookie))
+                else:
+                    self._queue(ok_reply(cookie))
+            elif flags & p.NBD_CMD_FLAG_DF:
+                self._whole_read(backend, cookie, offset, length)
+            else:
+                self._sparse_read(backend, cookie, offset, length)
+            return
         fua = bool(flags & p.NBD_CMD_FLAG_FUA)
         name = p.COMMAND_NAMES[command]
         try:

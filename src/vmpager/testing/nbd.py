@@ -11,12 +11,14 @@ client certificate in qemu's and libnbd's directory layouts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import struct
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ __all__ = [
     "make_tls_credentials",
     "require_client",
     "run_client",
+    "serve_command",
 ]
 
 #: Debian package that ships each client program the tests use.
@@ -69,6 +72,32 @@ def run_client(
             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
         )
     return result
+
+
+@contextlib.contextmanager
+def serve_command(args: Sequence[str]) -> Iterator[tuple[str, list[str]]]:
+    """Run ``python -m vmpager serve ARGS`` until the block ends.
+
+    Yields the first line it prints (the first export's URL) and a list that,
+    once the block ends, holds what the command wrote to stderr. The command
+    is stopped with SIGTERM and must exit 0; a failure shows its stderr.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmpager", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr: list[str] = []
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        yield line, stderr
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+        stderr.append(err)
+    if proc.returncode != 0:
+        raise AssertionError(f"vmpager serve exited {proc.returncode}: {err}")
 
 
 @dataclass(frozen=True)
