@@ -39,6 +39,7 @@ import array
 import functools
 import struct
 import sys
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
@@ -267,6 +268,7 @@ class NbdConnection:
         self._payload: memoryview | None = None
         self._payload_have = 0
         self._payload_request: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._queued: deque[Event] = deque()
         self._out = bytearray(
             p.HANDSHAKE.pack(
                 p.NBDMAGIC, p.IHAVEOPT, p.NBD_FLAG_FIXED_NEWSTYLE | p.NBD_FLAG_NO_ZEROES
@@ -357,54 +359,89 @@ class NbdConnection:
     def next_event(self) -> Event | _NeedData:
         """The next event, or ``NEED_DATA``; raises ``NbdProtocolError``.
 
-        Transmission requests cost one header unpack and the checks of the
-        command; no bytes are copied for a write whose payload is in the
-        receive buffer.
+        One event of ``next_events()`` at a time.
         """
+        queued = self._queued
+        if not queued:
+            queued.extend(self.next_events())
+            if not queued:
+                return NEED_DATA
+        return queued.popleft()
+
+    def next_events(self) -> list[Event]:
+        """Every event the buffered bytes make, in order; empty means ``NEED_DATA``.
+
+        In transmission, all complete requests at once: one header unpack
+        and the checks of its command each, no bytes copied for a write whose
+        payload is in the receive buffer (its ``data`` is a view: consume the
+        events before receiving again). Raises ``NbdProtocolError`` when the
+        first unparsed message breaks the protocol (events before it are
+        returned first, the error on the next call).
+        """
+        if self._queued:
+            events = list(self._queued)
+            self._queued.clear()
+            return events
         while True:
             if self._state == _TRANSMISSION:
-                start = self._start
-                end = self._end
-                if end - start >= _REQUEST_SIZE:
-                    magic, flags, command, cookie, offset, length = _unpack_request(
-                        self._buf, start
-                    )
-                    if magic != _REQUEST_MAGIC:
-                        raise NbdProtocolError(f"bad request magic {magic:#x}")
-                    # READ and WRITE are checked inline: they are nearly every request.
-                    if command == _CMD_READ:
-                        self._start = start + _REQUEST_SIZE
-                        if (
-                            flags & ~self._read_flags
-                            or offset + length > self._size
-                            or length > self._max_payload
-                        ):
-                            return self._bad_read(flags, cookie, offset, length)
-                        return _new(Request, (_CMD_READ, flags, cookie, offset, length, b""))
-                    if command == _CMD_WRITE:
-                        begin = start + _REQUEST_SIZE
-                        if end - begin >= length and length <= self._max_payload:
-                            self._start = begin + length
-                            if (
-                                flags & ~_WRITE_FLAGS
-                                or self.read_only
-                                or offset + length > self._size
-                            ):
-                                return self._bad_write(flags, cookie)
-                            data = self._view[begin : begin + length]
-                            return _new(Request, (_CMD_WRITE, flags, cookie, offset, length, data))
-                        self._write_request(start, end, flags, cookie, offset, length)
-                    else:
-                        self._start = start + _REQUEST_SIZE
-                        return self._other_request(command, flags, cookie, offset, length)
+                events = self._requests()
+                if events:
+                    return events
             else:
                 event = self._slow_event()
                 if event is not None:
-                    return event
+                    return [event]
             if not (self._backlog and self._drain_backlog()):
                 if self._eof:
-                    return self._end_of_input()
-                return NEED_DATA
+                    return [self._end_of_input()]
+                return []
+
+    def _requests(self) -> list[Event]:
+        """Parse every complete request in the receive buffer (transmission state)."""
+        events: list[Event] = []
+        append = events.append
+        buf = self._buf
+        start = self._start
+        end = self._end
+        size = self._size
+        max_payload = self._max_payload
+        read_flags = self._read_flags
+        refuse_writes = self.read_only
+        while end - start >= _REQUEST_SIZE:
+            magic, flags, command, cookie, offset, length = _unpack_request(buf, start)
+            if magic != _REQUEST_MAGIC:
+                if events:
+                    break  # answered first; the error comes with the next call
+                raise NbdProtocolError(f"bad request magic {magic:#x}")
+            # READ and WRITE are checked inline: they are nearly every request.
+            if command == _CMD_READ:
+                start += _REQUEST_SIZE
+                if flags & ~read_flags or offset + length > size or length > max_payload:
+                    append(self._bad_read(flags, cookie, offset, length))
+                else:
+                    append(_new(Request, (_CMD_READ, flags, cookie, offset, length, b"")))
+            elif command == _CMD_WRITE:
+                begin = start + _REQUEST_SIZE
+                if end - begin < length or length > max_payload:
+                    if events:
+                        break  # answered first; the payload is awaited on the next call
+                    self._start = start
+                    self._write_request(start, end, flags, cookie, offset, length)
+                    return events
+                start = begin + length
+                if flags & ~_WRITE_FLAGS or refuse_writes or offset + length > size:
+                    append(self._bad_write(flags, cookie))
+                else:
+                    data = self._view[begin:start]
+                    append(_new(Request, (_CMD_WRITE, flags, cookie, offset, length, data)))
+            else:
+                start += _REQUEST_SIZE
+                event = self._other_request(command, flags, cookie, offset, length)
+                append(event)
+                if type(event) is Disconnect:
+                    break
+        self._start = start
+        return events
 
     def _slow_event(self) -> Event | None:
         """One step outside plain transmission; None when more bytes are needed."""

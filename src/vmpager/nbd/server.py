@@ -53,7 +53,6 @@ from vmpager.nbd import protocol as p
 from vmpager.nbd.backend import Backend
 from vmpager.nbd.connection import (
     MAX_STRING_BYTES,
-    NEED_DATA,
     Aborted,
     Disconnect,
     ExportInfo,
@@ -678,7 +677,7 @@ class _Connection:
         run: Callable[[Request], None] = self._reject_request
         queue = self._queue
         error_reply = protocol.error_reply
-        next_event = protocol.next_event
+        next_events = protocol.next_events
         pending = self._pending
 
         def run_in_worker(request: Request) -> None:
@@ -695,20 +694,8 @@ class _Connection:
 
         try:
             while True:
-                event = next_event()
-                if type(event) is Request:
-                    if pool is None:
-                        run(event)
-                    else:
-                        if event.data:
-                            # The payload view is only valid until the next receive.
-                            event = event._replace(data=bytes(event.data))
-                        slots.acquire()
-                        pool.submit(run_in_worker, event)
-                elif type(event) is Invalid:
-                    self._counters().error_replies += 1
-                    queue(*error_reply(event.cookie, event.error, event.message))
-                elif event is NEED_DATA:
+                events = next_events()
+                if not events:
                     # About to wait for the client: everything answered so far goes out first.
                     if self.export is None:
                         self.sock.sendall(protocol.data_to_send())
@@ -716,34 +703,48 @@ class _Connection:
                         self._send_pending()
                     n = self.sock.recv_into(protocol.receive_buffer())
                     protocol.received(n)
-                elif type(event) is OptionReplied:
                     continue
-                elif type(event) is Ready:
-                    self.sock.sendall(protocol.data_to_send())
-                    self.export = self.server._exports[event.export.name]
-                    self.sock.settimeout(None)
-                    self.counters.handshakes_completed += 1
-                    if workers:
-                        self._send_lock = threading.Lock()
-                        self._local = threading.local()
-                        pool = concurrent.futures.ThreadPoolExecutor(
-                            workers, thread_name_prefix=f"vmpager-nbd-conn-{self.cid}-worker"
-                        )
-                    run = self._runner(self.export, pooled=pool is not None)
-                elif type(event) is StartTls:
-                    self._start_tls()
-                elif type(event) is Aborted:
-                    with contextlib.suppress(OSError):
+                for event in events:
+                    if type(event) is Request:
+                        if pool is None:
+                            run(event)
+                        else:
+                            if event.data:
+                                # The payload view is only valid until the next receive.
+                                event = event._replace(data=bytes(event.data))
+                            slots.acquire()
+                            pool.submit(run_in_worker, event)
+                    elif type(event) is Invalid:
+                        self._counters().error_replies += 1
+                        queue(*error_reply(event.cookie, event.error, event.message))
+                    elif type(event) is OptionReplied:
+                        continue
+                    elif type(event) is Ready:
                         self.sock.sendall(protocol.data_to_send())
-                    return
-                elif type(event) is Disconnect:
-                    if event.clean:
-                        log.debug("NBD client %s: %s", self.peer, event.reason)
-                    elif self.export is None:
-                        log.info("NBD client %s: %s", self.peer, event.reason)
-                    if pool is None:
-                        self._send_pending()
-                    return
+                        self.export = self.server._exports[event.export.name]
+                        self.sock.settimeout(None)
+                        self.counters.handshakes_completed += 1
+                        if workers:
+                            self._send_lock = threading.Lock()
+                            self._local = threading.local()
+                            pool = concurrent.futures.ThreadPoolExecutor(
+                                workers, thread_name_prefix=f"vmpager-nbd-conn-{self.cid}-worker"
+                            )
+                        run = self._runner(self.export, pooled=pool is not None)
+                    elif type(event) is StartTls:
+                        self._start_tls()
+                    elif type(event) is Aborted:
+                        with contextlib.suppress(OSError):
+                            self.sock.sendall(protocol.data_to_send())
+                        return
+                    elif type(event) is Disconnect:
+                        if event.clean:
+                            log.debug("NBD client %s: %s", self.peer, event.reason)
+                        elif self.export is None:
+                            log.info("NBD client %s: %s", self.peer, event.reason)
+                        if pool is None:
+                            self._send_pending()
+                        return
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
