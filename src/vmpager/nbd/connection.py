@@ -401,6 +401,7 @@ class NbdConnection:
         events: list[Event] = []
         append = events.append
         buf = self._buf
+        view = self._view
         start = self._start
         end = self._end
         size = self._size
@@ -432,7 +433,7 @@ class NbdConnection:
                 if flags & ~_WRITE_FLAGS or refuse_writes or offset + length > size:
                     append(self._bad_write(flags, cookie))
                 else:
-                    data = self._view[begin:start]
+                    data = view[begin:start]
                     append(_new(Request, (_CMD_WRITE, flags, cookie, offset, length, data)))
             else:
                 start += _REQUEST_SIZE

@@ -623,6 +623,9 @@ class _Connection:
             buffers.clear()
         while buffers:
             sent = sock.sendmsg(buffers)
+            if sent == sum(map(len, buffers)):
+                buffers.clear()  # the usual case: everything went out
+                break
             # Drop what went out; a partially sent buffer is re-sliced.
             index = 0
             while index < len(buffers) and sent >= len(buffers[index]):
@@ -775,7 +778,21 @@ class _Connection:
 
         def run(request: Request) -> None:
             command, flags, cookie, offset, length, data = request
-            if command == _CMD_READ and 0 < length < sparse_min:
+            if command == _CMD_WRITE:
+                try:
+                    if length:
+                        write(offset, data, fua=bool(flags & _FLAG_FUA))
+                except Exception as exc:
+                    backend_error(cookie, exc, "write", offset, length)
+                    return
+                counters = counters_of() if pooled else own_counters
+                counters.writes += 1
+                counters.bytes_written += length
+                if pooled:
+                    queue(ok_reply(cookie))
+                    return
+                pending.append(ok_reply(cookie))
+            elif command == _CMD_READ and 0 < length < sparse_min:
                 out = bytearray(length)
                 try:
                     read_into(offset, memoryview(out))
@@ -795,20 +812,6 @@ class _Connection:
                 pending.append(header)
                 pending.append(out)
                 self._pending_bytes += length
-            elif command == _CMD_WRITE:
-                try:
-                    if length:
-                        write(offset, data, fua=bool(flags & _FLAG_FUA))
-                except Exception as exc:
-                    backend_error(cookie, exc, "write", offset, length)
-                    return
-                counters = counters_of() if pooled else own_counters
-                counters.writes += 1
-                counters.bytes_written += length
-                if pooled:
-                    queue(ok_reply(cookie))
-                    return
-                pending.append(ok_reply(cookie))
             else:
                 other_command(backend, request)
                 return
