@@ -64,6 +64,7 @@ def events(conn: NbdConnection) -> list[Event]:
     out: list[Event] = []
     while True:
         event = conn.next_event()
+        conn.check()
         if event is NEED_DATA:
             return out
         assert not isinstance(event, type(NEED_DATA))
@@ -540,6 +541,7 @@ def run_split(stream: bytes, cuts: list[int]) -> tuple[list[Event], bytes]:
         conn.receive_data(stream[a:b])
         while got == [] or not isinstance(got[-1], Disconnect):
             event = conn.next_event()
+            conn.check()
             if event is NEED_DATA:
                 break
             assert not isinstance(event, type(NEED_DATA))
@@ -646,3 +648,23 @@ def test_block_status_reply_merges_and_clips(req_one: bool) -> None:
     assert struct.unpack(f">I{len(expected)}I", payload) == (1, *expected)
     with pytest.raises(ValueError, match="no extents"):
         conn.block_status_reply(4, 0, 300, [])
+
+
+def test_statistics_count_options_and_requests() -> None:
+    conn = transmitting(structured=True)
+    conn.receive_data(request(p.NBD_CMD_FLUSH) + request(99) + request(p.NBD_CMD_WRITE, 0, 2))
+    assert len(events(conn)) == 2
+    stats = conn.statistics()
+    assert (stats.state, stats.options, stats.requests) == ("transmission", 2, 2)
+    assert stats.structured and not stats.tls_active and stats.export == "disk"
+    assert stats.buffered_bytes == p.REQUEST.size  # the write waits for its payload
+    conn.receive_data(b"xy")
+    assert len(events(conn)) == 1 and conn.statistics().requests == 3
+
+
+def test_check_reports_a_broken_buffer_window() -> None:
+    conn = transmitting()
+    conn.check()
+    conn._start = conn._end + 1  # what a bookkeeping bug would leave
+    with pytest.raises(AssertionError, match="receive window"):
+        conn.check()

@@ -44,6 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
+from vmpager.errors import InvariantViolation
 from vmpager.nbd import protocol as p
 from vmpager.units import check_int
 
@@ -54,6 +55,7 @@ __all__ = [
     "ExportInfo",
     "Invalid",
     "NbdConnection",
+    "NbdConnectionStatistics",
     "NbdProtocolError",
     "OptionReplied",
     "Ready",
@@ -130,6 +132,19 @@ class ExportInfo:
     preferred_block_bytes: int = 4096
 
 
+@dataclass(frozen=True, slots=True)
+class NbdConnectionStatistics:
+    """What one connection's protocol did so far (``NbdConnection.statistics()``)."""
+
+    state: str
+    options: int
+    requests: int
+    tls_active: bool
+    structured: bool
+    export: str | None
+    buffered_bytes: int
+
+
 # -- events ----------------------------------------------------------------------------------
 
 
@@ -204,6 +219,14 @@ _TLS_PENDING: Final = 2
 _TRANSMISSION: Final = 3
 _PAYLOAD: Final = 4
 _CLOSED: Final = 5
+_STATE_NAMES: Final = (
+    "client-flags",
+    "options",
+    "tls-pending",
+    "transmission",
+    "payload",
+    "closed",
+)
 
 
 def _decode(data: bytes | memoryview) -> str | None:
@@ -269,6 +292,8 @@ class NbdConnection:
         self._payload_have = 0
         self._payload_request: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._queued: deque[Event] = deque()
+        self._noptions = 0
+        self._nrequests = 0
         self._out = bytearray(
             p.HANDSHAKE.pack(
                 p.NBDMAGIC, p.IHAVEOPT, p.NBD_FLAG_FIXED_NEWSTYLE | p.NBD_FLAG_NO_ZEROES
@@ -336,6 +361,40 @@ class NbdConnection:
     def buffered_bytes(self) -> int:
         """Received bytes not yet turned into events."""
         return self._end - self._start + len(self._backlog) + self._payload_have
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def statistics(self) -> NbdConnectionStatistics:
+        """Counters and state (options parsed, requests parsed including refused ones)."""
+        return NbdConnectionStatistics(
+            state=_STATE_NAMES[self._state],
+            options=self._noptions,
+            requests=self._nrequests,
+            tls_active=self.tls_active,
+            structured=self.structured,
+            export=None if self.export is None else self.export.name,
+            buffered_bytes=self.buffered_bytes,
+        )
+
+    def check(self) -> None:
+        """Assert the buffer bookkeeping and that the state agrees with the negotiation."""
+        problems: list[str] = []
+        if not 0 <= self._start <= self._end <= len(self._buf):
+            problems.append(f"receive window [{self._start}, {self._end}) outside the buffer")
+        if (self._payload is None) != (self._state != _PAYLOAD):
+            problems.append(f"payload buffer {self._payload is not None} in state {self._state}")
+        if self._payload is not None and not 0 <= self._payload_have <= len(self._payload):
+            problems.append(f"payload has {self._payload_have} of {len(self._payload)} bytes")
+        if self._state in (_TRANSMISSION, _PAYLOAD) and self.export is None:
+            problems.append("transmission without an export")
+        if self._state in (_CLIENT_FLAGS, _OPTIONS, _TLS_PENDING) and self.export is not None:
+            problems.append("an export chosen during negotiation")
+        if self.tls_active and not self._tls_required:
+            problems.append("TLS active on a connection without TLS")
+        if self.block_status_ok and not self.structured:
+            problems.append("block status allowed without structured replies")
+        if problems:
+            raise InvariantViolation(problems)
 
     # -- bytes out ----------------------------------------------------------------------------
 
@@ -442,6 +501,7 @@ class NbdConnection:
                 if type(event) is Disconnect:
                     break
         self._start = start
+        self._nrequests += len(events)
         return events
 
     def _slow_event(self) -> Event | None:
@@ -456,6 +516,7 @@ class NbdConnection:
             self._payload_have = 0
             self._state = _TRANSMISSION
             flags, cookie, offset, length = self._payload_request
+            self._nrequests += 1
             return self._check_write(flags, cookie, offset, length, payload)
         if state == _OPTIONS:
             return self._option()
@@ -537,6 +598,7 @@ class NbdConnection:
             return None
         data = bytes(self._view[begin : begin + length])
         self._start = begin + length
+        self._noptions += 1
 
         if option == p.NBD_OPT_ABORT:
             self._ack(option)
