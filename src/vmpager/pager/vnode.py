@@ -1,5 +1,9 @@
 """The vnode pager: regular files as VM objects (uvm_vnodeops, FreeBSD vnode_pager.c).
 
+This module holds the pager operations (page-in, read-ahead, write-back,
+resize, the cache of file objects) and ``map_file``; the objects themselves
+are in ``pager/file_object.py`` and the vectored transfers in ``io/vectored.py``.
+
 ``map_file(vm, path)`` returns a ``VnodeObject``: the pages of the file,
 cached in the VM's frames and paged by the page daemon like any other
 object, except that their backing store is the file itself:
@@ -10,8 +14,9 @@ object, except that their backing store is the file itself:
   window (vm_fault's read-ahead), from the VM's read-around window up to
   ``readahead_max_npages``; a random fault reads one page. In a VM with a
   page daemon thread, a sequential fault also puts the next two windows in
-  flight asynchronously (worker threads); the reader reaching a window
-  issues the next one, so transfers overlap with the reader's work;
+  flight asynchronously (on the VM's fan-out helpers: ``Fanout.submit``);
+  the reader reaching a window issues the next one, so transfers overlap
+  with the reader's work;
 - the partial last page reads as zeros past end of file, and its tail is
   never written: every transfer is clipped to the object's size;
 - dirty pages go back to the file in clusters through ``pager_put`` (the
