@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -415,6 +416,10 @@ def test_asynchronous_read_ahead_keeps_windows_in_flight(tmp_path: Path) -> None
         stats = vm.vnode_pager.statistics()
         # Most pages came in asynchronously, ahead of the reader.
         assert stats.async_pageins > 0 and stats.async_pagein_pages > stats.pagein_pages // 2
+        # On the VM's fan-out helpers: the pager starts no threads of its own.
+        assert vm.fanout.calls_submitted >= stats.async_pageins
+        assert vm.fanout.calls_failed == 0
+        assert not [t for t in threading.enumerate() if "vnode" in t.name]
         # Closing with windows in flight waits for them.
         obj.close()
         obj = vm.map_file(path)
