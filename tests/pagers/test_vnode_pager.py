@@ -428,3 +428,18 @@ def test_asynchronous_read_ahead_keeps_windows_in_flight(tmp_path: Path) -> None
         obj.close()
         assert vm.statistics().resident_npages == 0
         vm.check()
+
+
+def test_read_ahead_after_the_fan_out_closed_drops_the_window(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    data = make_file(path, 64 * PAGE)
+    vm, _ = small_vm(nframes=96, readaround_npages=4, free_target_nframes=40)
+    with vm:
+        vm.vnode_pager.async_readahead_windows = 2
+        obj = vm.map_file(path)
+        vm.fanout.close()  # as during VM.close: no helper takes new calls
+        for pindex in range(64):
+            assert obj.read(pindex * PAGE, PAGE) == data[pindex * PAGE : (pindex + 1) * PAGE]
+            vm.check()
+        assert vm.fanout.calls_submitted == 0
+        obj.close()

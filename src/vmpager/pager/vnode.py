@@ -524,9 +524,12 @@ class VnodePager:
             expected -= ps - tail
         # The transfer runs on a fan-out helper (the VM's I/O threads for
         # reads nobody waits for); its read slot bounds how many are queued.
-        vm.fanout.submit(
-            self._read_window, _AsyncRead(obj, pages, views, start * ps, expected, obj.fd, token)
-        )
+        job = _AsyncRead(obj, pages, views, start * ps, expected, obj.fd, token)
+        try:
+            vm.fanout.submit(self._read_window, job)
+        except RuntimeError:  # the VM is closing: drop the window, the pages stay readable
+            self._async_done(job, -1)
+            return False
         return True
 
     def _read_window(self, job: _AsyncRead) -> None:
