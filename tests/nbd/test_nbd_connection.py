@@ -30,6 +30,7 @@ from vmpager.nbd.connection import (
     Ready,
     Request,
     StartTls,
+    is_request,
 )
 from vmpager.testing.nbd import RawNbdClient
 
@@ -68,8 +69,8 @@ def events(conn: NbdConnection) -> list[Event]:
         if event is NEED_DATA:
             return out
         assert not isinstance(event, type(NEED_DATA))
-        if isinstance(event, Request):
-            event = event._replace(data=bytes(event.data))
+        if is_request(event):
+            event = Request(*event)._replace(data=bytes(Request(*event).data))
         out.append(event)
         if isinstance(event, (Disconnect, Aborted, Ready, StartTls)):
             return out
@@ -545,8 +546,8 @@ def run_split(stream: bytes, cuts: list[int]) -> tuple[list[Event], bytes]:
             if event is NEED_DATA:
                 break
             assert not isinstance(event, type(NEED_DATA))
-            if isinstance(event, Request):
-                event = event._replace(data=bytes(event.data))
+            if is_request(event):
+                event = Request(*event)._replace(data=bytes(Request(*event).data))
             got.append(event)
         out += conn.data_to_send()
     return got, out
@@ -566,7 +567,7 @@ def test_events_byte_by_byte_match_the_whole_stream() -> None:
     whole = run_split(stream, [])
     assert run_split(stream, list(range(head))) == whole
     events_, _ = whole
-    assert [type(e).__name__ for e in events_] == [
+    assert [type(Request(*e) if is_request(e) else e).__name__ for e in events_] == [
         "OptionReplied",
         "OptionReplied",
         "OptionReplied",
@@ -668,3 +669,13 @@ def test_check_reports_a_broken_buffer_window() -> None:
     conn._start = conn._end + 1  # what a bookkeeping bug would leave
     with pytest.raises(AssertionError, match="receive window"):
         conn.check()
+
+
+def test_requests_are_plain_tuples_and_no_other_event_is() -> None:
+    conn = transmitting()
+    conn.receive_data(request(p.NBD_CMD_READ, 0, 8) + request(99) + request(p.NBD_CMD_DISC))
+    read, invalid, disc = conn.next_events()
+    assert type(read) is tuple and is_request(read)
+    assert Request(*read) == Request(p.NBD_CMD_READ, 0, 7, 0, 8, b"")
+    assert not is_request(invalid) and not is_request(disc)
+    assert not any(is_request(e) for e in (StartTls(), Aborted(), Ready(EXPORTS[0])))

@@ -61,7 +61,7 @@ from vmpager.nbd.connection import (
     NbdProtocolError,
     OptionReplied,
     Ready,
-    Request,
+    RequestTuple,
     StartTls,
     data_chunk_header,
     ok_reply,
@@ -677,13 +677,13 @@ class _Connection:
         workers = self.server._workers_per_connection
         pool: concurrent.futures.ThreadPoolExecutor | None = None
         slots = threading.BoundedSemaphore(4 * max(workers, 1))
-        run: Callable[[Request], None] = self._reject_request
+        run: Callable[[RequestTuple], None] = self._reject_request
         queue = self._queue
         error_reply = protocol.error_reply
         next_events = protocol.next_events
         pending = self._pending
 
-        def run_in_worker(request: Request) -> None:
+        def run_in_worker(request: RequestTuple) -> None:
             try:
                 run(request)
             except OSError as exc:
@@ -708,15 +708,19 @@ class _Connection:
                     protocol.received(n)
                     continue
                 for event in events:
-                    if type(event) is Request:
+                    if type(event) is tuple:
+                        # A request, the one event that is a plain tuple (mypy cannot
+                        # narrow a union of tuple subclasses by ``type(...) is tuple``).
+                        request: RequestTuple = event  # type: ignore[assignment]
                         if pool is None:
-                            run(event)
+                            run(request)
                         else:
-                            if event.data:
+                            command, flags, cookie, offset, length, data = request
+                            if data:
                                 # The payload view is only valid until the next receive.
-                                event = event._replace(data=bytes(event.data))
+                                request = (command, flags, cookie, offset, length, bytes(data))
                             slots.acquire()
-                            pool.submit(run_in_worker, event)
+                            pool.submit(run_in_worker, request)
                     elif type(event) is Invalid:
                         self._counters().error_replies += 1
                         queue(*error_reply(event.cookie, event.error, event.message))
@@ -752,7 +756,7 @@ class _Connection:
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _runner(self, export: _Export, *, pooled: bool) -> Callable[[Request], None]:
+    def _runner(self, export: _Export, *, pooled: bool) -> Callable[[RequestTuple], None]:
         """The function that calls the backend for one valid request and queues its reply.
 
         A closure over what stays fixed for the connection (backend,
@@ -776,7 +780,7 @@ class _Connection:
         pending = self._pending
         own_counters = self.counters
 
-        def run(request: Request) -> None:
+        def run(request: RequestTuple) -> None:
             command, flags, cookie, offset, length, data = request
             if command == _CMD_WRITE:
                 try:
@@ -820,7 +824,7 @@ class _Connection:
 
         return run
 
-    def _reject_request(self, request: Request) -> None:
+    def _reject_request(self, request: RequestTuple) -> None:
         raise AssertionError(f"request {request} before the handshake ended")
 
     def _whole_read(self, backend: Backend, cookie: int, offset: int, length: int) -> None:
@@ -879,7 +883,7 @@ class _Connection:
             )
         self._error(cookie, error, f"{what} failed: {exc}")
 
-    def _other_command(self, backend: Backend, request: Request) -> None:
+    def _other_command(self, backend: Backend, request: RequestTuple) -> None:
         """Empty and sparse reads, FLUSH, TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS
         (already checked by the protocol)."""
         command, flags, cookie, offset, length, _ = request
