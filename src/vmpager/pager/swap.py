@@ -41,7 +41,10 @@ from vmpager.vm.object import NOT_RESERVED, RESERVED_UNWRITTEN, RESERVED_WRITTEN
 from vmpager.vm.pagerops import PagerResult
 
 if TYPE_CHECKING:
-    from vmpager.swap.space import SwapSpace
+    import numpy as np
+    import numpy.typing as npt
+
+    from vmpager.swap.space import SwapSpace, SwapSpaceStatistics
     from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
     from vmpager.vm.page import Page
@@ -602,6 +605,22 @@ class SwapPager:
             pindex += n
         return True
 
+    def space_statistics(self) -> SwapSpaceStatistics:
+        """The swap space's use, the blocks of stale copies given back first. Lock held."""
+        self.flush_stale()
+        return self.space.statistics()
+
+    def blocks_in_use(self, index: int) -> npt.NDArray[np.int64]:
+        """The blocks of device ``index`` that hold pages (stale copies given back
+        first). Lock held. O(blocks in use)."""
+        self.flush_stale()
+        return self.space.blocks_in_use(index)
+
+    def describe_free(self) -> str:
+        """Free swap in words, for error messages (stale copies given back first)."""
+        self.flush_stale()
+        return self.space.describe_free()
+
     def strategy(
         self, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
     ) -> None:
@@ -611,7 +630,9 @@ class SwapPager:
         strategy.strategy(self._vm, obj, op, offset, buffer, length)
 
     def check(self) -> None:
-        """The swap metadata's consistency (``SwapMeta.check``). Lock held."""
+        """The swap metadata's consistency (``SwapMeta.check``), after giving back the
+        blocks of stale copies (they are free, not in limbo). Lock held."""
+        self.flush_stale()
         self.meta.check()
 
     def release_reservation(self, holder: VMObject, former: VMObject) -> None:

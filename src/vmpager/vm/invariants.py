@@ -18,14 +18,13 @@ __all__ = ["problems"]
 
 def problems(kernel: Kernel) -> list[str]:
     """Every broken invariant of the VM, in words (lock held)."""
-    kernel.swap_pager.flush_stale()  # blocks of pages made dirty are free, not in limbo
     found: list[str] = []
     found += kernel.frames.check()
     found += kernel.queues.check()
     found += kernel.pagermap.check()
     for part, checker in (
         ("swap space", kernel.space.check),
-        ("swap meta", kernel.swap_pager.meta.check),
+        ("swap pager", kernel.swap_pager.check),
         ("vnode pager", kernel.vnode_pager.check),
         ("device pager", kernel.device_pager.check),
     ):
@@ -63,7 +62,7 @@ def problems(kernel: Kernel) -> list[str]:
     if nqueued != queued:
         found.append(f"queues hold {nqueued} pages but {queued} resident pages are queued")
     # Swap: every used block is owned by exactly one page (meta checks uniqueness).
-    stats = kernel.space.statistics()
+    stats = kernel.swap_pager.space_statistics()
     owned = kernel.swap_pager.meta.total()
     if stats.used != owned:
         found.append(f"swap: {stats.used} blocks allocated but {owned} owned by pages")
@@ -86,7 +85,7 @@ def _check_block_owners(kernel: Kernel) -> list[str]:
     block, which the allocator will hand out again). O(blocks in use).
     """
     oids, pindexes, blks = kernel.swap_pager.meta.owner_arrays()
-    parts = [kernel.space.blocks_in_use(index) for index, _ in kernel.space.devices()]
+    parts = [kernel.swap_pager.blocks_in_use(index) for index, _ in kernel.space.devices()]
     used = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     found: list[str] = []
     stray = np.flatnonzero(~np.isin(blks, used))

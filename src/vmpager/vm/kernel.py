@@ -332,7 +332,9 @@ class Kernel:
                 self.reservation_failed(end - first)
 
     def reservation_failed(self, npages: int) -> None:
-        raise SwapExhausted(f"cannot reserve swap for {npages} pages: {self.space.describe_free()}")
+        raise SwapExhausted(
+            f"cannot reserve swap for {npages} pages: {self.swap_pager.describe_free()}"
+        )
 
     def data_map(self, obj: VMObject, first: int, npages: int) -> list[bool]:
         """For pages ``first .. first + npages - 1``: does the page hold data?
@@ -550,16 +552,15 @@ class Kernel:
         self.raise_exhausted()
 
     def raise_exhausted(self) -> None:
-        self.swap_pager.flush_stale()
         self.counters.swap_exhausted += 1
-        if self.space.free_blocks:
+        if self.swap_pager.space_statistics().free:
             # Swap has room but the pageouts still failed (write errors, or
             # every dirty page busy): say so rather than "full".
             what = "is full of dirty pages that could not be written"
         else:
             what = "and swap are full of data"
         raise SwapExhausted(
-            f"memory ({self.frames.nframes} frames) {what}: {self.space.describe_free()}"
+            f"memory ({self.frames.nframes} frames) {what}: {self.swap_pager.describe_free()}"
         )
 
     def daemon_needed(self) -> bool:

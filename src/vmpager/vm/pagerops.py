@@ -13,8 +13,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from vmpager.errors import DeviceError
     from vmpager.swap.meta import SwapMeta
+    from vmpager.swap.space import SwapSpaceStatistics
     from vmpager.vm.object import VMObject
     from vmpager.vm.page import Page
 
@@ -142,8 +146,16 @@ class SwapPagerOps(BatchPager, Protocol):
         ``err`` bad?"""
         ...
 
-    def flush_stale(self) -> int:
-        """Give back the blocks of pages made dirty (deferred frees). Lock held."""
+    def space_statistics(self) -> SwapSpaceStatistics:
+        """The swap space's use, deferred frees of stale copies done first. Lock held."""
+        ...
+
+    def blocks_in_use(self, index: int) -> npt.NDArray[np.int64]:
+        """Blocks of device ``index`` that hold pages (deferred frees done first)."""
+        ...
+
+    def describe_free(self) -> str:
+        """Free swap in words (deferred frees done first)."""
         ...
 
     def reserve(self, obj: VMObject, start: int, npages: int) -> bool:

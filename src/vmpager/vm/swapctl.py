@@ -130,12 +130,11 @@ class SwapControl:
             self._kernel.check_open()
             index = self._device_index(device)
             space = self.space
-            self.swap_pager.flush_stale()
-            before = space.statistics()
+            before = self.swap_pager.space_statistics()
             dev_stats = next(d for d in before.devices if d.index == index)
             space.swapoff_begin(index)
             try:
-                in_use = space.blocks_in_use(index)
+                in_use = self.swap_pager.blocks_in_use(index)
                 others_free = sum(
                     d.total - d.used - d.bad
                     for d in before.devices
@@ -160,8 +159,7 @@ class SwapControl:
         """Move every page whose swap copy is on device ``index`` (lock held)."""
         meta = self.swap_pager.meta
         while True:
-            self.swap_pager.flush_stale()
-            in_use = set(self.space.blocks_in_use(index).tolist())
+            in_use = set(self.swap_pager.blocks_in_use(index).tolist())
             if not in_use:
                 return
             owners = [(o, p, b) for o, p, b in meta.items() if b in in_use]

@@ -195,8 +195,7 @@ class VM:
     def swapinfo(self) -> tuple[SwapDeviceStatistics, ...]:
         """Use of every swap device, in blocks of ``page_size`` bytes (swapctl -l)."""
         with self.kernel.cond:
-            self.kernel.swap_pager.flush_stale()
-            return self.space.statistics().devices
+            return self.kernel.swap_pager.space_statistics().devices
 
     def allocate(self, size: int | str, *, reserve: bool = False) -> VMObject:
         """A new anonymous, zero-filled, swap-backed object of ``size`` bytes.
@@ -273,9 +272,8 @@ class VM:
 
     def statistics(self) -> VMStatistics:
         with self.kernel.cond:
-            self.kernel.swap_pager.flush_stale()
             c = self.counters
-            s = self.space.statistics()
+            s = self.kernel.swap_pager.space_statistics()
             q = self.queues
             resident = sum(len(o.pages) for o in self.kernel.objects.values())
             dirty = sum(
