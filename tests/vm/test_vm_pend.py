@@ -57,7 +57,7 @@ def held_world(
     nframes: int = 16, npages: int = 8, **config: object
 ) -> tuple[VM, HeldEngine, VMObject]:
     engine = HeldEngine()
-    vm, _ = small_vm(nframes=nframes, swap_nblocks=64, engine=engine, **config)
+    vm, _ = small_vm(reference=True, nframes=nframes, swap_nblocks=64, engine=engine, **config)
     obj = vm.allocate(npages * PAGE)
     fill(obj)
     return vm, engine, obj
@@ -139,7 +139,7 @@ def test_writer_waits_for_the_write_in_flight() -> None:
 def test_completions_in_any_order_lose_nothing(seed: int) -> None:
     rng = random.Random(seed)
     engine = HeldEngine()
-    vm, _ = small_vm(nframes=24, swap_nblocks=96, engine=engine, swap_async_max=8)
+    vm, _ = small_vm(reference=True, nframes=24, swap_nblocks=96, engine=engine, swap_async_max=8)
     with vm:
         objs = [vm.allocate(6 * PAGE) for _ in range(3)]
         for i, obj in enumerate(objs):
@@ -196,7 +196,12 @@ def test_async_writes_in_flight_are_bounded_and_the_bound_changes_while_running(
     # A high free target puts every page on the inactive queue in one pass,
     # so the scan has more clusters to start than slots.
     vm, _ = small_vm(
-        nframes=32, swap_nblocks=128, engine=engine, swap_async_max=2, free_target_nframes=16
+        reference=True,
+        nframes=32,
+        swap_nblocks=128,
+        engine=engine,
+        swap_async_max=2,
+        free_target_nframes=16,
     )
     with vm:
         obj = vm.allocate(24 * PAGE)
@@ -247,7 +252,7 @@ def test_async_writes_in_flight_are_bounded_and_the_bound_changes_while_running(
 
 
 def test_swap_async_max_is_clamped_and_type_checked() -> None:
-    vm, _ = small_vm(nswbuf=32)
+    vm, _ = small_vm(reference=True, nswbuf=32)
     with vm:
         assert vm.set_swap_async_max(0) == 1
         assert vm.set_swap_async_max(-5) == 1
@@ -262,7 +267,7 @@ def test_swap_async_max_is_clamped_and_type_checked() -> None:
 
 
 def test_pager_map_reserve_keeps_the_daemon_paging_out() -> None:
-    vm, _ = small_vm(nframes=16, swap_nblocks=64)
+    vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=64)
     with vm:
         pmap = vm.pagermap
         swapped = vm.allocate(4 * PAGE)
@@ -304,7 +309,7 @@ def test_pager_map_reserve_keeps_the_daemon_paging_out() -> None:
 
 
 def test_pageout_waits_for_the_reserve_only_when_it_is_spent_too() -> None:
-    vm, _ = small_vm(nframes=16, swap_nblocks=64)
+    vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=64)
     with vm:
         pmap = vm.pagermap
         obj = vm.allocate(8 * PAGE)
@@ -331,7 +336,7 @@ def test_pageout_waits_for_the_reserve_only_when_it_is_spent_too() -> None:
 
 
 def test_sync_pageout_lets_readers_copy_and_makes_writers_wait() -> None:
-    vm, devices = small_vm(nframes=16, swap_nblocks=64, faulty=True)
+    vm, devices = small_vm(reference=True, nframes=16, swap_nblocks=64, faulty=True)
     with vm:
         obj = vm.allocate(4 * PAGE)
         fill(obj)
@@ -363,7 +368,12 @@ def test_a_write_may_complete_while_the_pager_waits_to_start_the_next_part() -> 
     """
     engine = HeldEngine()
     vm, _ = small_vm(
-        nframes=16, swap_nblocks=32, engine=engine, cluster_max_npages=8, swap_async_max=1
+        reference=True,
+        nframes=16,
+        swap_nblocks=32,
+        engine=engine,
+        cluster_max_npages=8,
+        swap_async_max=1,
     )
     with vm:
         a = vm.allocate(32 * PAGE)
@@ -402,7 +412,7 @@ def test_a_write_may_complete_while_the_pager_waits_to_start_the_next_part() -> 
 def test_daemon_thread_pages_out_while_the_general_pager_map_is_spent() -> None:
     """With the daemon thread: new writes keep going (the daemon makes room) while
     page-ins, which need an ordinary mapping, wait for one."""
-    vm, _ = small_vm(nframes=16, swap_nblocks=128, daemon_thread=True)
+    vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=128, daemon_thread=True)
     with vm:
         pmap = vm.pagermap
         swapped = vm.allocate(4 * PAGE)
