@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from vmpager.errors import ObjectClosed
+from vmpager.errors import InvariantViolation, ObjectClosed
 from vmpager.units import check_int
 from vmpager.vm.object import VMObject
 from vmpager.vm.pagerops import PagerResult
@@ -344,7 +344,8 @@ class DevicePager:
         )
 
     def check(self) -> None:
-        """Assert every device object is consistent (caller holds the VM lock).
+        """Check every device object (caller holds the VM lock); raise
+        ``InvariantViolation`` listing every inconsistency.
 
         Each mapped object is registered, open, holds its memory with the
         right page count; frame copies of its pages (generic paths only) are
@@ -379,7 +380,7 @@ class DevicePager:
             if isinstance(other, DeviceObject) and self._objects.get(other.oid) is not other:
                 problems.append(f"device object {other.oid}: registered but not mapped")
         if problems:
-            raise AssertionError("; ".join(problems))
+            raise InvariantViolation(problems)
 
 
 def map_device(vm: Kernel, buffer: object) -> DeviceObject:

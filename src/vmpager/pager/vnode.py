@@ -61,7 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from vmpager.errors import TRANSIENT_ERRNOS, DeviceError
+from vmpager.errors import TRANSIENT_ERRNOS, DeviceError, InvariantViolation
 from vmpager.io.request import IOKind
 from vmpager.io.vectored import drop_cache, preadv_all, pwritev_all
 from vmpager.pager.file_object import PrivateFileObject, VnodeObject, unlocked
@@ -703,7 +703,8 @@ class VnodePager:
         )
 
     def check(self) -> None:
-        """Assert the cache and every file object are consistent (caller holds the VM lock).
+        """Check the cache and every file object (caller holds the VM lock); raise
+        ``InvariantViolation`` listing every inconsistency.
 
         Raises ``AssertionError`` listing each problem: a cached object that
         is closed, unregistered or under the wrong key; a page count that
@@ -739,7 +740,7 @@ class VnodePager:
             if not vobj.closed and self._cache.get(vobj.key) is not vobj:
                 problems.append(f"{where}: open with {vobj.refcount} refs but not cached")
         if problems:
-            raise AssertionError("; ".join(problems))
+            raise InvariantViolation(problems)
 
 
 def map_file(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vmpager.errors import InvariantViolation
 from vmpager.vm import shadow
 from vmpager.vm.kernel import Kernel
 from vmpager.vm.page import QUEUE_NONE, Page
@@ -19,10 +20,11 @@ __all__ = ["problems"]
 def problems(kernel: Kernel) -> list[str]:
     """Every broken invariant of the VM, in words (lock held)."""
     found: list[str] = []
-    found += kernel.frames.check()
-    found += kernel.queues.check()
-    found += kernel.pagermap.check()
+    # Every part checks itself (one convention: check() raises InvariantViolation).
     for part, checker in (
+        ("frames", kernel.frames.check),
+        ("queues", kernel.queues.check),
+        ("pager map", kernel.pagermap.check),
         ("swap space", kernel.space.check),
         ("swap pager", kernel.swap_pager.check),
         ("vnode pager", kernel.vnode_pager.check),
@@ -30,8 +32,8 @@ def problems(kernel: Kernel) -> list[str]:
     ):
         try:
             checker()
-        except AssertionError as exc:
-            found.append(f"{part}: {exc}")
+        except InvariantViolation as exc:
+            found += [f"{part}: {problem}" for problem in exc.problems]
     # Frames: each is free or held by exactly one resident page.
     owner: dict[int, Page] = {}
     queued = 0

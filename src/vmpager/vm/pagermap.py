@@ -21,6 +21,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from vmpager.errors import InvariantViolation
+
 __all__ = ["PagerMap", "PagerMapStatistics"]
 
 
@@ -123,7 +125,13 @@ class PagerMap:
             self._high_water,
         )
 
-    def check(self) -> list[str]:
+    def check(self) -> None:
+        """Raise ``InvariantViolation`` listing every broken invariant (``problems``)."""
+        found = self.problems()
+        if found:
+            raise InvariantViolation(found)
+
+    def problems(self) -> list[str]:
         problems = []
         if not 0 <= self._in_use <= self._general_npages:
             problems.append(f"pager map general pool use {self._in_use} out of range")

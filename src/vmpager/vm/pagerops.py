@@ -105,7 +105,7 @@ class CheckedPager(Pager, Protocol):
     """A pager with consistency checks of its own (``vm/invariants.py`` calls them)."""
 
     def check(self) -> None:
-        """Raise ``AssertionError`` naming the first inconsistency. Lock held."""
+        """Raise ``InvariantViolation`` listing every inconsistency. Lock held."""
         ...
 
 
@@ -178,5 +178,5 @@ class SwapPagerOps(BatchPager, Protocol):
         ...
 
     def check(self) -> None:
-        """Raise ``AssertionError`` naming the first inconsistency. Lock held."""
+        """Raise ``InvariantViolation`` listing every inconsistency. Lock held."""
         ...
