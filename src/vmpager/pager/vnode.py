@@ -53,6 +53,7 @@ released while the pages involved are busy (page-in) or writing (pageout).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -134,6 +135,25 @@ class VnodePagerStatistics:
     shrink_errors: int
 
 
+@dataclass(slots=True)
+class _VnodeCounts:
+    """The vnode pager's running counters (``VnodePagerStatistics`` without the
+    gauges), updated under the VM lock."""
+
+    pageins: int = 0
+    pagein_pages: int = 0
+    pagein_bytes: int = 0
+    async_pageins: int = 0
+    async_pagein_pages: int = 0
+    pageouts: int = 0
+    pageout_pages: int = 0
+    pageout_bytes: int = 0
+    flushes: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+    shrink_errors: int = 0
+
+
 def _advise_dropped(fd: int, offset: int, nbytes: int) -> None:
     """Drop a range we now hold in frames from the kernel's cache (advice only)."""
     try:
@@ -179,18 +199,7 @@ class VnodePager:
         #: Read-ahead windows kept in flight asynchronously; 0 turns it off.
         #: Off in VMs without a daemon thread, which stay deterministic.
         self.async_readahead_windows = ASYNC_READAHEAD_WINDOWS if vm.config.daemon_thread else 0
-        self._async_pageins = 0
-        self._async_pagein_pages = 0
-        self._pageins = 0
-        self._pagein_pages = 0
-        self._pagein_bytes = 0
-        self._pageouts = 0
-        self._pageout_pages = 0
-        self._pageout_bytes = 0
-        self._flushes = 0
-        self._read_errors = 0
-        self._write_errors = 0
-        self._shrink_errors = 0
+        self._counts = _VnodeCounts()
 
     # -- maps ------------------------------------------------------------------------
 
@@ -295,7 +304,7 @@ class VnodePager:
         Cost: O(resident pages) plus the writes.
         """
         vm = self._kernel
-        self._flushes += 1
+        self._counts.flushes += 1
         todo = sorted(i for i, p in obj.pages.items() if p.dirty)
         error: DeviceError | None = None
         max_npages = vm.config.cluster_max_npages
@@ -417,19 +426,19 @@ class VnodePager:
             lock.acquire()
             vm.pagermap.map_out(token)
             vm.inflight.release(IOKind.READ)
-        self._pageins += 1
-        self._pagein_pages += len(pages)
-        self._pagein_bytes += got
+        self._counts.pageins += 1
+        self._counts.pagein_pages += len(pages)
+        self._counts.pagein_bytes += got
         vm.counters.pageins += 1
         vm.counters.pagein_pages += len(pages)
         # Whole pages read; the page holding the short read's end is incomplete.
         nvalid = len(pages) if got >= expected else got // ps
         if error is None and reqpage >= nvalid:
             error = FileShrunkError(vobj.path, first + nvalid, max(file_size, 0), size)
-            self._shrink_errors += 1
+            self._counts.shrink_errors += 1
         if error is not None:
             log.error("vnode_pager: pagein failed: %s", error)
-            self._read_errors += 1
+            self._counts.read_errors += 1
             vm.counters.read_errors += 1
             for i, page in enumerate(pages):
                 if i != reqpage:
@@ -577,11 +586,11 @@ class VnodePager:
             else:
                 vm.free_page(page)
         obj.async_reads -= 1
-        self._pageins += 1
-        self._pagein_pages += nvalid
-        self._pagein_bytes += max(got, 0)
-        self._async_pageins += 1
-        self._async_pagein_pages += nvalid
+        self._counts.pageins += 1
+        self._counts.pagein_pages += nvalid
+        self._counts.pagein_bytes += max(got, 0)
+        self._counts.async_pageins += 1
+        self._counts.async_pagein_pages += nvalid
         vm.counters.pageins += 1
         vm.counters.pagein_pages += nvalid
         vm.counters.readaround_pages += nvalid
@@ -631,22 +640,22 @@ class VnodePager:
         finally:
             vm.pagermap.map_out(token)
             vm.inflight.release(IOKind.WRITE_SYNC)
-        self._pageouts += 1
-        self._pageout_pages += len(pages)
+        self._counts.pageouts += 1
+        self._counts.pageout_pages += len(pages)
         vm.counters.pageouts += 1
         vm.counters.pageout_pages += len(pages)
         vm.counters.note_cluster(len(pages))
         if error is None:
-            self._pageout_bytes += nbytes
+            self._counts.pageout_bytes += nbytes
             for page in pages:
                 page.writing = False
                 page.dirty = False
                 page.wanted = False
             vm.cond.notify_all()
             return [PagerResult.OK] * len(pages)
-        self._write_errors += 1
+        self._counts.write_errors += 1
         if isinstance(error, FileShrunkError):
-            self._shrink_errors += 1
+            self._counts.shrink_errors += 1
         vm.counters.write_errors += 1
         log.warning("vnode_pager: write-back failed, pages stay dirty: %s", error)
         vobj._write_error = error
@@ -688,18 +697,7 @@ class VnodePager:
         return VnodePagerStatistics(
             objects=len(self._cache),
             maps=sum(o.refcount for o in self._cache.values()),
-            pageins=self._pageins,
-            pagein_pages=self._pagein_pages,
-            pagein_bytes=self._pagein_bytes,
-            async_pageins=self._async_pageins,
-            async_pagein_pages=self._async_pagein_pages,
-            pageouts=self._pageouts,
-            pageout_pages=self._pageout_pages,
-            pageout_bytes=self._pageout_bytes,
-            flushes=self._flushes,
-            read_errors=self._read_errors,
-            write_errors=self._write_errors,
-            shrink_errors=self._shrink_errors,
+            **dataclasses.asdict(self._counts),
         )
 
     def check(self) -> None:
