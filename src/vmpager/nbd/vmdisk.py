@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from vmpager.devices.protocol import ReadableBuffer
 from vmpager.nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
-from vmpager.vm.object import VMObject
+from vmpager.vm.object import ObjectKind, VMObject
 
 __all__ = ["VMObjectBackend"]
 
@@ -30,7 +30,7 @@ class VMObjectBackend:
     """An NBD backend over one VM object. Thread-safe (the VM is)."""
 
     def __init__(self, obj: VMObject) -> None:
-        if obj.kind != "anonymous":
+        if obj.kind is not ObjectKind.ANONYMOUS:
             raise ValueError(f"NBD disks are swap-backed objects, not {obj.kind!r} objects")
         self._obj = obj
         self._kernel = obj.kernel

@@ -39,6 +39,7 @@ from vmpager.errors import ObjectClosed
 from vmpager.swap.meta import SWAPBLK_NONE
 from vmpager.vm import registry
 from vmpager.vm.fault import hold_page
+from vmpager.vm.kind import ObjectKind
 from vmpager.vm.page import Page
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def hold_batch(
     plist: list[int] = pindices.tolist()
     # Only writes hand pages back: a program reading a batch often writes the
     # same pages next, and would fault them in again.
-    stream = write and obj.kind == "anonymous" and vm.config.sequential_readahead
+    stream = write and vm.streams_faults(obj)
     for start in range(0, len(plist), chunk):
         pages = plist[start : start + chunk]
         _hold_chunk(vm, obj, pages, start, write, overwrite, visit)
@@ -140,7 +141,7 @@ def _hold_chunk(
     pending = list(range(len(chunk)))
     rounds = 0
     counters = vm.counters
-    fast_pagein = obj.kind == "anonymous" and obj.backing is None
+    fast_pagein = obj.kind is ObjectKind.ANONYMOUS and obj.backing is None
     while pending:
         if obj.closed:
             raise ObjectClosed(f"VM object {obj.oid} is closed")

@@ -136,7 +136,7 @@ def _zero_or_blank(
     page = _new_page(vm, obj, pindex, for_read=not write)
     if page is None:
         return None
-    if obj.kind == "anonymous" and vm.config.sequential_readahead:
+    if vm.streams_faults(obj):
         vm.fault_stream(obj, pindex)  # a stream of new pages leaves its past behind too
         vm.fault_done(obj, pindex, 1)
     if zero:
@@ -203,7 +203,7 @@ def _page_in(vm: Kernel, obj: VMObject, pindex: int, *, for_read: bool = True) -
                 vm.free_page(extra)
         raise
     if result is PagerResult.OK:
-        if obj.kind == "anonymous" and vm.config.sequential_readahead:
+        if vm.streams_faults(obj):
             vm.fault_done(obj, run_pages[0].pindex, len(run_pages))
         page.dirty = False
         _finish_new(vm, page)
@@ -227,7 +227,7 @@ def _gather_readaround(
     waiting. Returns the index of the requested page in the run.
     """
     page = run_pages[0]
-    if obj.kind == "anonymous" and vm.config.sequential_readahead:
+    if vm.streams_faults(obj):
         # Sequential faults read ahead, random ones read their page alone:
         # read-around there would mostly bring pages nobody uses.
         behind, ahead = 0, vm.fault_stream(obj, pindex)

@@ -304,7 +304,7 @@ class Kernel:
     ) -> None:
         if obj.closed:
             raise ObjectClosed(f"VM object {obj.oid} is closed")
-        if obj.kind != "anonymous":
+        if obj.kind is not ObjectKind.ANONYMOUS:
             raise ValueError(f"strategy I/O is for swap-backed objects, not {obj.kind!r}")
         if obj.backing is not None:
             # Clones are served through the paths that walk the shadow chain.
@@ -326,7 +326,7 @@ class Kernel:
         first = offset // ps
         end = -(-(offset + length) // ps)
         with self.cond:
-            if obj.kind != "anonymous":
+            if obj.kind is not ObjectKind.ANONYMOUS:
                 raise ValueError(f"only anonymous objects reserve swap, not {obj.kind!r}")
             if not self.swap_pager.reserve(obj, first, end - first):
                 self.reservation_failed(end - first)
@@ -443,6 +443,12 @@ class Kernel:
         if frames.free_nframes < self.free_min_nframes:
             self.wake_daemon()
         return frame
+
+    def streams_faults(self, obj: VMObject) -> bool:
+        """Does the fault path detect sequential streams on ``obj`` and ramp its
+        read-ahead (``fault_stream``)? Anonymous memory under
+        ``sequential_readahead``; file pagers ramp their own. O(1)."""
+        return obj.kind is ObjectKind.ANONYMOUS and self.config.sequential_readahead
 
     def readaround_npages(self, obj: VMObject, pindex: int) -> int:
         """The read-around window of a fault at ``pindex`` (its pager may ramp it up)."""

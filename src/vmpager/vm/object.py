@@ -11,7 +11,6 @@ its lock. All methods are thread-safe and block while paging.
 
 from __future__ import annotations
 
-import enum
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -20,6 +19,7 @@ from numpy.typing import ArrayLike, NDArray
 from vmpager.errors import ObjectClosed
 from vmpager.units import check_int
 from vmpager.vm import batch
+from vmpager.vm.kind import ObjectKind
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
@@ -46,20 +46,6 @@ def checked_range(obj: VMObject, offset: int, length: int) -> tuple[int, int]:
     offset = check_int(offset, "offset", minimum=0, maximum=obj.size)
     length = check_int(length, "length", minimum=0, maximum=obj.size - offset)
     return offset, length
-
-
-class ObjectKind(enum.StrEnum):
-    """What backs an object's pages, and so which pager serves it (OBJT_*).
-
-    A ``str`` enum: ``obj.kind == "anonymous"`` keeps working.
-    """
-
-    #: Zero-filled memory whose pages go to swap (OBJT_DEFAULT / OBJT_SWAP).
-    ANONYMOUS = "anonymous"
-    #: A file's pages (OBJT_VNODE).
-    VNODE = "vnode"
-    #: Fixed memory the VM does not own (OBJT_DEVICE).
-    DEVICE = "device"
 
 
 #: ``VMObject.reserve_state`` values per page: no reserved block, a reserved

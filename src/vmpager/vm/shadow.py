@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmpager.vm.object import RESERVED_UNWRITTEN, RESERVED_WRITTEN, VMObject
+from vmpager.vm.object import RESERVED_UNWRITTEN, RESERVED_WRITTEN, ObjectKind, VMObject
 
 if TYPE_CHECKING:
     from vmpager.vm.kernel import Kernel
@@ -156,7 +156,7 @@ def check_chains(vm: Kernel, objects: dict[int, VMObject]) -> list[str]:
     """Invariants of the shadow chains."""
     problems: list[str] = []
     for obj in objects.values():
-        if obj.internal or obj.kind == "anonymous":
+        if obj.internal or obj.kind is ObjectKind.ANONYMOUS:
             refcount_ok = obj.refcount == (len(obj.shadows) if obj.internal else 1)
         else:  # a pager's object (vnode): its maps and its shadows
             refcount_ok = obj.refcount >= max(1, len(obj.shadows))
