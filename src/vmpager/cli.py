@@ -106,12 +106,16 @@ def run_pattern(
     accesses: int | None,
     verify: bool,
     err: TextIO,
+    tiers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fill, time the access phase, verify; returns the report of one pattern."""
+    """Fill, time the access phase, verify; returns the report of one pattern.
+
+    ``tiers``: the VM's swap tier arguments (compress, encrypt, integrity).
+    """
     page_size = 4096
     npages = size // page_size
     workload = Workload(npages, pattern, accesses=accesses)  # type: ignore[arg-type]
-    with VM(memory=memory, swap=swap, page_size=page_size) as vm:
+    with VM(memory=memory, swap=swap, page_size=page_size, **(tiers or {})) as vm:
         obj = vm.allocate(size)
         t0 = time.perf_counter()
         _fill(obj, workload, Progress(err, "fill", npages))
@@ -144,6 +148,7 @@ def run_pattern(
             "swap_used_blocks_at_end": after.swap_used_blocks,
             "verified_pages": npages if verify else 0,
             "bad_pages": bad,
+            "tiers": _tier_report(vm),
         }
 
 
@@ -167,6 +172,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             accesses=args.accesses,
             verify=not args.no_verify,
             err=err,
+            tiers=_tier_kwargs(args),
         )
         reports.append(report)
         if not args.json:
@@ -197,13 +203,69 @@ def _print_report(r: dict[str, Any]) -> None:
         f"        read-around {r['readaround_pages']:,} pages, {r['readaround_hits']:,} used; "
         f"verify: {verified}"
     )
+    if r.get("tiers"):
+        print(f"        {_tier_line(r['tiers'])}")
+
+
+def _add_tier_args(parser: argparse.ArgumentParser) -> None:
+    """The swap tier options (docs/tiers.md)."""
+    parser.add_argument(
+        "--compress",
+        choices=["lz4", "zstd"],
+        default=None,
+        help="keep pages leaving memory in a compressed pool first (needs vmpager[compress])",
+    )
+    parser.add_argument(
+        "--compress-pool",
+        default=None,
+        metavar="SIZE",
+        help="the pool's share of --memory (default a fifth)",
+    )
+    parser.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt swap with AES-256-GCM, keys in memory only (needs vmpager[crypto])",
+    )
+    parser.add_argument(
+        "--no-integrity",
+        action="store_true",
+        help="do not checksum swapped pages (on by default)",
+    )
+
+
+def _tier_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "compress": args.compress,
+        "compress_pool": args.compress_pool,
+        "encrypt": args.encrypt,
+        "integrity": not args.no_integrity,
+    }
+
+
+def _tier_report(vm: VM) -> dict[str, Any] | None:
+    stats = vm.tier_statistics()
+    return None if stats is None else dataclasses.asdict(stats)
+
+
+def _tier_line(t: dict[str, Any]) -> str:
+    seal = "AES-256-GCM" if t["encrypt"] else ("xxh3-64" if t["integrity"] else "none")
+    line = f"tiers: seal {seal}, {t['corrupt_pages']} corrupt pages"
+    if t["compress"]:
+        line += (
+            f"; {t['compress']} pool {format_size(t['pool_bytes'])} of "
+            f"{format_size(t['pool_capacity'])}: {t['stored_pages']:,} pages "
+            f"({t['same_filled_pages']:,} same-filled, ratio {t['ratio']:.2f}), "
+            f"hits {t['hits']:,}, rejects {t['rejects']:,}, written back {t['writebacks']:,}"
+        )
+    return line
 
 
 def _cmd_swapinfo(args: argparse.Namespace) -> int:
     memory = parse_size(args.memory, "--memory", minimum=4 * 4096)
-    with VM(memory=memory, swap=args.swap or None) as vm:
+    with VM(memory=memory, swap=args.swap or None, **_tier_kwargs(args)) as vm:
         devices = vm.swapinfo()
         block_kib = vm.page_size // 1024
+        tiers = _tier_report(vm)
     if args.json:
         json.dump([dataclasses.asdict(d) for d in devices], sys.stdout, indent=2)
         print()
@@ -214,7 +276,50 @@ def _cmd_swapinfo(args: argparse.Namespace) -> int:
         used = d.used * block_kib
         cap = f"{d.used / d.total:.0%}" if d.total else "-"
         print(f"{d.name:<40} {total:>12} {used:>12} {d.free * block_kib:>12} {cap:>8} {d.bad:>6}")
+    if tiers:
+        print(_tier_line(tiers))
     return 0
+
+
+def _cmd_scrub(args: argparse.Namespace) -> int:
+    """Write a pattern through swap (an object of --size under --memory), then verify
+    every swapped page against its checksum or tag and read every page back."""
+    size = parse_size(args.size, "--size", minimum=4096, multiple=4096)
+    memory = parse_size(args.memory, "--memory", minimum=16 * 4096)
+    npages = size // 4096
+    with VM(memory=memory, swap=args.swap or None, **_tier_kwargs(args)) as vm:
+        if vm.tier is None or not vm.tier.integrity:
+            raise ValueError("scrub needs integrity checks: drop --no-integrity or add --encrypt")
+        obj = vm.allocate(size)
+        for p in range(npages):
+            obj.write(p * 4096, (p * 0x9E3779B97F4A7C15 % (1 << 64)).to_bytes(8, "little") * 512)
+        report = vm.scrub()
+        wrong = sum(
+            1
+            for p in range(npages)
+            if obj.read(p * 4096, 8) != (p * 0x9E3779B97F4A7C15 % (1 << 64)).to_bytes(8, "little")
+        )
+        tiers = _tier_report(vm)
+        vm.check()
+    result = {
+        "checked_pages": report.checked,
+        "corrupt": [str(e) for e in report.corrupt],
+        "wrong_pages": wrong,
+        "tiers": tiers,
+    }
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(
+            f"scrub: {report.checked:,} swapped pages verified, {len(report.corrupt)} corrupt, "
+            f"{wrong} pages read back wrong"
+        )
+        for e in report.corrupt:
+            print(f"  {e}")
+        if tiers:
+            print(_tier_line(tiers))
+    return 1 if report.corrupt or wrong else 0
 
 
 def _parse_exports(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -250,7 +355,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     exports = _parse_exports(args)
     memory = parse_size(args.memory, "--memory", minimum=16 * 4096)
     host, port = _parse_listen(args.listen)
-    with VM(memory=memory, swap=args.swap or None) as vm:
+    with VM(memory=memory, swap=args.swap or None, **_tier_kwargs(args)) as vm:
         backends = {name: VMObjectBackend(vm.allocate(size)) for name, size in exports}
         kwargs: dict[str, Any] = (
             {"unix_path": args.unix} if args.unix else {"host": host, "port": port}
@@ -340,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accesses", type=int, default=None, help="accesses for random/zipf")
     run.add_argument("--no-verify", action="store_true", help="skip the final verification")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_tier_args(run)
     run.set_defaults(func=_cmd_run)
 
     serve = sub.add_parser(
@@ -355,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--memory", default="256M", help="memory budget (default 256M)")
     serve.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
+    _add_tier_args(serve)
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT (default loopback)")
     where.add_argument("--unix", metavar="PATH", help="serve on a unix socket instead")
@@ -390,7 +497,21 @@ def build_parser() -> argparse.ArgumentParser:
     swapinfo.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
     swapinfo.add_argument("--memory", default="16M")
     swapinfo.add_argument("--json", action="store_true")
+    _add_tier_args(swapinfo)
     swapinfo.set_defaults(func=_cmd_swapinfo)
+
+    scrub = sub.add_parser(
+        "scrub",
+        help="write a pattern through swap and verify every swapped page",
+        description="Fill an object larger than memory so that it is swapped, then read and "
+        "verify every swapped page against its checksum (or GCM tag) and every page's content.",
+    )
+    scrub.add_argument("--size", default="256M", help="object size (default 256M)")
+    scrub.add_argument("--memory", default="64M", help="memory budget (default 64M)")
+    scrub.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
+    scrub.add_argument("--json", action="store_true")
+    _add_tier_args(scrub)
+    scrub.set_defaults(func=_cmd_scrub)
     return parser
 
 
