@@ -91,6 +91,8 @@ class TierStatistics:
     device_pages_written: int
     device_pages_read: int
     corrupt_pages: int
+    #: Pages that failed their check once and passed when read again.
+    reread_ok: int
     bad_pending: int
     meta_bytes: int
     meta_bytes_per_block: int
@@ -196,6 +198,7 @@ class SwapTier:
         self._dev_written = 0
         self._dev_read = 0
         self._corrupt = 0
+        self._reread_ok = 0
 
     @property
     def compress(self) -> str | None:
@@ -289,7 +292,8 @@ class SwapTier:
             self._done_writing(blk, to_device)
             self._dev_written += len(to_device)
         while victims:
-            self._write_back(victims)
+            if not self._write_back(victims):
+                break  # the device refuses: the pool stays over capacity until it heals
             with self._cv:
                 victims = self._pick_victims() if self._pool_bytes > self._capacity else []
 
@@ -353,8 +357,9 @@ class SwapTier:
         self._writeback.update(blk for blk, _ in victims)
         return victims
 
-    def _write_back(self, victims: list[tuple[int, _Entry]]) -> None:
-        """Write pool entries to their blocks, then drop them from the pool."""
+    def _write_back(self, victims: list[tuple[int, _Entry]]) -> int:
+        """Write pool entries to their blocks, then drop them from the pool; returns
+        how many were written (entries whose write failed stay in the pool)."""
         codec = self._codec
         assert codec is not None
         victims.sort(key=lambda item: (id(item[1][1]), item[1][2]))
@@ -403,6 +408,7 @@ class SwapTier:
             self._writeback_errors += failed
             self._dev_written += len(written)
             self._cv.notify_all()
+        return len(written)
 
     # -- the way in ------------------------------------------------------------
 
@@ -457,7 +463,13 @@ class SwapTier:
                 continue
             for k in range(count):
                 if not seal.unseal(dblk + first + k, data[k], targets[k]):
-                    corrupt.append(first + k)
+                    # Read the block once more: corruption on the way is not rot at rest.
+                    device.read_blocks(dblk + first + k, [data[k]])
+                    if seal.unseal(dblk + first + k, data[k], targets[k]):
+                        with self._mu:
+                            self._reread_ok += 1
+                    else:
+                        corrupt.append(first + k)
         with self._mu:
             self._dev_read += len(from_device)
             for i in corrupt:
@@ -572,6 +584,7 @@ class SwapTier:
                 device_pages_written=self._dev_written,
                 device_pages_read=self._dev_read,
                 corrupt_pages=self._corrupt,
+                reread_ok=self._reread_ok,
                 bad_pending=len(self._bad),
                 meta_bytes=meta,
                 meta_bytes_per_block=per_block,

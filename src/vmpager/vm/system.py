@@ -11,6 +11,7 @@ daemon needed).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -54,8 +55,6 @@ from vmpager.vm.queues import PageQueues
 from vmpager.vm.stats import Counters, VMStatistics
 
 if TYPE_CHECKING:
-    import os
-
     from vmpager.pager.protocol import Pager
 
 __all__ = ["VM", "ScrubReport"]
@@ -189,6 +188,8 @@ class VM:
         self._scan_owner: int | None = None
         self._read_error: DeviceError | None = None
         self._owned_devices: list[BlockDevice] = []
+        #: Swap files this VM created for encrypted swap, removed when their device closes.
+        self._remove_on_close: dict[int, str] = {}
         self._closed = False
         try:
             self._open_swap(swap)
@@ -251,8 +252,13 @@ class VM:
             nblocks = (
                 parse_size(size, f"swap size of {path}", minimum=self.page_size) // self.page_size
             )
+        created = not os.path.exists(path)
         device = FileDevice(path, nblocks, block_size=self.page_size)
         self._owned_devices.append(device)
+        if created and self.tier is not None and self.tier.encrypt:
+            # Encrypted swap is unreadable once the VM's keys are gone: a file the
+            # VM made for it goes with the VM.
+            self._remove_on_close[id(device)] = path
         return device
 
     def swapon(self, path: str | BlockDevice, size: int | str | None = None) -> None:
@@ -302,6 +308,7 @@ class VM:
             if removed in self._owned_devices:
                 self._owned_devices.remove(removed)
                 removed.close()
+                self._remove_file(removed)
 
     def _drain_device(self, index: int) -> None:
         """Move every page whose swap copy is on device ``index`` (lock held)."""
@@ -1171,7 +1178,16 @@ class VM:
                 device.close()
             except OSError as exc:  # closing must go on for the others
                 log.warning("closing %s: %s", device.name, exc)
+            self._remove_file(device)
         self._owned_devices.clear()
+
+    def _remove_file(self, device: BlockDevice) -> None:
+        path = self._remove_on_close.pop(id(device), None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("removing swap file %s: %s", path, exc)
 
     def __enter__(self) -> VM:
         return self
