@@ -18,7 +18,7 @@ Needs root on Linux. Safety:
 Command line::
 
     python benchmarks/kernel/kswap.py [--mib 2048] [--limit-mib 512]
-        [--patterns seq,random,zipf] [--reps 1] [--content random|sparse]
+        [--patterns seq,random,zipf] [--reps 1] [--content random|sparse|compressible]
         [--output FILE]
 
 From Python (a combined benchmark)::
@@ -505,7 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--patterns", default="seq,random,zipf", help="comma-separated")
     parser.add_argument("--reps", type=int, default=1)
-    parser.add_argument("--content", choices=("random", "sparse"), default="random")
+    parser.add_argument(
+        "--content", choices=("random", "sparse", "compressible"), default="random"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--accesses", type=int, default=None, help="default: the pattern's")
     parser.add_argument(
