@@ -3,7 +3,9 @@
 One ``Seal`` per swap device holds the per-block metadata, in memory only:
 
 - ``Checksum``: the xxh3-64 of the page written to each block, 8 bytes a
-  block. The page goes to the device as it is (no copy).
+  block. Arrays are sized by the device but come from calloc, so only the
+  pages of them that blocks in use have touched take memory. The page goes
+  to the device as it is (no copy).
 - ``Encryption``: AES-256-GCM under a key made for this device when it was
   added (``os.urandom``; never written anywhere, gone with the process). The
   96-bit nonce is the device block number (64 bits) and the block's write
@@ -118,7 +120,10 @@ class Encryption:
         # once the process ends (OpenBSD's swap encryption).
         self._aead = aead(os.urandom(32))
         self._gens: npt.NDArray[np.uint32] = np.zeros(nblocks, dtype=np.uint32)
-        self._tags = bytearray(nblocks * TAG_BYTES)
+        # numpy's zeros come from calloc: pages of metadata no block has used yet
+        # cost no memory (a bytearray would be written through at once).
+        self._tag_array: npt.NDArray[np.uint8] = np.zeros(nblocks * TAG_BYTES, dtype=np.uint8)
+        self._tags = self._tag_array.data
 
     def _nonce(self, dblk: int, gen: int) -> bytes:
         return dblk.to_bytes(8, "little") + gen.to_bytes(4, "little")
@@ -147,11 +152,11 @@ class Encryption:
         # 12 bytes must match. (The AEAD's decrypt wants all 16 tag bytes.)
         plain = memoryview(self._aead.encrypt(nonce, data, None))[:size]
         tag = self._aead.encrypt(nonce, plain, None)[size : size + TAG_BYTES]
-        want = self._tags[dblk * TAG_BYTES : (dblk + 1) * TAG_BYTES]
+        want = bytes(self._tags[dblk * TAG_BYTES : (dblk + 1) * TAG_BYTES])
         if not hmac.compare_digest(tag, want):
             return False
         out[:] = plain
         return True
 
     def nbytes(self) -> int:
-        return int(self._gens.nbytes) + len(self._tags)
+        return int(self._gens.nbytes) + int(self._tag_array.nbytes)
