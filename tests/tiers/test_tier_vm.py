@@ -350,3 +350,20 @@ def test_no_plaintext_reaches_redis(redis_url: str, encrypt: bool) -> None:
         values = [client.get(k) for k in client.scan_iter(match=device._prefix + b"*")]
         assert len(values) > 32
         assert any(MARKER in v for v in values) is not encrypt
+
+
+@pytest.mark.parametrize("name", ["lz4", "zstd+encrypt", "integrity"])
+def test_swapoff_moves_pages_out_of_the_pool_and_off_the_device(name: str) -> None:
+    devices = [MemoryDevice(512, PAGE, name="ram0"), MemoryDevice(512, PAGE, name="ram1")]
+    with VM(memory=32 * PAGE, swap=devices, config=CONFIG, **TIERS[name]) as vm:
+        obj = vm.allocate(300 * PAGE)
+        fill(vm, obj)
+        vm.swapoff("ram0")
+        assert [d.name for _, d in vm.space.devices()] == ["ram1"]
+        for p in range(300):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(p), p
+        vm.swapon(MemoryDevice(512, PAGE, name="ram2"))
+        vm.pageout(300)
+        for p in range(0, 300, 3):
+            assert obj.read(p * PAGE, PAGE) == page_bytes(p), p
+        vm.check()

@@ -188,7 +188,7 @@ class SwapTier:
         self._same = 0
         self._seals: dict[int, Seal] = {}  # by id(device)
         self._writing: dict[int, int] = {}  # global block -> device writes in flight
-        self._writeback: set[int] = set()  # global blocks being written back
+        self._writeback: dict[int, BlockDevice] = {}  # global blocks being written back
         self._bad: dict[int, tuple[str, int]] = {}  # corrupt global block -> (device, dblk)
         self._stores = 0
         self._rejects = 0
@@ -225,8 +225,14 @@ class SwapTier:
                 self._seals[id(device)] = seal
 
     def device_removed(self, device: BlockDevice) -> None:
-        """A device left the swap space (none of its blocks in use): forget its metadata."""
-        with self._mu:
+        """A device left the swap space (none of its blocks in use): forget its metadata.
+
+        Waits for writebacks still going to it (of blocks freed meanwhile), so the
+        caller may close it on return.
+        """
+        with self._cv:
+            while any(d is device for d in self._writeback.values()):
+                self._cv.wait()
             self._seals.pop(id(device), None)
             stale = [b for b, (_, d, _) in self._pool.items() if d is device]
             for blk in stale:
@@ -286,7 +292,8 @@ class SwapTier:
                 for i in range(n):
                     self._drop(blk + i)  # a failed write stores nothing
                 self._done_writing(blk, to_device)
-                self._writeback.difference_update(b for b, _ in victims)
+                for b, _ in victims:
+                    self._writeback.pop(b, None)
                 self._cv.notify_all()
             raise
         with self._cv:
@@ -355,7 +362,7 @@ class SwapTier:
                 continue
             victims.append((blk, entry))
             excess -= _charge(entry[0])
-        self._writeback.update(blk for blk, _ in victims)
+        self._writeback.update((blk, entry[1]) for blk, entry in victims)
         return victims
 
     def _write_back(self, victims: list[tuple[int, _Entry]]) -> int:
@@ -389,12 +396,13 @@ class SwapTier:
                 seal = self._seals.get(id(device))
             try:
                 self._device_write(device, first, pages, list(range(len(run))), seal)
-            except DeviceError as error:
+            except (DeviceError, OSError, ValueError) as error:
                 # The data stays in the pool (over capacity) rather than be lost.
                 log.warning("swap tier: writeback of %d pages failed: %s", len(run), error)
                 failed += 1
                 with self._cv:
-                    self._writeback.difference_update(blk for blk, _ in run)
+                    for blk, _ in run:
+                        self._writeback.pop(blk, None)
                     self._cv.notify_all()
                 continue
             written.extend(run)
@@ -403,7 +411,7 @@ class SwapTier:
             for blk, entry in written:
                 if self._pool.get(blk) is entry:
                     self._drop(blk)
-                self._writeback.discard(blk)
+                self._writeback.pop(blk, None)
             self._writebacks += len(written)
             self._writeback_runs += runs
             self._writeback_errors += failed
