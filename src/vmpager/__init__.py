@@ -15,10 +15,10 @@ from vmpager.errors import (
     VmError,
 )
 from vmpager.pager.vnode import FileShrunkError
+from vmpager.tiers.tier import TierStatistics
 from vmpager.vm.config import VMConfig, WriteErrorPolicy
 from vmpager.vm.object import VMObject
 from vmpager.vm.stats import VMStatistics
-from vmpager.tiers.tier import TierStatistics
 from vmpager.vm.system import VM, ScrubReport
 
 __all__ = [
