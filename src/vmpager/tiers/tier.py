@@ -526,6 +526,10 @@ class SwapTier:
             self._dev_read += 1
             if seal.unseal(dblk, scratch, page):
                 return None
+            device.read_blocks(dblk, [scratch])  # once more, as a read does
+            if seal.unseal(dblk, scratch, page):
+                self._reread_ok += 1
+                return None
             self._bad[blk] = (device.name, dblk)
             self._corrupt += 1
         return CorruptPage(
