@@ -38,6 +38,7 @@ held (VM lock, then tier lock). ``read``/``write`` run in I/O threads.
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -124,6 +125,25 @@ def _pages(
     return pages
 
 
+class _Scratch(threading.local):
+    """Page-aligned buffers of one thread (an O_DIRECT device reads and writes them
+    without a bounce buffer of its own). ``plain`` holds pages being written back,
+    ``sealed`` what goes to or comes from a device."""
+
+    def __init__(self) -> None:
+        self.areas: dict[str, tuple[mmap.mmap, memoryview]] = {}
+
+    def get(self, kind: str, nbytes: int) -> memoryview:
+        area = self.areas.get(kind)
+        if area is None or len(area[1]) < nbytes:
+            # A smaller old area is dropped, not closed: views of it may still exist.
+            size = max(nbytes, 64 * mmap.PAGESIZE)
+            buffer = mmap.mmap(-1, size)
+            area = (buffer, memoryview(buffer))
+            self.areas[kind] = area
+        return area[1][:nbytes]
+
+
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
     """(first, count) of each run of consecutive numbers in sorted ``indices``."""
     runs: list[tuple[int, int]] = []
@@ -182,6 +202,7 @@ class SwapTier:
             Checksum(1)
         self._mu = threading.Lock()
         self._cv = threading.Condition(self._mu)
+        self._scratch = _Scratch()
         self._pool: OrderedDict[int, _Entry] = OrderedDict()
         self._pool_bytes = 0
         self._data_bytes = 0
@@ -343,12 +364,18 @@ class SwapTier:
         indices: list[int],
         seal: Seal | None,
     ) -> None:
+        size = self.page_size
         for first, count in _runs(indices):
-            if seal is None:
-                out: list[memoryview | bytes] = list(pages[first : first + count])
-            else:
-                out = [seal.seal(dblk + first + k, pages[first + k]) for k in range(count)]
-            device.write_blocks(dblk + first, out)
+            if seal is None or not seal.needs_scratch:
+                if seal is not None:
+                    for k in range(count):
+                        seal.seal(dblk + first + k, pages[first + k])
+                device.write_blocks(dblk + first, pages[first : first + count])
+                continue
+            out = self._scratch.get("sealed", count * size)
+            for k in range(count):
+                out[k * size : (k + 1) * size] = seal.seal(dblk + first + k, pages[first + k])
+            device.write_blocks(dblk + first, [out])
 
     def _pick_victims(self) -> list[tuple[int, _Entry]]:
         """The oldest entries, not already being written back, whose removal brings the
@@ -386,7 +413,9 @@ class SwapTier:
                 end += 1
             run = victims[k:end]
             k = end
-            pages = [memoryview(bytearray(self.page_size)) for _ in run]
+            plain = self._scratch.get("plain", len(run) * self.page_size)
+            size = self.page_size
+            pages = [plain[k * size : (k + 1) * size] for k in range(len(run))]
             for page, (_, (payload, _, _)) in zip(pages, run, strict=True):
                 if isinstance(payload, int):
                     fill_word(page, payload)
@@ -460,7 +489,7 @@ class SwapTier:
         for first, count in _runs(from_device):
             targets = pages[first : first + count]
             if seal is not None and seal.needs_scratch:
-                scratch = memoryview(bytearray(count * self.page_size))
+                scratch = self._scratch.get("sealed", count * self.page_size)
                 device.read_blocks(dblk + first, [scratch])
                 data = [
                     scratch[k * self.page_size : (k + 1) * self.page_size] for k in range(count)
@@ -521,7 +550,7 @@ class SwapTier:
             seal = self._seals.get(id(device))
             if seal is None:
                 return None
-            scratch = memoryview(bytearray(self.page_size)) if seal.needs_scratch else page
+            scratch = self._scratch.get("sealed", self.page_size) if seal.needs_scratch else page
             device.read_blocks(dblk, [scratch])
             self._dev_read += 1
             if seal.unseal(dblk, scratch, page):
