@@ -255,9 +255,17 @@ class ZramSwap:
         return {"kind": "zram", "size_mib": self.size_mib, "algorithm": self.algorithm}
 
 
+def wait_for_no_swap(seconds: float) -> None:
+    """The machine is shared: wait (up to ``seconds``) for swap others turned on to go."""
+    deadline = time.monotonic() + seconds
+    while kswap.active_swaps() and time.monotonic() < deadline:
+        time.sleep(5)
+
+
 def run_kernel_system(
     system: str, pattern: str, mib: int, limit_mib: int, accesses: int | None, binary: Path
 ) -> dict[str, Any]:
+    wait_for_no_swap(600)
     common = {
         "content": "compressible",
         "accesses": accesses,
@@ -343,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_vmpager(pattern, args.mib, args.limit_mib, args.accesses, kwargs)
                     runs.setdefault(pattern, {}).setdefault(name, []).append(r)
                     print(f"seal {name} {pattern}: {r['accesses_per_s']}/s", file=sys.stderr)
+                    _save(report | {"seals_partial": runs}, args.output)
         report["seals"] = {"runs": runs, "ratios_to_none": _ratios(runs, "none")}
     if "systems" in parts:
         systems = args.systems.split(",")
@@ -363,21 +372,33 @@ def main(argv: list[str] | None = None) -> int:
                         elif binary is None:
                             continue
                         else:
-                            r = run_kernel_system(
-                                system, pattern, args.mib, args.limit_mib, args.accesses, binary
-                            )
+                            try:
+                                r = run_kernel_system(
+                                    system, pattern, args.mib, args.limit_mib, args.accesses, binary
+                                )
+                            except kswap.KernelBenchError as error:
+                                print(f"{system} {pattern}: {error}", file=sys.stderr)
+                                report.setdefault("errors", []).append(
+                                    f"{system} {pattern}: {error}"
+                                )
+                                continue
                         runs.setdefault(pattern, {}).setdefault(system, []).append(r)
                         print(f"{system} {pattern}: {r['accesses_per_s']}/s", file=sys.stderr)
+                        _save(report | {"systems_partial": runs}, args.output)
         report["systems"] = {
             "runs": runs,
             "ratios_to_vmpager_lz4": _ratios(runs, "vmpager-lz4", invert=True),
         }
     report["loadavg_end"] = loadavg()
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    print(json.dumps(report, indent=2, default=str))
+    _save(report, args.output)
     return 0
+
+
+def _save(report: dict[str, Any], output: str | None) -> None:
+    """Write the report so far (a run interrupted later keeps what was measured)."""
+    if output:
+        Path(output).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def _ratios(
