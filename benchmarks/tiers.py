@@ -49,10 +49,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "kernel"))
-import kswap
-
 from vmpager import VM
+from vmpager.bench import kernel as kswap
 from vmpager.tiers.codec import Codec, same_fill_word
 from vmpager.tiers.seal import Checksum, Encryption
 from vmpager.workload import Workload

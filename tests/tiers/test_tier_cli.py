@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -39,13 +40,16 @@ def test_run_reports_the_tiers(capsys: pytest.CaptureFixture[str]) -> None:
     assert "tiers: seal xxh3-64" in capsys.readouterr().out
 
 
-def test_swapinfo_shows_the_tiers(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["swapinfo", "--compress", "lz4", "--compress-pool", "1M"]) == 0
+def test_swapinfo_shows_the_tiers(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    swap = f"{tmp_path / 'swap'}:4M"
+    assert main(["swapinfo", "--swap", swap, "--compress", "lz4", "--compress-pool", "1M"]) == 0
     out = capsys.readouterr().out
     assert "tiers: seal xxh3-64, 0 corrupt pages; lz4 pool" in out
 
 
-def test_a_bad_pool_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_pool_size_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     with pytest.raises(SystemExit):
-        main(["swapinfo", "--compress-pool", "1M"])
+        main(["swapinfo", "--swap", f"{tmp_path / 'swap'}:4M", "--compress-pool", "1M"])
     assert "compress_pool needs compress" in capsys.readouterr().err

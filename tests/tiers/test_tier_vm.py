@@ -315,6 +315,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.mark.redis
 def test_a_corrupt_redis_value_raises_corrupt_page(redis_url: str) -> None:
+    import redis
     from vmpager.devices.redis import RedisDevice
 
     device = RedisDevice(redis_url, 512, name="redis")
@@ -322,7 +323,7 @@ def test_a_corrupt_redis_value_raises_corrupt_page(redis_url: str) -> None:
         obj = vm.allocate(64 * PAGE)
         fill(vm, obj)
         _, dblk = swapped_block(vm, obj, 33)
-        client = device._client
+        client = redis.Redis.from_url(redis_url)
         key = device._keys(dblk, 1)[0]
         value = bytearray(client.get(key))
         value[2000] ^= 0x01
@@ -338,6 +339,7 @@ def test_a_corrupt_redis_value_raises_corrupt_page(redis_url: str) -> None:
 @pytest.mark.redis
 @pytest.mark.parametrize("encrypt", [True, False])
 def test_no_plaintext_reaches_redis(redis_url: str, encrypt: bool) -> None:
+    import redis
     from vmpager.devices.redis import RedisDevice
 
     device = RedisDevice(redis_url, 512, name="redis")
@@ -346,7 +348,7 @@ def test_no_plaintext_reaches_redis(redis_url: str, encrypt: bool) -> None:
         for p in range(64):
             obj.write(p * PAGE, (MARKER + page_bytes(p))[:PAGE])
         vm.pageout(64)
-        client = device._client
+        client = redis.Redis.from_url(redis_url)
         values = [client.get(k) for k in client.scan_iter(match=device._prefix + b"*")]
         assert len(values) > 32
         assert any(MARKER in v for v in values) is not encrypt

@@ -23,6 +23,7 @@ import numpy as np
 
 from vmpager.devices.file import FileDevice
 from vmpager.devices.protocol import BlockDevice
+from vmpager.devices.url import is_swap_url, open_swap_url
 from vmpager.errors import (
     CorruptPage,
     DeviceError,
@@ -76,10 +77,15 @@ class VM:
     smaller of 64 GiB and 90 % of the free space there); otherwise a list of devices: "path:size"
     strings (the file is created if missing), "path" for an existing file or
     block device, (path, size) tuples, or ``BlockDevice`` objects; ``[]`` for
-    no swap at all. ``page_size``: a power of two >= 4096.
+    no swap at all; a string with ``://`` is a remote device's URL
+    (``redis://host:port/db?size=4G``, ``redis+cluster://host:port?size=64G``;
+    see ``vmpager.devices.url``), opened and checked here.
+    ``page_size``: a power of two >= 4096.
     ``layout``: "per_device" (round-robin over devices) or "stripe" (the
     seed's interleave). ``engine``: the asynchronous I/O engine (tests pass a
-    ``HeldEngine``).
+    ``HeldEngine``). ``replicas``: for URL swap devices without a
+    ``replicas`` parameter, the replicas each page-out must reach before the
+    page counts as clean (see docs/far-memory.md).
 
     Swap tiers (docs/tiers.md): ``compress`` ("lz4", "zstd" or None) keeps
     pages leaving the frames in a compressed pool first; ``compress_pool``
@@ -99,6 +105,7 @@ class VM:
         config: VMConfig | None = None,
         layout: str = "per_device",
         engine: IOEngine | None = None,
+        replicas: int | None = None,
         compress: str | None = None,
         compress_pool: int | str | float | None = None,
         encrypt: bool = False,
@@ -190,6 +197,9 @@ class VM:
         self._owned_devices: list[BlockDevice] = []
         #: Swap files this VM created for encrypted swap, removed when their device closes.
         self._remove_on_close: dict[int, str] = {}
+        self._swap_replicas = (
+            None if replicas is None else check_int(replicas, "replicas", minimum=0, maximum=16)
+        )
         self._closed = False
         try:
             self._open_swap(swap)
@@ -225,7 +235,12 @@ class VM:
     def _add_swap(self, spec: SwapSpec) -> BlockDevice:
         if isinstance(spec, tuple):
             path, size = spec
+            if is_swap_url(path):
+                raise ValueError(f"a swap URL gives its size as '?size=...', not apart: {spec!r}")
             device: BlockDevice = self._open_file_device(path, size)
+        elif isinstance(spec, str) and is_swap_url(spec):
+            device = open_swap_url(spec, self.page_size, replicas=self._swap_replicas)
+            self._owned_devices.append(device)
         elif isinstance(spec, str):
             path, sep, size_text = spec.rpartition(":")
             if sep and path and size_text and (size_text[0].isdigit() or size_text[0] in "+-."):
@@ -241,7 +256,8 @@ class VM:
                 )
         else:
             raise TypeError(
-                f"swap entries must be 'path:size', (path, size) or BlockDevice, got {spec!r}"
+                "swap entries must be 'path:size', (path, size), a URL or BlockDevice, "
+                f"got {spec!r}"
             )
         self.space.swapon(device)
         return device
