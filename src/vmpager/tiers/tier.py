@@ -272,6 +272,9 @@ class SwapTier:
         run's pages is stored anywhere (as a failed plain write).
         """
         pages = _pages(buffers, self.page_size)
+        if self._codec is None:
+            self._write_through(blk, device, dblk, pages)
+            return
         n = len(pages)
         kept: list[bytes | int | None] = [None] * n
         codec = self._codec
@@ -325,6 +328,30 @@ class SwapTier:
                 break  # the device refuses: the pool stays over capacity until it heals
             with self._cv:
                 victims = self._pick_victims() if self._pool_bytes > self._capacity else []
+
+    def _write_through(
+        self, blk: int, device: BlockDevice, dblk: int, pages: list[memoryview]
+    ) -> None:
+        """``write`` without a pool: every page sealed and written (the common case,
+        kept short: no pool entries to drop, no writeback to wait for)."""
+        n = len(pages)
+        indices = list(range(n))
+        with self._mu:
+            bad = self._bad
+            if bad:
+                for b in range(blk, blk + n):
+                    bad.pop(b, None)  # rewritten: the block holds new data
+            seal = self._seals.get(id(device))
+            writing = self._writing
+            for b in range(blk, blk + n):
+                writing[b] = writing.get(b, 0) + 1
+        try:
+            self._device_write(device, dblk, pages, indices, seal)
+        finally:
+            with self._mu:
+                self._done_writing(blk, indices)
+        with self._mu:
+            self._dev_written += n
 
     def _store(self, blk: int, entry: _Entry) -> None:
         payload = entry[0]
