@@ -32,7 +32,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vmpager.errors import DeviceError
+from vmpager.errors import CorruptPage, DeviceError
 from vmpager.io.request import IOKind, IORequest
 from vmpager.pager.protocol import PagerResult
 from vmpager.swap.meta import SWAPBLK_NONE, SwapMeta
@@ -245,7 +245,7 @@ class SwapPager:
         first_error: DeviceError | None = None
         counters = vm.counters
         activate = vm.queues.activate
-        for (_, pages), err in zip(runs, errors, strict=True):
+        for (blk, pages), err in zip(runs, errors, strict=True):
             counters.pageins += 1
             counters.pagein_pages += len(pages)
             if err is None:
@@ -253,6 +253,8 @@ class SwapPager:
                     page.busy = False
                     activate(page)
                 continue
+            if isinstance(err, CorruptPage):
+                err = vm._name_corrupt(err, blk, pages)
             log.error("swap_pager: I/O error - pagein failed; %s", err)
             counters.read_errors += 1
             if first_error is None:

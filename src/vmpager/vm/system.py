@@ -11,10 +11,12 @@ daemon needed).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +24,13 @@ import numpy as np
 from vmpager.devices.file import FileDevice
 from vmpager.devices.protocol import BlockDevice
 from vmpager.devices.url import is_swap_url, open_swap_url
-from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted
+from vmpager.errors import (
+    CorruptPage,
+    DeviceError,
+    InvariantViolation,
+    ObjectClosed,
+    SwapExhausted,
+)
 from vmpager.io.engine import IOEngine, ThreadedEngine
 from vmpager.io.fanout import Fanout
 from vmpager.io.inflight import InflightLimits
@@ -34,6 +42,7 @@ from vmpager.pager.registry import PagerRegistry
 from vmpager.pager.swap import SwapPager
 from vmpager.pager.vnode import VnodePager
 from vmpager.swap.space import SwapDeviceStatistics, SwapSpace
+from vmpager.tiers.tier import SwapTier, TierStatistics
 from vmpager.units import check_int, parse_size
 from vmpager.vm import shadow
 from vmpager.vm.condition import VMCondition
@@ -47,11 +56,9 @@ from vmpager.vm.queues import PageQueues
 from vmpager.vm.stats import Counters, VMStatistics
 
 if TYPE_CHECKING:
-    import os
-
     from vmpager.pager.protocol import Pager
 
-__all__ = ["VM"]
+__all__ = ["VM", "ScrubReport"]
 
 log = logging.getLogger("vmpager")
 
@@ -79,6 +86,14 @@ class VM:
     ``HeldEngine``). ``replicas``: for URL swap devices without a
     ``replicas`` parameter, the replicas each page-out must reach before the
     page counts as clean (see docs/far-memory.md).
+
+    Swap tiers (docs/tiers.md): ``compress`` ("lz4", "zstd" or None) keeps
+    pages leaving the frames in a compressed pool first; ``compress_pool``
+    is its fixed share of ``memory`` (a fraction, or a size; default a fifth),
+    taken out of the frames. ``encrypt=True`` encrypts every page written to
+    a swap device (AES-256-GCM, a key per device held only in memory).
+    ``integrity`` (default on) checks every page read from swap against an
+    xxh3-64 checksum (or the GCM tag): a mismatch raises ``CorruptPage``.
     """
 
     def __init__(
@@ -91,11 +106,18 @@ class VM:
         layout: str = "per_device",
         engine: IOEngine | None = None,
         replicas: int | None = None,
+        compress: str | None = None,
+        compress_pool: int | str | float | None = None,
+        encrypt: bool = False,
+        integrity: bool = True,
     ) -> None:
         page_size = check_int(page_size, "page_size", minimum=4096, maximum=1 << 24)
         if page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 4096, got {page_size}")
         memory_bytes = parse_size(memory, "memory", minimum=_MIN_NFRAMES * page_size)
+        pool_bytes = _pool_share(compress, compress_pool, memory_bytes, page_size)
+        # The pool's share is fixed and comes out of the frames: frames + pool <= memory.
+        frame_bytes = memory_bytes - pool_bytes
         if layout not in ("per_device", "stripe"):
             raise ValueError(f"layout must be 'per_device' or 'stripe', got {layout!r}")
         self.config = config if config is not None else VMConfig()
@@ -108,7 +130,7 @@ class VM:
         #: The page daemon sleeps on its own condition (same lock), so that the
         #: wake-ups of page and frame waiters do not wake it for nothing.
         self._daemon_cond = threading.Condition(self._lock)
-        self.frames = FramePool(memory_bytes // page_size, page_size)
+        self.frames = FramePool(frame_bytes // page_size, page_size)
         self.queues = PageQueues()
         self.counters = Counters()
         nframes = self.frames.nframes
@@ -139,6 +161,17 @@ class VM:
         )
         self.inflight = InflightLimits(self._cond, cfg.nswbuf, cfg.swap_async_max)
         self.space = SwapSpace(layout=layout)  # type: ignore[arg-type]
+        #: The swap tiers every swap transfer goes through (None: plain swap).
+        self.tier: SwapTier | None = None
+        if compress is not None or encrypt or integrity:
+            self.tier = SwapTier(
+                page_size,
+                compress=compress,
+                pool_capacity=pool_bytes,
+                encrypt=encrypt,
+                integrity=integrity,
+            )
+            self.space.attach_tier(self.tier)
         self.swap_pager = SwapPager(self, self.space)
         self.pagers = PagerRegistry()
         self.pagers.register("anonymous", self.swap_pager)
@@ -162,6 +195,8 @@ class VM:
         self._scan_owner: int | None = None
         self._read_error: DeviceError | None = None
         self._owned_devices: list[BlockDevice] = []
+        #: Swap files this VM created for encrypted swap, removed when their device closes.
+        self._remove_on_close: dict[int, str] = {}
         self._swap_replicas = (
             None if replicas is None else check_int(replicas, "replicas", minimum=0, maximum=16)
         )
@@ -233,8 +268,13 @@ class VM:
             nblocks = (
                 parse_size(size, f"swap size of {path}", minimum=self.page_size) // self.page_size
             )
+        created = not os.path.exists(path)
         device = FileDevice(path, nblocks, block_size=self.page_size)
         self._owned_devices.append(device)
+        if created and self.tier is not None and self.tier.encrypt:
+            # Encrypted swap is unreadable once the VM's keys are gone: a file the
+            # VM made for it goes with the VM.
+            self._remove_on_close[id(device)] = path
         return device
 
     def swapon(self, path: str | BlockDevice, size: int | str | None = None) -> None:
@@ -284,6 +324,7 @@ class VM:
             if removed in self._owned_devices:
                 self._owned_devices.remove(removed)
                 removed.close()
+                self._remove_file(removed)
 
     def _drain_device(self, index: int) -> None:
         """Move every page whose swap copy is on device ``index`` (lock held)."""
@@ -836,10 +877,20 @@ class VM:
                 self.space.read(request.blk, request.buffers)
             else:
                 self.space.write(request.blk, request.buffers)
+        except CorruptPage as exc:
+            request.error = self._name_corrupt(exc, request.blk, request.pages)
         except DeviceError as exc:
             request.error = exc
         except OSError as exc:
             request.error = DeviceError(exc.errno or 5, "swap", request.blk, str(exc))
+
+    def _name_corrupt(self, err: CorruptPage, blk: int, pages: Sequence[Page]) -> CorruptPage:
+        """``err`` naming the object and offset of its page, one of ``pages`` read from ``blk``."""
+        k = err.swap_block - blk
+        if 0 <= k < len(pages):
+            page = pages[k]
+            return err.naming(page.obj.oid, page.pindex * self.page_size)
+        return err
 
     def _perform_unlocked(self, request: IORequest) -> None:
         self._lock.release()
@@ -982,6 +1033,58 @@ class VM:
                 daemon_scans=self.daemon.scans,
             )
 
+    def tier_statistics(self) -> TierStatistics | None:
+        """The swap tiers' statistics (pool, rejects, writebacks, corrupt pages), or None."""
+        if self.tier is None:
+            return None
+        with self._cond:
+            self.swap_pager.flush_stale()  # freed blocks leave the pool
+        return self.tier.statistics()
+
+    def scrub(self) -> ScrubReport:
+        """Read and verify every swapped page; returns what was checked and found corrupt.
+
+        Pages in the compressed pool are decompressed, pages on devices read
+        and checked against their checksum or tag (a block being written is
+        skipped: its new content is checked next time). Corrupt blocks become
+        bad as on a read; each ``CorruptPage`` names its page. Runs with the
+        VM lock released between blocks; costs one device read per page.
+        Without integrity (``integrity=False`` and no encryption) nothing can
+        be checked and the report says so (``checked == 0``).
+        """
+        with self._cond:
+            self._check_vm_open()
+            self.swap_pager.flush_stale()
+            oids, pindexes, blks = self.swap_pager.meta.owner_arrays()
+            owners = []
+            for oid, pindex, blk in zip(
+                oids.tolist(), pindexes.tolist(), blks.tolist(), strict=True
+            ):
+                obj = self._objects.get(oid)
+                if obj is not None and self.swap_pager.block_of(obj, pindex) == blk:
+                    owners.append((oid, pindex, blk))
+        tier = self.tier
+        corrupt: list[CorruptPage] = []
+        checked = 0
+        if tier is None or (not tier.integrity and tier.compress is None):
+            return ScrubReport(checked=0, corrupt=())
+        for oid, pindex, blk in owners:
+            with self._cond:
+                # Still this page's block? (It may have been freed meanwhile.)
+                obj = self._objects.get(oid)
+                if obj is None or self.swap_pager.block_of(obj, pindex) != blk:
+                    continue
+                try:
+                    device, dblk = self.space.locate(blk)
+                except ValueError:
+                    continue
+            found = tier.verify(blk, device, dblk)
+            checked += 1
+            if found is not None:
+                self.counters.read_errors += 1
+                corrupt.append(found.naming(oid, pindex * self.page_size))
+        return ScrubReport(checked=checked, corrupt=tuple(corrupt))
+
     def check(self) -> None:
         """Assert every invariant; raises ``InvariantViolation`` listing each one broken."""
         with self._cond:
@@ -999,6 +1102,7 @@ class VM:
             ("swap space", self.space.check),
             ("swap meta", self.swap_pager.meta.check),
             ("vnode pager", self.vnode_pager.check),
+            ("swap tier", self._check_tier),
             ("device pager", self.device_pager.check),
         ):
             try:
@@ -1049,6 +1153,10 @@ class VM:
             if oid not in self._objects:
                 problems.append(f"swap: blocks owned by object {oid}, which is gone")
         return problems
+
+    def _check_tier(self) -> None:
+        if self.tier is not None:
+            self.tier.check(device for _, device in self.space.devices())
 
     def _check_block_owners(self) -> list[str]:
         """Blocks pages own that the swap space has not allocated, and the reverse.
@@ -1107,7 +1215,16 @@ class VM:
                 device.close()
             except OSError as exc:  # closing must go on for the others
                 log.warning("closing %s: %s", device.name, exc)
+            self._remove_file(device)
         self._owned_devices.clear()
+
+    def _remove_file(self, device: BlockDevice) -> None:
+        path = self._remove_on_close.pop(id(device), None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("removing swap file %s: %s", path, exc)
 
     def __enter__(self) -> VM:
         return self
@@ -1119,3 +1236,41 @@ class VM:
         return (
             f"<VM {self.frames.nframes} frames of {self.page_size} B, {len(self._objects)} objects>"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubReport:
+    """What ``VM.scrub`` verified: pages ``checked`` and the ``corrupt`` ones found."""
+
+    checked: int
+    corrupt: tuple[CorruptPage, ...]
+
+
+def _pool_share(
+    compress: str | None, pool: int | str | float | None, memory: int, page_size: int
+) -> int:
+    """Bytes of ``memory`` given to the compressed pool (0 without compression).
+
+    ``pool`` is a fraction of memory in (0, 1), a size ("64M") or None (a fifth
+    of memory, zswap's default max_pool_percent). The frames keep at least
+    ``_MIN_NFRAMES`` pages.
+    """
+    if compress is None:
+        if pool is not None:
+            raise ValueError("compress_pool needs compress='lz4' or 'zstd'")
+        return 0
+    if pool is None:
+        pool = 0.2
+    most = memory - _MIN_NFRAMES * page_size
+    if isinstance(pool, float):
+        if not 0.0 < pool < 1.0:
+            raise ValueError(f"compress_pool as a fraction of memory must be in (0, 1), got {pool}")
+        share = int(memory * pool)
+    else:
+        share = parse_size(pool, "compress_pool", minimum=page_size, maximum=most)
+    if not page_size <= share <= most:
+        raise ValueError(
+            f"compress_pool must be between one page and memory minus {_MIN_NFRAMES} pages "
+            f"({page_size}..{most} bytes), got {share}"
+        )
+    return share
