@@ -5,7 +5,7 @@ package, as is ``kworkload.c``); ``vmpager bench`` runs it side by side with
 vmpager. This script is its command line, for the kernel side alone::
 
     python benchmarks/kernel/kswap.py [--mib 2048] [--limit-mib 512]
-        [--patterns seq,random,zipf] [--reps 1] [--content random|sparse]
+        [--patterns seq,random,zipf] [--reps 1] [--content random|sparse|compressible]
         [--output FILE]
 
 Needs root on Linux; refuses to start when any swap is already active, and

@@ -6,16 +6,25 @@ pagers move pages to swap devices and back.
 """
 
 from vmpager.devices import BlockDevice, FaultyDevice, FileDevice, MemoryDevice
-from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted, VmError
+from vmpager.errors import (
+    CorruptPage,
+    DeviceError,
+    InvariantViolation,
+    ObjectClosed,
+    SwapExhausted,
+    VmError,
+)
 from vmpager.pager.vnode import FileShrunkError
+from vmpager.tiers.tier import TierStatistics
 from vmpager.vm.config import VMConfig, WriteErrorPolicy
 from vmpager.vm.object import VMObject
 from vmpager.vm.stats import VMStatistics
-from vmpager.vm.system import VM
+from vmpager.vm.system import VM, ScrubReport
 
 __all__ = [
     "VM",
     "BlockDevice",
+    "CorruptPage",
     "DeviceError",
     "FaultyDevice",
     "FileDevice",
@@ -23,7 +32,9 @@ __all__ = [
     "InvariantViolation",
     "MemoryDevice",
     "ObjectClosed",
+    "ScrubReport",
     "SwapExhausted",
+    "TierStatistics",
     "VMConfig",
     "VMObject",
     "VMStatistics",

@@ -98,13 +98,17 @@ def run_pattern(
     accesses: int | None,
     verify: bool,
     console: Console,
+    tiers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fill, time the access phase, verify; returns the report of one pattern."""
+    """Fill, time the access phase, verify; returns the report of one pattern.
+
+    ``tiers``: the VM's swap tier arguments (compress, encrypt, integrity).
+    """
     page_size = 4096
     npages = size // page_size
     workload = Workload(npages, pattern, accesses=accesses)  # type: ignore[arg-type]
     with blame("--swap"):
-        vm = VM(memory=memory, swap=swap, page_size=page_size)
+        vm = VM(memory=memory, swap=swap, page_size=page_size, **(tiers or {}))
     with vm:
         obj = vm.allocate(size)
         t0 = time.perf_counter()
@@ -144,6 +148,7 @@ def run_pattern(
             "swap_used_blocks_at_end": after.swap_used_blocks,
             "verified_pages": npages if verify else 0,
             "bad_pages": bad,
+            "tiers": _tier_report(vm),
         }
 
 
@@ -180,7 +185,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.swap:
         # Open the devices once before anything is printed: a bad one fails at once.
         with blame("--swap"):
-            VM(memory=memory, swap=args.swap).close()
+            VM(memory=memory, swap=args.swap, **_tier_kwargs(args)).close()
     patterns = list(PATTERNS) if args.pattern == "all" else [args.pattern]
     reports = []
     console = Console(sys.stderr, sys.stdout, quiet=args.json and not sys.stderr.isatty())
@@ -204,6 +209,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 accesses=None if pattern == "seq" else accesses,
                 verify=not args.no_verify,
                 console=console,
+                tiers=_tier_kwargs(args),
             )
             reports.append(report)
             if not args.json:
@@ -254,6 +260,61 @@ def _print_report(r: dict[str, Any]) -> None:
         f"        read-around {r['readaround_pages']:,} pages, {r['readaround_hits']:,} used; "
         f"verify: {verified}"
     )
+    if r.get("tiers"):
+        print(f"        {_tier_line(r['tiers'])}")
+
+
+def _add_tier_args(parser: argparse.ArgumentParser) -> None:
+    """The swap tier options (docs/tiers.md)."""
+    parser.add_argument(
+        "--compress",
+        choices=["lz4", "zstd"],
+        default=None,
+        help="keep pages leaving memory in a compressed pool first (needs vmpager[compress])",
+    )
+    parser.add_argument(
+        "--compress-pool",
+        default=None,
+        metavar="SIZE",
+        help="the pool's share of --memory (default a fifth)",
+    )
+    parser.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt swap with AES-256-GCM, keys in memory only (needs vmpager[crypto])",
+    )
+    parser.add_argument(
+        "--no-integrity",
+        action="store_true",
+        help="do not checksum swapped pages (on by default)",
+    )
+
+
+def _tier_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "compress": args.compress,
+        "compress_pool": args.compress_pool,
+        "encrypt": args.encrypt,
+        "integrity": not args.no_integrity,
+    }
+
+
+def _tier_report(vm: VM) -> dict[str, Any] | None:
+    stats = vm.tier_statistics()
+    return None if stats is None else dataclasses.asdict(stats)
+
+
+def _tier_line(t: dict[str, Any]) -> str:
+    seal = "AES-256-GCM" if t["encrypt"] else ("xxh3-64" if t["integrity"] else "none")
+    line = f"tiers: seal {seal}, {t['corrupt_pages']} corrupt pages"
+    if t["compress"]:
+        line += (
+            f"; {t['compress']} pool {format_size(t['pool_bytes'])} of "
+            f"{format_size(t['pool_capacity'])}: {t['stored_pages']:,} pages "
+            f"({t['same_filled_pages']:,} same-filled, ratio {t['ratio']:.2f}), "
+            f"hits {t['hits']:,}, rejects {t['rejects']:,}, written back {t['writebacks']:,}"
+        )
+    return line
 
 
 def _check_swap_specs(specs: Sequence[str] | None) -> None:
@@ -312,10 +373,17 @@ def _cmd_swapinfo(args: argparse.Namespace) -> int:
     created = [path for path in files if not os.path.lexists(path)]
     try:
         with blame("--swap"):
-            vm = VM(memory=memory, swap=args.swap, page_size=page_size, layout=args.layout)
+            vm = VM(
+                memory=memory,
+                swap=args.swap,
+                page_size=page_size,
+                layout=args.layout,
+                **_tier_kwargs(args),
+            )
         with vm:
             devices = vm.swapinfo()
             block_kib = vm.page_size // 1024
+            tiers = _tier_report(vm)
     finally:
         for path in created:
             with contextlib.suppress(FileNotFoundError):
@@ -329,6 +397,7 @@ def _cmd_swapinfo(args: argparse.Namespace) -> int:
                     {**dataclasses.asdict(d), "created_for_the_check": d.name in created}
                     for d in devices
                 ],
+                "tiers": tiers,
             },
             sys.stdout,
             indent=2,
@@ -347,7 +416,55 @@ def _cmd_swapinfo(args: argparse.Namespace) -> int:
     if created:
         notes.append(f"not existing yet (VM() creates them): {', '.join(created)}")
     print("; ".join(notes))
+    if tiers:
+        print(_tier_line(tiers))
     return 0
+
+
+def _cmd_scrub(args: argparse.Namespace) -> int:
+    """Write a pattern through swap (an object of --size under --memory), then verify
+    every swapped page against its checksum or tag and read every page back."""
+    size = parse_size(args.size, "--size", minimum=4096, multiple=4096)
+    memory = parse_size(args.memory, "--memory", minimum=16 * 4096)
+    npages = size // 4096
+    _check_swap_specs(args.swap)
+
+    def word(p: int) -> bytes:
+        return (p * 0x9E3779B97F4A7C15 % (1 << 64)).to_bytes(8, "little")
+
+    with blame("--swap"):
+        vm = VM(memory=memory, swap=args.swap or None, **_tier_kwargs(args))
+    with vm:
+        if vm.tier is None or not vm.tier.integrity:
+            raise CliError(
+                "scrub needs integrity checks: drop --no-integrity or add --encrypt", status=2
+            )
+        obj = vm.allocate(size)
+        for p in range(npages):
+            obj.write(p * 4096, word(p) * 512)
+        report = vm.scrub()
+        wrong = sum(1 for p in range(npages) if obj.read(p * 4096, 8) != word(p))
+        tiers = _tier_report(vm)
+        vm.check()
+    result = {
+        "checked_pages": report.checked,
+        "corrupt": [str(e) for e in report.corrupt],
+        "wrong_pages": wrong,
+        "tiers": tiers,
+    }
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(
+            f"scrub: {report.checked:,} swapped pages verified, {len(report.corrupt)} corrupt, "
+            f"{wrong} pages read back wrong"
+        )
+        for e in report.corrupt:
+            print(f"  {e}")
+        if tiers:
+            print(_tier_line(tiers))
+    return 1 if report.corrupt or wrong else 0
 
 
 def _free_bytes(directory: str) -> int:
@@ -424,7 +541,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _check_swap_specs(args.swap)
     tls = _serve_tls(args, None if args.unix else host)
     with blame("--swap"):
-        vm = VM(memory=memory, swap=args.swap or None)
+        vm = VM(memory=memory, swap=args.swap or None, **_tier_kwargs(args))
     with vm:
         backends = {name: VMObjectBackend(vm.allocate(size)) for name, size in exports}
         kwargs: dict[str, Any] = (
@@ -616,6 +733,9 @@ user guide: docs/guide.md""",
   vmpager swapinfo --swap /var/tmp/swap0:4G --swap /var/tmp/swap1:4G
   vmpager swapinfo --swap /var/tmp/swap0:4G --layout stripe --json
   vmpager swapinfo                             says where a VM pages without --swap""",
+    "scrub": """examples:
+  vmpager scrub --swap /var/tmp/swap0:1G       checksums every page written through swap
+  vmpager scrub --compress lz4 --encrypt --json""",
 }
 
 
@@ -662,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-verify", action="store_true", help="skip the final verification")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_tier_args(run)
     run.set_defaults(func=_cmd_run)
 
     serve = sub.add_parser(
@@ -702,6 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow listening beyond loopback without TLS (prints a warning)",
     )
+    _add_tier_args(serve)
     serve.set_defaults(func=_cmd_serve)
 
     stress = sub.add_parser(
@@ -750,7 +872,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     swapinfo.add_argument("--page-size", default="4K", help="page and swap block size")
     swapinfo.add_argument("--json", action="store_true", help="print the listing as JSON")
+    _add_tier_args(swapinfo)
     swapinfo.set_defaults(func=_cmd_swapinfo)
+
+    scrub = sub.add_parser(
+        "scrub",
+        help="write a pattern through swap and verify every swapped page",
+        description="Fill an object larger than memory so that it is swapped, then read and "
+        "verify every swapped page against its checksum (or GCM tag) and every page's content.",
+    )
+    scrub.epilog = EXAMPLES["scrub"]
+    scrub.add_argument("--size", default="256M", help="object size (default 256M)")
+    scrub.add_argument("--memory", default="64M", help="memory budget (default 64M)")
+    scrub.add_argument("--swap", action="append", metavar="PATH[:SIZE]|URL")
+    scrub.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_tier_args(scrub)
+    scrub.set_defaults(func=_cmd_scrub)
 
     bench = sub.add_parser(
         "bench",

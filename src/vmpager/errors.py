@@ -13,6 +13,7 @@ import os
 
 __all__ = [
     "TRANSIENT_ERRNOS",
+    "CorruptPage",
     "DeviceError",
     "InvariantViolation",
     "ObjectClosed",
@@ -68,3 +69,41 @@ class DeviceError(VmError, OSError):
 
     def __reduce__(self) -> tuple[type[DeviceError], tuple[int, str, int]]:
         return (type(self), (self.errno or 0, self.device, self.block))
+
+
+class CorruptPage(DeviceError):
+    """A swapped page read back does not match its checksum or authentication tag.
+
+    The data is never returned; the block is marked bad when its owner frees
+    it. ``device``/``block`` are the device and the block on it, ``swap_block``
+    the global swap block; ``object_id``/``offset`` name the page when known
+    (None otherwise). ``errno`` is ``EIO``.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        block: int,
+        swap_block: int = -1,
+        detail: str = "",
+        object_id: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.swap_block = swap_block
+        self.object_id = object_id
+        self.offset = offset
+        self.detail = detail
+        where = f"swap block {swap_block}"
+        if object_id is not None:
+            where += f", object {object_id} offset {offset}"
+        super().__init__(_errno.EIO, device, block, f"corrupt page: {detail}; {where}")
+
+    def naming(self, object_id: int, offset: int) -> CorruptPage:
+        """The same error naming the page that owns the block."""
+        return CorruptPage(self.device, self.block, self.swap_block, self.detail, object_id, offset)
+
+    def __reduce__(self) -> tuple[type[DeviceError], tuple[int, str, int]]:
+        return (  # type: ignore[return-value]
+            type(self),
+            (self.device, self.block, self.swap_block, self.detail, self.object_id, self.offset),
+        )

@@ -76,6 +76,9 @@ class StressConfig:
     seed: int = 0
     #: Directory of the swap files (None: the temporary directory).
     directory: str | None = None
+    #: Checksum every swapped page (``VM(integrity=)``); off, a corrupting device
+    #: shows up as lost or invented bytes in the run's own verification.
+    integrity: bool = True
     #: Count the ``vmpager`` log records of the run instead of letting them
     #: reach the handlers (injected faults make hundreds of warnings).
     quiet_logs: bool = True
@@ -402,7 +405,7 @@ def _run(
 ) -> StressReport:
     devs = list(devices) if devices is not None else make_devices(config)
     vm_config = VMConfig(cluster_max_npages=8, readaround_npages=4, swap_async_max=4)
-    vm = VM(memory=config.memory_bytes, swap=devs, config=vm_config)
+    vm = VM(memory=config.memory_bytes, swap=devs, config=vm_config, integrity=config.integrity)
     errors: list[str] = []
     check_failures: list[str] = []
     stop = threading.Event()

@@ -6,7 +6,10 @@ C program on the kernel's swap and vmpager produce the very same accesses:
 1. A region of ``npages`` pages of ``page_size`` bytes.
 2. Fill: every page is written; its content is splitmix64 words (``"random"``,
    incompressible) with word 0 then set to the page number, or only word 0 set
-   to the page number and the rest zero (``"sparse"``).
+   to the page number and the rest zero (``"sparse"``), or the random words in
+   the first two fifths of the page and zeros after them (``"compressible"``:
+   lz4 and zstd shrink such a page about 2.4 times; the words are those of
+   ``"random"``, so the stream stays the same).
 3. Access phase: for each index of the sequence, read the 8-byte word 0 of that
    page and write it back plus 1. The sequences:
 
@@ -62,7 +65,7 @@ __all__ = [
 ]
 
 Pattern = Literal["seq", "random", "zipf"]
-Content = Literal["random", "sparse"]
+Content = Literal["random", "sparse", "compressible"]
 
 PATTERNS: Final[tuple[str, ...]] = get_args(Pattern)
 CONTENTS: Final[tuple[str, ...]] = get_args(Content)
@@ -331,6 +334,8 @@ class Workload:
         else:
             start = self.index_draws + first * words
             pages = splitmix64_stream(self.seed, start, count * words).reshape(count, words)
+            if self.content == "compressible":
+                pages[:, words * 2 // 5 :] = 0
         pages[:, 0] = np.arange(first, first + count, dtype=np.uint64)
         return pages
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from vmpager import stress as stress_module
 from vmpager.cli import main
 from vmpager.devices.faulty import FaultyDevice
 from vmpager.devices.protocol import WritableBuffer
+from vmpager.errors import CorruptPage
 from vmpager.stress import StressConfig, make_devices, run_stress
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,6 +100,7 @@ def test_a_corrupting_device_fails_the_run(tmp_path: Path) -> None:
         read_error_rate=0,
         swapoff_interval_s=0,
         directory=str(tmp_path),
+        integrity=False,  # the run's own verification must catch what the device does
     )
     report = run_stress(config, devices=corrupting_devices(config))
     assert not report.ok
@@ -110,6 +113,9 @@ def test_the_command_exits_1_on_lost_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(stress_module, "make_devices", corrupting_devices)
+    monkeypatch.setattr(
+        stress_module, "StressConfig", functools.partial(StressConfig, integrity=False)
+    )
     code = main(
         ["stress", "--seconds", "1", "--threads", "2", "--no-swapoff", "--dir", str(tmp_path)]
     )
@@ -151,3 +157,21 @@ def test_stress_config_is_checked_in_the_library() -> None:
         run_stress(StressConfig(seconds="1"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="nthreads"):
         run_stress(StressConfig(nthreads=0))
+
+
+def test_with_integrity_a_corrupting_device_returns_no_wrong_byte(tmp_path: Path) -> None:
+    config = StressConfig(
+        seconds=1.0,
+        nthreads=2,
+        write_error_rate=0,
+        read_error_rate=0,
+        swapoff_interval_s=0,
+        directory=str(tmp_path),
+    )
+    try:
+        report = run_stress(config, devices=corrupting_devices(config))
+    except CorruptPage as error:
+        assert error.device == "corrupting"
+        return
+    assert report.lost_bytes == 0 and report.invented_bytes == 0
+    assert not report.ok  # the threads met CorruptPage

@@ -1,7 +1,7 @@
 """The package layering, read from the source with ``ast`` (imports under
 ``TYPE_CHECKING`` count too: a type is a dependence).
 
-- devices/, io/ and swap/ are the lower floors: they never import vm/ or pager/.
+- devices/, io/, swap/ and tiers/ are the lower floors: they never import vm/ or pager/.
 - vm/ defines what it asks of pagers (vm/pagerops.py, vm/kernel.py); pager/
   depends on that, and nothing in vm/ but the wiring (vm/system.py) imports pager/.
 - pager/ never imports the VM's public class or its private parts (vm/system.py,
@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vmpager"
+
+#: The lower floors: devices, I/O, the swap space and the tiers between it and devices.
+LOWER = {"devices", "io", "swap", "tiers"}
 
 #: vm/ modules pagers must not use: the public face, the fault path, the daemon, ...
 VM_PRIVATE = {"system", "fault", "batch", "pageout", "shadow", "swapctl", "invariants"}
@@ -61,7 +64,7 @@ def _violations(rule: str) -> list[str]:
             parts = module.split(".")
             target = parts[1] if len(parts) > 1 else ""
             sub = parts[2] if len(parts) > 2 else ""
-            if rule == "lower" and pkg in ("devices", "io", "swap") and target in ("vm", "pager"):
+            if rule == "lower" and pkg in LOWER and target in ("vm", "pager"):
                 bad.append(f"{rel} imports {module}")
             if rule == "vm" and pkg == "vm" and path.name != "system.py" and target == "pager":
                 bad.append(f"{rel} imports {module}")

@@ -581,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--patterns", default="seq,random,zipf", help="comma-separated")
     parser.add_argument("--reps", type=int, default=1)
-    parser.add_argument("--content", choices=("random", "sparse"), default="random")
+    parser.add_argument("--content", choices=("random", "sparse", "compressible"), default="random")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--accesses", type=int, default=None, help="default: the pattern's")
     parser.add_argument(

@@ -18,7 +18,7 @@
  *
  * Build: cc -O2 -o kworkload kworkload.c
  * Usage: kworkload --mib N --index-file PATH [--seed S] [--fill-offset F]
- *                  [--content random|sparse] [--max-seconds T]
+ *                  [--content random|sparse|compressible] [--max-seconds T]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -83,7 +83,7 @@ static void sample(struct counters *c)
 static void usage(void)
 {
 	fprintf(stderr, "usage: kworkload --mib N --index-file PATH [--seed S] "
-	    "[--fill-offset F] [--content random|sparse] [--max-seconds T] [--willneed N]\n");
+	    "[--fill-offset F] [--content random|sparse|compressible] [--max-seconds T] [--willneed N]\n");
 	exit(2);
 }
 
@@ -148,9 +148,12 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--willneed")) willneed = atoll(argv[++i]);
 		else usage();
 	}
-	if (mib <= 0 || !index_path || (strcmp(content, "random") && strcmp(content, "sparse")))
+	if (mib <= 0 || !index_path || (strcmp(content, "random") && strcmp(content, "sparse") &&
+	                                     strcmp(content, "compressible")))
 		usage();
 	int sparse = !strcmp(content, "sparse");
+	/* compressible: the random words of the first 2/5 of the page, zeros after */
+	unsigned keep = !strcmp(content, "compressible") ? PAGE_WORDS * 2 / 5 : PAGE_WORDS;
 	uint64_t npages = (uint64_t)mib * 1024 * 1024 / PAGE_BYTES;
 	long long naccesses;
 	uint32_t *idx = read_indices(index_path, npages, &naccesses);
@@ -171,8 +174,10 @@ int main(int argc, char **argv)
 	for (uint64_t p = 0; p < npages; p++) {
 		uint64_t *w = (uint64_t *)(mem + p * PAGE_BYTES);
 		if (!sparse)
-			for (unsigned k = 0; k < PAGE_WORDS; k++)
-				w[k] = splitmix64();
+			for (unsigned k = 0; k < PAGE_WORDS; k++) {
+				uint64_t x = splitmix64();
+				w[k] = k < keep ? x : 0;
+			}
 		w[0] = p;
 	}
 	sample(&c1);

@@ -4,6 +4,11 @@ Faults come from rules on chosen blocks (``fail_reads``/``fail_writes``) or
 from a seeded random rate per request. A request that gets a fault raises
 ``DeviceError`` before the inner device is called, so a failed write leaves
 its blocks unchanged and a failed read leaves the caller's buffers unchanged.
+
+Corruption mode: silent data corruption, which no error reports. A read can
+come back with one byte flipped in one of its blocks (``corrupt_read_rate``,
+or ``corrupt_reads`` rules on chosen blocks: corruption on the way), and
+``corrupt_stored`` flips a byte of what the inner device holds (rot at rest).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class FaultyDeviceStatistics(DeviceStatistics):
     injected_transient_errors: int
     injected_hard_errors: int
     delayed_requests: int
+    #: Bytes flipped in reads and in stored blocks.
+    injected_corruptions: int
 
 
 @dataclass(slots=True)
@@ -85,6 +92,7 @@ class FaultyDevice:
         read_errno: int = errno_codes.EIO,
         write_errno: int = errno_codes.EIO,
         latency_s: float = 0.0,
+        corrupt_read_rate: float = 0.0,
         name: str | None = None,
     ) -> None:
         self._inner = inner
@@ -104,6 +112,9 @@ class FaultyDevice:
         self._injected_transient = 0
         self._injected_hard = 0
         self._delayed = 0
+        self.corrupt_read_rate = corrupt_read_rate
+        self._corrupt_rules: list[_Rule] = []
+        self._corruptions = 0
         self._closed = False
 
     # Settings that tests change while the device is in use.
@@ -149,11 +160,67 @@ class FaultyDevice:
         """Fail the next ``times`` write requests (None: all) that touch any of ``blocks``."""
         self._add_rule(self._write_rules, blocks, errno, times)
 
+    @property
+    def corrupt_read_rate(self) -> float:
+        """Fraction of read requests returned with one byte flipped, in [0, 1]."""
+        return self._corrupt_read_rate
+
+    @corrupt_read_rate.setter
+    def corrupt_read_rate(self, value: float) -> None:
+        self._corrupt_read_rate = _check_rate(value, "corrupt_read_rate")
+
+    def corrupt_reads(self, blocks: Iterable[int], times: int | None = None) -> None:
+        """Flip one byte of each of ``blocks`` in the next ``times`` reads (None: all)
+        that return it; the stored data stays intact."""
+        self._add_rule(self._corrupt_rules, blocks, errno_codes.EIO, times)
+
+    def corrupt_stored(self, blocks: Iterable[int], *, offset: int = 0) -> None:
+        """Flip byte ``offset`` of each of ``blocks`` on the inner device (read, flip, write)."""
+        offset = check_int(offset, "offset", minimum=0, maximum=self.block_size - 1)
+        self._check_open()
+        for blk in blocks:
+            check_int(blk, "blocks[]", minimum=0, maximum=self.nblocks - 1)
+            buffer = bytearray(self.block_size)
+            self._inner.read_blocks(blk, [buffer])
+            buffer[offset] ^= 0xFF
+            self._inner.write_blocks(blk, [buffer])
+            with self._lock:
+                self._corruptions += 1
+
+    def _corrupt_read(self, blk: int, views: list[memoryview]) -> None:
+        """Flip bytes of a read just done, as the rules and the rate say."""
+        size = self.block_size
+        nblocks = sum(len(v) for v in views) // size
+        flips: list[tuple[int, int]] = []  # (block of the request, byte in it)
+        with self._lock:
+            for rule in list(self._corrupt_rules):
+                hit = sorted(b - blk for b in rule.blocks if blk <= b < blk + nblocks)
+                if not hit:
+                    continue
+                flips.extend((k, self._random.randrange(size)) for k in hit)
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                    if rule.remaining == 0:
+                        self._corrupt_rules.remove(rule)
+            rate = self._corrupt_read_rate
+            if rate > 0 and self._random.random() < rate:
+                flips.append((self._random.randrange(nblocks), self._random.randrange(size)))
+            self._corruptions += len(flips)
+        for k, byte in flips:
+            at = k * size + byte
+            for view in views:
+                if at < len(view):
+                    view[at] ^= 1 << (byte % 8)
+                    break
+                at -= len(view)
+
     def clear_faults(self) -> None:
-        """Drop every rule and set both error rates to zero (latency is kept)."""
+        """Drop every rule and set the error and corruption rates to zero (latency is kept)."""
         with self._lock:
             self._read_rules.clear()
             self._write_rules.clear()
+            self._corrupt_rules.clear()
+            self._corrupt_read_rate = 0.0
             self._read_error_rate = 0.0
             self._write_error_rate = 0.0
 
@@ -232,7 +299,7 @@ class FaultyDevice:
     def read_blocks(self, blk: int, buffers: Sequence[WritableBuffer]) -> None:
         """Read through the inner device unless a fault is injected (``DeviceError``)."""
         self._check_open()
-        _, nblocks = as_byte_views(
+        views, nblocks = as_byte_views(
             self._name, self.nblocks, self.block_size, blk, buffers, writable=True
         )
         self._delay()
@@ -244,6 +311,8 @@ class FaultyDevice:
         except DeviceError:
             self._counters.count_read_error()
             raise
+        if self._corrupt_rules or self._corrupt_read_rate:
+            self._corrupt_read(blk, views)
         self._counters.count_read(nblocks)
 
     def write_blocks(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
@@ -304,6 +373,7 @@ class FaultyDevice:
                 injected_transient_errors=self._injected_transient,
                 injected_hard_errors=self._injected_hard,
                 delayed_requests=self._delayed,
+                injected_corruptions=self._corruptions,
             )
 
     def __enter__(self) -> FaultyDevice:

@@ -30,9 +30,9 @@ import errno
 import functools
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
-from vmpager.errors import DeviceError
+from vmpager.errors import CorruptPage, DeviceError
 from vmpager.io.request import IOKind, IORequest
 from vmpager.pager import strategy
 from vmpager.swap.meta import SWAPBLK_NONE, SwapMeta
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["SwapPager"]
 
 log = logging.getLogger("vmpager.swap")
+
+Int64Array: TypeAlias = "npt.NDArray[np.int64]"
 
 
 #: Smallest run a pageout halves towards. FreeBSD ``swap_pager_putpages``
@@ -268,7 +270,7 @@ class SwapPager:
         first_error: DeviceError | None = None
         counters = vm.counters
         activate = vm.queues.activate
-        for (_, pages), err in zip(runs, errors, strict=True):
+        for (blk, pages), err in zip(runs, errors, strict=True):
             counters.pageins += 1
             counters.pagein_pages += len(pages)
             if err is None:
@@ -276,6 +278,8 @@ class SwapPager:
                     page.busy = False
                     activate(page)
                 continue
+            if isinstance(err, CorruptPage):
+                err = vm.name_corrupt(err, blk, pages)
             log.error("swap_pager: I/O error - pagein failed; %s", err)
             counters.read_errors += 1
             if first_error is None:
@@ -610,11 +614,19 @@ class SwapPager:
         self.flush_stale()
         return self.space.statistics()
 
-    def blocks_in_use(self, index: int) -> npt.NDArray[np.int64]:
+    def blocks_in_use(self, index: int) -> Int64Array:
         """The blocks of device ``index`` that hold pages (stale copies given back
         first). Lock held. O(blocks in use)."""
         self.flush_stale()
         return self.space.blocks_in_use(index)
+
+    def swapped_pages(
+        self,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``(oids, pindexes, blocks)`` of every page with a swap copy (deferred
+        frees done first). Lock held. O(pages swapped)."""
+        self.flush_stale()
+        return self.meta.owner_arrays()
 
     def describe_free(self) -> str:
         """Free swap in words, for error messages (stale copies given back first)."""

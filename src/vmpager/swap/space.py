@@ -54,7 +54,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +63,9 @@ from vmpager.devices.protocol import BlockDevice, ReadableBuffer, WritableBuffer
 from vmpager.errors import DeviceError, InvariantViolation
 from vmpager.swap.blist import Blist
 from vmpager.units import check_int
+
+if TYPE_CHECKING:
+    from vmpager.tiers.tier import SwapTier
 
 __all__ = ["Layout", "SwapDeviceStatistics", "SwapSpace", "SwapSpaceStatistics"]
 
@@ -213,6 +216,9 @@ class SwapSpace:
         self._blocks_marked_bad = 0
         self._warnings = 0
         self._full_events = 0
+        #: The swap tiers (compressed pool, integrity, encryption) every transfer
+        #: goes through, when the VM has any (``attach_tier``).
+        self._tier: SwapTier | None = None
 
     # ------------------------------------------------------------------
     # geometry
@@ -363,6 +369,17 @@ class SwapSpace:
     # ------------------------------------------------------------------
     # I/O
 
+    def attach_tier(self, tier: SwapTier) -> None:
+        """Send every transfer through ``tier`` (before the first device is added)."""
+        if self._next_seq:
+            raise ValueError("attach_tier: the swap space already has devices")
+        self._tier = tier
+
+    @property
+    def tier(self) -> SwapTier | None:
+        """The attached swap tier, or None."""
+        return self._tier
+
     def _io_target(
         self, blk: int, buffers: Sequence[ReadableBuffer] | Sequence[WritableBuffer]
     ) -> tuple[BlockDevice, int]:
@@ -384,6 +401,9 @@ class SwapSpace:
         from the device. Blocks for the I/O; the VM lock need not be held.
         """
         device, dblk = self._io_target(blk, buffers)
+        if self._tier is not None:
+            self._tier.read(blk, device, dblk, buffers)
+            return
         device.read_blocks(dblk, buffers)
 
     def read_many(
@@ -399,6 +419,8 @@ class SwapSpace:
         others get one ``read_blocks`` per request. Result ``i``: None, or the
         ``DeviceError`` of request ``i``. The VM lock need not be held.
         """
+        if self._tier is not None:
+            return self._read_each_tiered(requests, run)
         groups: dict[int, tuple[BlockDevice, list[int], list[tuple[int, Sequence[WritableBuffer]]]]]
         groups = {}
         for i, (blk, buffers) in enumerate(requests):
@@ -414,9 +436,36 @@ class SwapSpace:
                 errors[i] = error
         return errors
 
+    def _read_each_tiered(
+        self,
+        requests: Sequence[tuple[int, Sequence[WritableBuffer]]],
+        run: Callable[[Callable[[int], None], Sequence[int]], None],
+    ) -> list[DeviceError | None]:
+        """``read_many`` through the tier: one tier read per request, several at once."""
+        tier = self._tier
+        assert tier is not None
+        targets = [self._io_target(blk, buffers) for blk, buffers in requests]
+        results: list[DeviceError | None] = [None] * len(requests)
+
+        def one(k: int) -> None:
+            blk, buffers = requests[k]
+            device, dblk = targets[k]
+            try:
+                tier.read(blk, device, dblk, buffers)
+            except DeviceError as error:
+                results[k] = error
+            except OSError as error:
+                results[k] = DeviceError(error.errno or errno.EIO, device.name, dblk, str(error))
+
+        run(one, range(len(requests)))
+        return results
+
     def write(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Write ``buffers`` to the run at global ``blk`` (one device request); see ``read``."""
         device, dblk = self._io_target(blk, buffers)
+        if self._tier is not None:
+            self._tier.write(blk, device, dblk, buffers)
+            return
         device.write_blocks(dblk, buffers)
 
     def discard(self, blk: int, count: int) -> None:
@@ -476,6 +525,8 @@ class SwapSpace:
             self._by_base = tuple(by_base)
             self._bases = tuple(s.base for s in by_base)
         self._block_size = block_size
+        if self._tier is not None:
+            self._tier.device_added(device)
         slots = list(self._slots)
         slots[index] = slot
         self._slots = tuple(slots)
@@ -581,6 +632,8 @@ class SwapSpace:
             self._by_base = tuple(s for s in self._by_base if s is not slot)
             self._bases = tuple(s.base for s in self._by_base)
         self._bad -= slot.bad
+        if self._tier is not None:
+            self._tier.device_removed(slot.device)
         log.info("swapoff %s: removed", slot.device.name)
         self._sizecheck()
         return slot.device
@@ -688,6 +741,21 @@ class SwapSpace:
         """
         pieces = self._pieces(blk, count, "free")
         self._require_used(pieces, "free")
+        if self._tier is not None:
+            retired = self._tier.freed(blk, count)
+            if retired:
+                # Blocks whose pages were found corrupt are not handed out again.
+                for bad in retired:
+                    self.mark_bad(bad, 1)
+                keep = sorted(set(range(blk, blk + count)).difference(retired))
+                for start, length in _runs_of_numbers(keep):
+                    self._free_pieces(self._pieces(start, length, "free"))
+                self._sizecheck()
+                return
+        self._free_pieces(pieces)
+        self._sizecheck()
+
+    def _free_pieces(self, pieces: list[tuple[_Slot, int, int]]) -> None:
         for slot, dblk, length in pieces:
             slot.state[dblk : dblk + length] = _FREE
             slot.used -= length
@@ -703,7 +771,6 @@ class SwapSpace:
                 self._blist.free(self._blist_block(self._global(slot, dblk)), length)
             if not slot.draining:
                 self._free += length
-        self._sizecheck()
 
     def mark_bad(self, blk: int, count: int) -> None:
         """Allocated blocks become bad: never handed out again, counted per device.
@@ -939,6 +1006,17 @@ class SwapSpace:
             f"SwapSpace(layout={self._layout!r}, devices={len(self.devices())}, "
             f"total={self.total_blocks}, free={self._free}, used={self._used}, bad={self._bad})"
         )
+
+
+def _runs_of_numbers(numbers: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of each run of consecutive numbers in sorted ``numbers``."""
+    runs: list[tuple[int, int]] = []
+    for n in numbers:
+        if runs and runs[-1][0] + runs[-1][1] == n:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
 
 
 def _read_each(

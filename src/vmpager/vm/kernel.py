@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
+from vmpager.errors import CorruptPage, DeviceError, ObjectClosed, SwapExhausted
 from vmpager.io.fanout import Fanout
 from vmpager.io.inflight import InflightLimits
 from vmpager.io.request import AnyIORequest, IOKind
@@ -645,10 +645,20 @@ class Kernel:
                 self.space.read(request.blk, request.buffers)
             else:
                 self.space.write(request.blk, request.buffers)
+        except CorruptPage as exc:
+            request.error = self.name_corrupt(exc, request.blk, request.pages)
         except DeviceError as exc:
             request.error = exc
         except OSError as exc:
             request.error = DeviceError(exc.errno or 5, "swap", request.blk, str(exc))
+
+    def name_corrupt(self, err: CorruptPage, blk: int, pages: Sequence[Page]) -> CorruptPage:
+        """``err`` naming the object and offset of its page, one of ``pages`` read from ``blk``."""
+        k = err.swap_block - blk
+        if 0 <= k < len(pages):
+            page = pages[k]
+            return err.naming(page.obj.oid, page.pindex * self.page_size)
+        return err
 
     def transfer_unlocked(self, request: AnyIORequest) -> None:
         self.lock.release()

@@ -9,6 +9,7 @@ runs with the kernel's lock held.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -33,12 +34,15 @@ SwapSpec = str | BlockDevice | tuple[str, int | str]
 class SwapControl:
     """The swap devices of one VM; see the module docstring."""
 
-    def __init__(self, kernel: Kernel, replicas: int | None) -> None:
+    def __init__(self, kernel: Kernel, replicas: int | None, *, remove_created: bool) -> None:
         self._kernel = kernel
         self.page_size = kernel.page_size
         self.space = kernel.space
         self.swap_pager = kernel.swap_pager
         self._owned_devices: list[BlockDevice] = []
+        #: Remove the swap files this VM creates when their device closes.
+        self._remove_created = remove_created
+        self._remove_on_close: dict[int, str] = {}
         self._swap_replicas = (
             None if replicas is None else check_int(replicas, "replicas", minimum=0, maximum=16)
         )
@@ -104,8 +108,11 @@ class SwapControl:
             nblocks = (
                 parse_size(size, f"swap size of {path}", minimum=self.page_size) // self.page_size
             )
+        created = not os.path.exists(path)
         device = FileDevice(path, nblocks, block_size=self.page_size)
         self._owned_devices.append(device)
+        if created and self._remove_created:
+            self._remove_on_close[id(device)] = path
         return device
 
     def swapon(self, path: str | BlockDevice, size: int | str | None = None) -> None:
@@ -154,6 +161,7 @@ class SwapControl:
             if removed in self._owned_devices:
                 self._owned_devices.remove(removed)
                 removed.close()
+                self._remove_file(removed)
 
     def drain_device(self, index: int) -> None:
         """Move every page whose swap copy is on device ``index`` (lock held)."""
@@ -197,4 +205,13 @@ class SwapControl:
                 device.close()
             except OSError as exc:  # closing must go on for the others
                 log.warning("closing %s: %s", device.name, exc)
+            self._remove_file(device)
         self._owned_devices.clear()
+
+    def _remove_file(self, device: BlockDevice) -> None:
+        path = self._remove_on_close.pop(id(device), None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("removing swap file %s: %s", path, exc)

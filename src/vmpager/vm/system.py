@@ -13,16 +13,18 @@ busy, and one condition variable carries every wake-up.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmpager.devices.protocol import BlockDevice
-from vmpager.errors import InvariantViolation
+from vmpager.errors import CorruptPage, InvariantViolation
 from vmpager.io.engine import IOEngine, ThreadedEngine
 from vmpager.io.request import IOKind
 from vmpager.pager.device import DevicePager
 from vmpager.pager.swap import SwapPager
 from vmpager.pager.vnode import VnodePager
 from vmpager.swap.space import SwapDeviceStatistics
+from vmpager.tiers.tier import SwapTier, TierStatistics
 from vmpager.units import check_int, parse_size
 from vmpager.vm import invariants
 from vmpager.vm.config import VMConfig
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
     from vmpager.vm.registry import PagerRegistry
     from vmpager.vm.stats import Counters
 
-__all__ = ["VM"]
+__all__ = ["VM", "ScrubReport"]
 
 _MIN_NFRAMES = 4
 
@@ -68,6 +70,14 @@ class VM:
     ``replicas`` parameter, the replicas each page-out must reach before the
     page counts as clean (see docs/far-memory.md).
 
+    Swap tiers (docs/tiers.md): ``compress`` ("lz4", "zstd" or None) keeps
+    pages leaving the frames in a compressed pool first; ``compress_pool``
+    is its fixed share of ``memory`` (a fraction, or a size; default a fifth),
+    taken out of the frames. ``encrypt=True`` encrypts every page written to
+    a swap device (AES-256-GCM, a key per device held only in memory).
+    ``integrity`` (default on) checks every page read from swap against an
+    xxh3-64 checksum (or the GCM tag): a mismatch raises ``CorruptPage``.
+
     ``kernel`` is the internal interface the parts inside share (pagers,
     tests); it is not for applications.
     """
@@ -82,22 +92,43 @@ class VM:
         layout: str = "per_device",
         engine: IOEngine | None = None,
         replicas: int | None = None,
+        compress: str | None = None,
+        compress_pool: int | str | float | None = None,
+        encrypt: bool = False,
+        integrity: bool = True,
     ) -> None:
         page_size = check_int(page_size, "page_size", minimum=4096, maximum=1 << 24)
         if page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 4096, got {page_size}")
         memory_bytes = parse_size(memory, "memory", minimum=_MIN_NFRAMES * page_size)
+        pool_bytes = _pool_share(compress, compress_pool, memory_bytes, page_size)
+        # The pool's share is fixed and comes out of the frames: frames + pool <= memory.
+        frame_bytes = memory_bytes - pool_bytes
         if layout not in ("per_device", "stripe"):
             raise ValueError(f"layout must be 'per_device' or 'stripe', got {layout!r}")
         self.config = config if config is not None else VMConfig()
         self.page_size = page_size
-        kernel = self.kernel = Kernel(self.config, page_size, memory_bytes // page_size, layout)
+        kernel = self.kernel = Kernel(self.config, page_size, frame_bytes // page_size, layout)
+        #: The swap tiers every swap transfer goes through (None: plain swap).
+        self.tier: SwapTier | None = None
+        if compress is not None or encrypt or integrity:
+            self.tier = SwapTier(
+                page_size,
+                compress=compress,
+                pool_capacity=pool_bytes,
+                encrypt=encrypt,
+                integrity=integrity,
+            )
+            kernel.space.attach_tier(self.tier)
         # The concrete pagers stay here too, for the attributes tools and tests read.
         self._swap_pager = SwapPager(kernel, kernel.space)
         self._vnode_pager = VnodePager(kernel)
         self._device_pager = DevicePager(kernel)
         kernel.attach_pagers(self._swap_pager, self._vnode_pager, self._device_pager)
-        self._swapctl = SwapControl(kernel, replicas)
+        # Encrypted swap is unreadable once the VM's keys are gone: files the VM
+        # creates for it go with the VM.
+        remove_created = self.tier is not None and self.tier.encrypt
+        self._swapctl = SwapControl(kernel, replicas, remove_created=remove_created)
         try:
             self._swapctl.open_initial(swap)
         except BaseException:
@@ -363,9 +394,98 @@ class VM:
         """
         return self.kernel.data_map(obj, first, npages)
 
+    def tier_statistics(self) -> TierStatistics | None:
+        """The swap tiers' statistics (pool, rejects, writebacks, corrupt pages), or None."""
+        if self.tier is None:
+            return None
+        with self.kernel.cond:
+            self._swap_pager.space_statistics()  # deferred frees done: freed blocks leave the pool
+        return self.tier.statistics()
+
+    def scrub(self) -> ScrubReport:
+        """Read and verify every swapped page; returns what was checked and found corrupt.
+
+        Pages in the compressed pool are decompressed, pages on devices read
+        and checked against their checksum or tag (a block being written is
+        skipped: its new content is checked next time). Corrupt blocks become
+        bad as on a read; each ``CorruptPage`` names its page. Runs with the
+        VM lock released between blocks; costs one device read per page.
+        Without integrity (``integrity=False`` and no encryption) nothing can
+        be checked and the report says so (``checked == 0``).
+        """
+        with self.kernel.cond:
+            self.kernel.check_open()
+            oids, pindexes, blks = self._swap_pager.swapped_pages()
+            owners = []
+            for oid, pindex, blk in zip(
+                oids.tolist(), pindexes.tolist(), blks.tolist(), strict=True
+            ):
+                obj = self.kernel.objects.get(oid)
+                if obj is not None and self._swap_pager.block_of(obj, pindex) == blk:
+                    owners.append((oid, pindex, blk))
+        tier = self.tier
+        corrupt: list[CorruptPage] = []
+        checked = 0
+        if tier is None or (not tier.integrity and tier.compress is None):
+            return ScrubReport(checked=0, corrupt=())
+        for oid, pindex, blk in owners:
+            with self.kernel.cond:
+                # Still this page's block? (It may have been freed meanwhile.)
+                obj = self.kernel.objects.get(oid)
+                if obj is None or self._swap_pager.block_of(obj, pindex) != blk:
+                    continue
+                try:
+                    device, dblk = self.space.locate(blk)
+                except ValueError:
+                    continue
+            found = tier.verify(blk, device, dblk)
+            checked += 1
+            if found is not None:
+                self.counters.read_errors += 1
+                corrupt.append(found.naming(oid, pindex * self.page_size))
+        return ScrubReport(checked=checked, corrupt=tuple(corrupt))
+
     def check(self) -> None:
         """Check every invariant; raises ``InvariantViolation`` listing each one broken."""
         with self.kernel.cond:
             found = invariants.problems(self.kernel)
         if found:
             raise InvariantViolation(found)
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubReport:
+    """What ``VM.scrub`` verified: pages ``checked`` and the ``corrupt`` ones found."""
+
+    checked: int
+    corrupt: tuple[CorruptPage, ...]
+
+
+def _pool_share(
+    compress: str | None, pool: int | str | float | None, memory: int, page_size: int
+) -> int:
+    """Bytes of ``memory`` given to the compressed pool (0 without compression).
+
+    ``pool`` is a fraction of memory in (0, 1), a size ("64M") or None (a fifth
+    of memory, zswap's default max_pool_percent). The frames keep at least
+    ``_MIN_NFRAMES`` pages.
+    """
+    if compress is None:
+        if pool is not None:
+            raise ValueError("compress_pool needs compress='lz4' or 'zstd'")
+        return 0
+    if pool is None:
+        pool = 0.2
+    most = memory - _MIN_NFRAMES * page_size
+    if isinstance(pool, float):
+        if not 0.0 < pool < 1.0:
+            raise ValueError(f"compress_pool as a fraction of memory must be in (0, 1), got {pool}")
+        share = int(memory * pool)
+    else:
+        share = parse_size(pool, "compress_pool", minimum=page_size, maximum=most)
+    if not page_size <= share <= most:
+        raise ValueError(
+            f"compress_pool must be between one page and memory minus {_MIN_NFRAMES} pages "
+            f"({page_size}..{most} bytes), got {share}"
+        )
+    return share
