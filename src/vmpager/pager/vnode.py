@@ -195,7 +195,9 @@ class VnodePager:
         self._kernel = vm
         self._cache: dict[tuple[int, int], VnodeObject] = {}
         #: Ceiling of the sequential read-ahead window, in pages.
-        self.readahead_max_npages = vm.config.readahead_max_npages
+        self.readahead_max_npages = readahead.file_readahead_max_npages(
+            vm.config.readahead_max_npages
+        )
         #: Read-ahead windows kept in flight asynchronously; 0 turns it off.
         #: Off in VMs without a daemon thread, which stay deterministic.
         self.async_readahead_windows = ASYNC_READAHEAD_WINDOWS if vm.config.daemon_thread else 0
