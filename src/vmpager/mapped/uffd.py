@@ -66,6 +66,7 @@ UFFDIO_WAKE = _ioc(_R, 0x02, 16)
 UFFDIO_COPY = _ioc(_RW, 0x03, 40)
 UFFDIO_WRITEPROTECT = _ioc(_RW, 0x06, 24)
 UFFDIO_CONTINUE = _ioc(_RW, 0x07, 32)
+UFFDIO_POISON = _ioc(_RW, 0x08, 32)
 USERFAULTFD_IOC_NEW = 0xAA00
 _UFFD_API = 0xAA
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
@@ -80,6 +81,8 @@ WP_DONTWAKE = 2
 #: Write-protect faults on shmem (and hugetlbfs) mappings.
 FEATURE_WP_SHMEM = 1 << 12
 FEATURE_MISSING_SHMEM = 1 << 5
+#: UFFDIO_POISON: resolve a fault so that the access gets SIGBUS (Linux >= 6.6).
+FEATURE_POISON = 1 << 14
 PF_WRITE = 1
 PF_WP = 2
 PF_MINOR = 4
@@ -294,9 +297,13 @@ class Userfaultfd:
             return
         self.fd = _open_raw()
         try:
-            buf = bytearray(struct.pack("QQQ", _UFFD_API, self.NEEDED, 0))
+            buf = bytearray(struct.pack("QQQ", _UFFD_API, self.NEEDED | FEATURE_POISON, 0))
             try:
-                fcntl.ioctl(self.fd, UFFDIO_API, buf, True)
+                try:
+                    fcntl.ioctl(self.fd, UFFDIO_API, buf, True)
+                except OSError:  # an older kernel without POISON: faults that fail wait
+                    buf = bytearray(struct.pack("QQQ", _UFFD_API, self.NEEDED, 0))
+                    fcntl.ioctl(self.fd, UFFDIO_API, buf, True)
             except OSError as exc:
                 raise UserfaultfdUnavailable(
                     f"userfaultfd lacks missing and write-protect faults on shared memory "
@@ -327,6 +334,12 @@ class Userfaultfd:
         except FileExistsError:
             return False
         return True
+
+    def poison(self, start: int, length: int) -> None:
+        """Resolve the faults on ``[start, start + length)`` with a poisoned page: the
+        access, and every later one until the range is refilled, gets SIGBUS."""
+        buf = bytearray(struct.pack("QQQq", start, length, 0, 0))
+        fcntl.ioctl(self.fd, UFFDIO_POISON, buf, True)
 
     def wake(self, start: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_WAKE, struct.pack("QQ", start, length))

@@ -23,6 +23,7 @@ from vmpager.vm import batch
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
     from vmpager.vm.page import Page
+    from vmpager.vm.storage import PageStorage
     from vmpager.vm.system import VM
 
 __all__ = ["VMObject"]
@@ -68,6 +69,8 @@ class VMObject:
         #: page after the last one paged in, and the current read-ahead window.
         self.readahead_next = 0
         self.readahead_npages = 0
+        #: Shared page storage (mapped objects; see vm/storage.py), else None.
+        self.storage: PageStorage | None = None
         self.closed = False
 
     # -- properties -----------------------------------------------------------

@@ -1,0 +1,236 @@
+"""A mapped object's pages, shared with the client: the pager process's side.
+
+One ``SharedRegion`` per mapped VM object. The client maps a memfd of the
+object's size (MAP_SHARED) and registered it with userfaultfd; the pager
+process holds the same memfd and userfaultfd. A page of the object is
+*bound* when memfd page ``p`` exists: then the VM frame holding the page is
+remapped onto that memfd page (``MAP_FIXED``), so the frame and the client's
+view are one physical page, counted once against the budget. Unbound pages
+live in ordinary frames and their memfd page is a hole: the client's access
+faults, and the pager answers.
+
+Binding (a fault on page ``p``): the VM makes the page resident (swap-in
+with read-ahead, zero-fill, copy-on-write), ``UFFDIO_COPY`` copies the frame
+into memfd page ``p`` and maps it in the client (write-protected while the
+VM page is clean, so the first write faults once and marks it dirty), then
+the frame is remapped onto memfd page ``p``. A bound page is always on the
+active queue.
+
+Unbinding (the page leaves the active queue, ``PageStorage.leaving_active``):
+write-protect the client's page, copy it into a spare anonymous page, move
+that page onto the frame with ``mremap`` (an atomic replacement: a reader
+of the frame sees the same bytes throughout), punch memfd page ``p`` (the
+client's mapping of it is zapped). The page stays resident in the VM, on the
+inactive queue: a client touch faults and binds it again cheaply (the BSD
+inactive queue's second chance), else the page daemon launders and frees it
+as any anonymous page. Freeing a bound page punches the hole and gives the
+frame fresh anonymous memory.
+
+The number of bound pages is capped (each may split the frame arena's
+mapping, and a process has at most ``vm.max_map_count`` mappings): past the
+cap the oldest bound page is deactivated.
+
+All methods run with the VM lock held.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from vmpager.mapped import uffd as U
+from vmpager.vm.fault import hold_page
+from vmpager.vm.page import QUEUE_ACTIVE
+
+if TYPE_CHECKING:
+    from vmpager.vm.object import VMObject
+    from vmpager.vm.page import Page
+    from vmpager.vm.system import VM
+
+__all__ = ["SharedRegion", "bound_page_limit"]
+
+#: Read-ahead of a sequential stream of client faults: first and largest window.
+_AHEAD_MIN = 8
+_AHEAD_MAX = 64
+
+
+def bound_page_limit() -> int:
+    """How many pages may be bound at once in this process (mappings to spare)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            most = int(f.read())
+    except (OSError, ValueError):
+        most = 65530
+    return max(64, (most - 4096) // 2)
+
+
+class SharedRegion:
+    """The pager's half of one mapped object (implements ``vm.storage.PageStorage``)."""
+
+    def __init__(
+        self,
+        vm: VM,
+        obj: VMObject,
+        uffd: U.Userfaultfd,
+        memfd: int,
+        client_base: int,
+        limit: int,
+        counts: dict[str, int],
+    ) -> None:
+        self.vm = vm
+        self.obj = obj
+        self.uffd = uffd
+        self.memfd = memfd
+        self.base = client_base
+        self.size = obj.size
+        self.ps = vm.page_size
+        self._shift = vm._page_shift
+        self.arena = vm.frames.array.ctypes.data
+        self.scratch = U.reserve(self.ps)
+        #: pindex -> bound page, oldest binding first.
+        self.bound: OrderedDict[int, Page] = OrderedDict()
+        self.limit = limit
+        self.counts = counts
+        self._next = -1
+        self._ahead = 0
+        self.closed = False
+
+    # -- faults ------------------------------------------------------------
+
+    def fault(self, fault: U.Fault) -> None:
+        """Resolve one client fault in this region. VM lock held; may wait for I/O."""
+        pindex = (fault.address - self.base) >> self._shift
+        addr = self.base + (pindex << self._shift)
+        counts = self.counts
+        if fault.wp:
+            counts["wp_faults"] += 1
+            page = self._hold(pindex, write=True)
+            if self.bound.get(pindex) is page:
+                self.uffd.writeprotect(addr, self.ps, False)  # and wake
+            else:
+                self._bind(page, wp=False)
+            return
+        if pindex in self.bound:  # another thread's fault bound it first
+            counts["spurious_faults"] += 1
+            self.uffd.wake(addr, self.ps)
+            return
+        soft = pindex in self.obj.pages
+        counts["soft_faults" if soft else "faults"] += 1
+        page = self._hold(pindex, write=fault.write)
+        if self.bound.get(pindex) is page:
+            self.uffd.wake(addr, self.ps)
+        else:
+            self._bind(page, wp=not page.dirty)
+        self._read_ahead(pindex, fault.write)
+
+    def _hold(self, pindex: int, *, write: bool) -> Page:
+        page = hold_page(self.vm, self.obj, pindex, write, False)
+        if page.obj is not self.obj:
+            # A clone's backing page: the client may only see pages of its own
+            # object (a frame shared with a clone must not be aliased), so copy it up.
+            page = hold_page(self.vm, self.obj, pindex, True, False)
+        return page
+
+    def _read_ahead(self, pindex: int, write: bool) -> None:
+        """A fault right after the last one continues a stream: bind the next pages too."""
+        if pindex == self._next:
+            self._ahead = min(max(_AHEAD_MIN, 2 * self._ahead), _AHEAD_MAX)
+        else:
+            self._ahead = 0
+            self._next = pindex + 1
+            return
+        end = min(pindex + 1 + self._ahead, self.obj.npages)
+        vm = self.vm
+        for q in range(pindex + 1, end):
+            if q in self.bound:
+                continue
+            if vm.frames.free_nframes <= vm.free_min_nframes and q not in self.obj.pages:
+                break  # no frame to spare without waiting: stop here
+            page = self._hold(q, write=write)
+            if self.bound.get(q) is not page:
+                self._bind(page, wp=not page.dirty)
+                self.counts["ahead_pages"] += 1
+        self._next = end
+
+    def _bind(self, page: Page, *, wp: bool) -> None:
+        pindex = page.pindex
+        offset = pindex << self._shift
+        frame_addr = self.arena + (page.frame << self._shift)
+        if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
+            raise AssertionError(f"memfd page {pindex} exists but is not bound")
+        U.map_fixed(frame_addr, self.ps, self.memfd, offset)
+        self.bound[pindex] = page
+        page.referenced = True
+        self.vm.queues.activate(page)
+        if len(self.bound) > self.limit:
+            oldest = next(iter(self.bound.values()))
+            self.vm.queues.deactivate(oldest)  # leaving_active unbinds it
+
+    # -- PageStorage ------------------------------------------------------------------
+
+    def leaving_active(self, page: Page) -> None:
+        if self.bound.get(page.pindex) is not page:
+            return
+        offset = page.pindex << self._shift
+        frame_addr = self.arena + (page.frame << self._shift)
+        try:
+            # No client write may land between the copy and the punch.
+            self.uffd.writeprotect(self.base + offset, self.ps, True)
+        except OSError:
+            pass  # the client unmapped the region or exited
+        ctypes.memmove(self.scratch, frame_addr, self.ps)
+        U.mremap_fixed(self.scratch, self.ps, frame_addr)
+        U.map_fixed(self.scratch, self.ps)
+        U.fallocate_punch(self.memfd, offset, self.ps)
+        del self.bound[page.pindex]
+        self.counts["unbinds"] += 1
+
+    def freeing(self, page: Page) -> None:
+        if self.bound.get(page.pindex) is not page:
+            return
+        offset = page.pindex << self._shift
+        U.fallocate_punch(self.memfd, offset, self.ps)
+        U.map_fixed(self.arena + (page.frame << self._shift), self.ps)
+        del self.bound[page.pindex]
+
+    def check(self, obj: VMObject) -> list[str]:
+        problems = []
+        for pindex, page in self.bound.items():
+            if obj.pages.get(pindex) is not page:
+                problems.append(f"mapped page {obj.oid}:{pindex} is bound but not resident")
+            elif page.queue != QUEUE_ACTIVE:
+                problems.append(f"mapped page {obj.oid}:{pindex} is bound but not active")
+        if not self.closed:
+            allocated = U.allocated_bytes(self.memfd)
+            if allocated != len(self.bound) * self.ps:
+                problems.append(
+                    f"mapped object {obj.oid}: memfd holds {allocated} bytes, "
+                    f"{len(self.bound)} pages bound"
+                )
+        return problems
+
+    # -- end ------------------------------------------------------------
+
+    def unbind_all(self) -> None:
+        """Deactivate every bound page (before a clone, an unmap). VM lock held."""
+        for page in list(self.bound.values()):
+            self.vm.queues.deactivate(page)
+
+    def close(self) -> None:
+        """The client unmapped the region: detach every page, forget the memfd."""
+        if self.closed:
+            return
+        if not self.obj.closed:
+            self.unbind_all()
+        else:
+            for page in list(self.bound.values()):
+                self.freeing(page)
+        self.closed = True
+        self.obj.storage = None
+        os.close(self.memfd)
+        U.munmap(self.scratch, self.ps)
+
+    def allocated_bytes(self) -> int:
+        return 0 if self.closed else U.allocated_bytes(self.memfd)
