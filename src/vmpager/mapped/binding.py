@@ -66,6 +66,13 @@ def bound_page_limit() -> int:
     return max(64, (most - 4096) // 2)
 
 
+def _clean(page: Page) -> bool:
+    """Must the client's first write fault? Yes while the page is clean, and while a
+    pageout of it is in flight: its completion marks it clean, so a write that
+    did not fault would be lost."""
+    return not page.dirty or page.writing
+
+
 class SharedRegion:
     """The pager's half of one mapped object (implements ``vm.storage.PageStorage``)."""
 
@@ -122,7 +129,7 @@ class SharedRegion:
         if self.bound.get(pindex) is page:
             self.uffd.wake(addr, self.ps)
         else:
-            self._bind(page, wp=not page.dirty)
+            self._bind(page, wp=_clean(page))
         self._read_ahead(pindex, fault.write)
 
     def _hold(self, pindex: int, *, write: bool) -> Page:
@@ -150,7 +157,7 @@ class SharedRegion:
                 break  # no frame to spare without waiting: stop here
             page = self._hold(q, write=write)
             if self.bound.get(q) is not page:
-                self._bind(page, wp=not page.dirty)
+                self._bind(page, wp=_clean(page))
                 self.counts["ahead_pages"] += 1
         self._next = end
 

@@ -65,6 +65,9 @@ class PagerProcess:
 
     ``memory``, ``swap``, ``page_size`` and ``config`` are those of the VM
     it runs (swap devices must not be used by another VM at the same time).
+    ``bound_limit`` caps the pages mapped in the client at once (default: what
+    ``vm.max_map_count`` allows); ``faulty_swap_nblocks`` (tests) gives the VM
+    swap in memory behind an error injector, set with ``inject``.
     Raises ``UserfaultfdUnavailable`` (saying how to enable it) when
     userfaultfd cannot be used here. Thread-safe: calls are serialized.
     """
@@ -77,6 +80,7 @@ class PagerProcess:
         *,
         config: Any = None,
         bound_limit: int | None = None,
+        faulty_swap_nblocks: int = 0,
     ) -> None:
         self.uffd = U.Userfaultfd()  # first: fails early, and explains, when unavailable
         self._lock = threading.Lock()
@@ -102,6 +106,7 @@ class PagerProcess:
             "page_size": page_size,
             "config": config,
             "bound_limit": bound_limit,
+            "faulty_swap_nblocks": faulty_swap_nblocks,
         }
         try:
             send_message(ours, settings)
@@ -231,6 +236,10 @@ class PagerProcess:
 
     def sync(self) -> None:
         self._call(("vm", "sync", ()))
+
+    def inject(self, name: str, value: float) -> None:
+        """Set ``read_error_rate`` or ``write_error_rate`` of the test swap device."""
+        self._call(("faulty", name, value))
 
     def info(self) -> dict[str, Any]:
         """The pager process: pid, memfd bytes allocated, fault counts."""

@@ -37,6 +37,8 @@ import threading
 import traceback
 from typing import Any
 
+from vmpager.devices.faulty import FaultyDevice
+from vmpager.devices.memory import MemoryDevice
 from vmpager.mapped import uffd as U
 from vmpager.mapped.binding import SharedRegion, bound_page_limit
 from vmpager.vm.config import VMConfig
@@ -107,12 +109,14 @@ class PagerServer:
         self.sock = sock
         self.send_lock = threading.Lock()
         config = settings.get("config") or VMConfig()
-        self.vm = VM(
-            settings["memory"],
-            settings.get("swap"),
-            settings.get("page_size", 4096),
-            config=config,
-        )
+        page_size = settings.get("page_size", 4096)
+        swap = settings.get("swap")
+        self.faulty: FaultyDevice | None = None
+        if settings.get("faulty_swap_nblocks"):
+            # For tests of the error paths: swap in memory behind an error injector.
+            self.faulty = FaultyDevice(MemoryDevice(settings["faulty_swap_nblocks"], page_size))
+            swap = [self.faulty]
+        self.vm = VM(settings["memory"], swap, page_size, config=config)
         self.uffd: U.Userfaultfd | None = None
         self.regions: dict[int, SharedRegion] = {}  # by oid
         self._bases: list[int] = []
@@ -185,6 +189,12 @@ class PagerServer:
             return getattr(vm, name)(*args)
         if op == "info":
             return self.info()
+        if op == "faulty" and self.faulty is not None:
+            _, name, value = request
+            if name not in ("read_error_rate", "write_error_rate"):
+                raise ValueError(f"{name!r} is not a setting of the error injector")
+            setattr(self.faulty, name, value)
+            return None
         raise ValueError(f"unknown request {op!r}")
 
     # -- objects ------------------------------------------------------------
