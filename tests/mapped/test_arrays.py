@@ -6,9 +6,9 @@ import threading
 
 import numpy as np
 import pytest
-from tests.mapped.conftest import PS, memfd_bytes, region_rss, rollup
 
 from vmpager.mapped.client import PagerProcess
+from vmpager.testing.mapped import PS, memfd_bytes, region_rss, rollup
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -130,21 +130,12 @@ class PagerProcess:
     # -- the socket ----------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Read replies and notices; notice the pager's death."""
+        """Read replies; notice the pager's death."""
         while True:
             try:
                 message, _ = recv_message(self._sock)
             except (EOFError, OSError):
                 break
-            if message[0] == "notice":
-                _, _kind, address, text = message
-                print(
-                    f"vmpager: the pager cannot serve the page at {address:#x} of a mapped "
-                    f"object: {text}; the access gets SIGBUS",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                continue
             with self._lock:
                 self._replies.append(message)
                 self._reply_ready.notify_all()

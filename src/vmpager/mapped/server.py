@@ -16,8 +16,8 @@ classes as any VM) for the client's mapped objects, and runs two threads:
 
 A fault that cannot be served (a device read error, swap exhausted, an
 object closed under its mapping) is answered with a poisoned page: the
-client's access gets SIGBUS, never zeros. The client hears why first (a
-notice on the socket, which it prints). The process exits when the client's
+client's access gets SIGBUS, never zeros; this process prints why on its
+stderr (the client's) first. The process exits when the client's
 socket closes.
 
 Messages are pickles framed by an 8-byte length; descriptors ride with a
@@ -296,12 +296,22 @@ class PagerServer:
         ps = self.vm.page_size
         page_addr = fault.address & ~(ps - 1)
         message = f"{type(exc).__name__}: {exc}"
+        # Printed here, on the stderr the client gave this process, before the
+        # poisoned page can kill the client.
+        print(
+            f"vmpager: the pager cannot serve the page at {page_addr:#x} of a mapped "
+            f"object: {message}; the access gets SIGBUS",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
-            self._send(("notice", "fault", page_addr, message))
-        except OSError:
-            pass
-        try:
-            self.uffd.poison(page_addr, ps)
+            try:
+                self.uffd.poison(page_addr, ps)
+            except FileExistsError:
+                # A write-protect marker is left where a protected page was punched:
+                # clearing the protection removes it.
+                self.uffd.writeprotect(page_addr, ps, False, wake=False)
+                self.uffd.poison(page_addr, ps)
         except OSError:
             traceback.print_exc()
             try:
