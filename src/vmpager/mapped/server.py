@@ -65,7 +65,15 @@ OBJECT_CALLS = frozenset(
 #: VM methods the client may call.
 VM_CALLS = frozenset({"statistics", "check", "pageout", "sync", "swapinfo", "wait_idle"})
 
-COUNTS = ("faults", "soft_faults", "wp_faults", "spurious_faults", "ahead_pages", "unbinds")
+COUNTS = (
+    "faults",
+    "soft_faults",
+    "wp_faults",
+    "spurious_faults",
+    "early_dirty",
+    "ahead_pages",
+    "unbinds",
+)
 
 
 def send_message(sock: socket.socket, message: object, fds: list[int] | None = None) -> None:
