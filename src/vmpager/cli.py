@@ -158,8 +158,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"swap: {', '.join(args.swap) if args.swap else 'private swap file (temporary)'}",
         file=err,
     )
+    # --mapped: the access loop indexes a numpy array whose pages a pager
+    # process serves (vmpager.mapped); same report and verification.
+    runner = run_pattern
+    if args.mapped:
+        from vmpager.mapped.run import run_mapped_pattern
+
+        runner = run_mapped_pattern
     for pattern in patterns:
-        report = run_pattern(
+        report = runner(
             pattern,
             size=size,
             memory=memory,
@@ -339,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--accesses", type=int, default=None, help="accesses for random/zipf")
     run.add_argument("--no-verify", action="store_true", help="skip the final verification")
+    run.add_argument(
+        "--mapped",
+        action="store_true",
+        help="access a mapped numpy array (a[i] += 1; userfaultfd) instead of read/write calls",
+    )
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     run.set_defaults(func=_cmd_run)
 

@@ -53,7 +53,7 @@ __all__ = ["SharedRegion", "bound_page_limit"]
 
 #: Read-ahead of a sequential stream of client faults: first and largest window.
 _AHEAD_MIN = 8
-_AHEAD_MAX = 64
+_AHEAD_MAX = 128
 
 
 def bound_page_limit() -> int:
@@ -95,9 +95,14 @@ class SharedRegion:
         self.ps = vm.page_size
         self._shift = vm._page_shift
         self.arena = vm.frames.array.ctypes.data
+        #: A spare anonymous page for unbinding: its page moves onto a frame and it
+        #: stays mapped, empty (MREMAP_DONTUNMAP), so no other mapping can take
+        #: its place in the meantime.
         self.scratch = U.reserve(self.ps)
         #: pindex -> bound page, oldest binding first.
         self.bound: OrderedDict[int, Page] = OrderedDict()
+        #: Bound pages the client may write without a fault (not write-protected).
+        self.writable: set[int] = set()
         self.limit = limit
         self.counts = counts
         self._next = -1
@@ -123,6 +128,7 @@ class SharedRegion:
             page = self._hold(pindex, write=True)
             if self.bound.get(pindex) is page:
                 self.uffd.writeprotect(addr, self.ps, False)  # and wake
+                self.writable.add(pindex)
             else:
                 self._bind(page, wp=False)
             return
@@ -154,7 +160,7 @@ class SharedRegion:
             self.uffd.wake(addr, self.ps)
         else:
             self._bind(page, wp=_clean(page))
-        self._read_ahead(pindex, fault.write)
+        self._read_ahead(pindex, write)
 
     def _hold(self, pindex: int, *, write: bool) -> Page:
         page = hold_page(self.vm, self.obj, pindex, write, False)
@@ -174,16 +180,63 @@ class SharedRegion:
             return
         end = min(pindex + 1 + self._ahead, self.obj.npages)
         vm = self.vm
+        held: list[Page] = []
         for q in range(pindex + 1, end):
             if q in self.bound:
-                continue
+                break
             if vm.frames.free_nframes <= vm.free_min_nframes and q not in self.obj.pages:
                 break  # no frame to spare without waiting: stop here
-            page = self._hold(q, write=write)
-            if self.bound.get(q) is not page:
-                self._bind(page, wp=_clean(page))
-                self.counts["ahead_pages"] += 1
+            held.append(self._hold(q, write=write))
+        # Holding may have released the lock (I/O): bind what is still there, idle
+        # and unbound, in runs of consecutive pages.
+        pages = self.obj.pages
+        run: list[Page] = []
+        for page in held:
+            ok = (
+                pages.get(page.pindex) is page
+                and not page.busy
+                and page.pindex not in self.bound
+                and page.obj is self.obj
+            )
+            if run and (not ok or page.pindex != run[-1].pindex + 1):
+                self._bind_run(run)
+                run = []
+            if ok:
+                run.append(page)
+        if run:
+            self._bind_run(run)
         self._next = end
+
+    def _bind_run(self, run: list[Page]) -> None:
+        """Bind consecutive pages the client has not touched yet, without a copy ioctl
+        each: protect the clean ones (a write-protect marker on the empty entry),
+        write all the frames into the memfd in one ``pwritev``, alias each frame.
+        The client's first access then maps the page without a userfault (a write
+        to a protected page still faults once)."""
+        ps = self.ps
+        shift = self._shift
+        first = run[0].pindex
+        clean = [_clean(page) for page in run]
+        i = 0
+        while i < len(run):
+            # One call per stretch: protect the clean pages; clear the dirty ones'
+            # protection (a marker left where a protected page was punched would
+            # make the first write fault).
+            j = i
+            while j < len(run) and clean[j] == clean[i]:
+                j += 1
+            start, length = self.base + ((first + i) << shift), (j - i) * ps
+            self.uffd.writeprotect(start, length, clean[i], wake=False)
+            i = j
+        fview = self.vm.frames.view
+        buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
+        written = os.pwritev(self.memfd, buffers, first << shift)
+        if written != len(run) * ps:
+            raise OSError(f"short write to the memfd: {written} of {len(run) * ps} bytes")
+        for page, protected in zip(run, clean, strict=True):
+            U.map_fixed(self.arena + (page.frame << shift), ps, self.memfd, page.pindex << shift)
+            self._bound(page, writable=not protected)
+        self.counts["ahead_pages"] += len(run)
 
     def _bind(self, page: Page, *, wp: bool) -> None:
         pindex = page.pindex
@@ -192,7 +245,15 @@ class SharedRegion:
         if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
             raise AssertionError(f"memfd page {pindex} exists but is not bound")
         U.map_fixed(frame_addr, self.ps, self.memfd, offset)
+        self._bound(page, writable=not wp)
+
+    def _bound(self, page: Page, *, writable: bool) -> None:
+        pindex = page.pindex
         self.bound[pindex] = page
+        if writable:
+            self.writable.add(pindex)
+        else:
+            self.writable.discard(pindex)
         page.referenced = True
         self.vm.queues.activate(page)
         if len(self.bound) > self.limit:
@@ -206,14 +267,15 @@ class SharedRegion:
             return
         offset = page.pindex << self._shift
         frame_addr = self.arena + (page.frame << self._shift)
-        try:
-            # No client write may land between the copy and the punch.
-            self.uffd.writeprotect(self.base + offset, self.ps, True)
-        except OSError:
-            pass  # the client unmapped the region or exited
+        if page.pindex in self.writable:
+            try:
+                # No client write may land between the copy and the punch.
+                self.uffd.writeprotect(self.base + offset, self.ps, True)
+            except OSError:
+                pass  # the client unmapped the region or exited
+            self.writable.discard(page.pindex)
         ctypes.memmove(self.scratch, frame_addr, self.ps)
-        U.mremap_fixed(self.scratch, self.ps, frame_addr)
-        U.map_fixed(self.scratch, self.ps)
+        U.mremap_fixed(self.scratch, self.ps, frame_addr, keep=True)
         U.fallocate_punch(self.memfd, offset, self.ps)
         del self.bound[page.pindex]
         self.counts["unbinds"] += 1
@@ -225,6 +287,7 @@ class SharedRegion:
         U.fallocate_punch(self.memfd, offset, self.ps)
         U.map_fixed(self.arena + (page.frame << self._shift), self.ps)
         del self.bound[page.pindex]
+        self.writable.discard(page.pindex)
 
     def check(self, obj: VMObject) -> list[str]:
         problems = []

@@ -39,7 +39,7 @@ from numpy.typing import DTypeLike, NDArray
 
 from vmpager.errors import ObjectClosed, VmError
 from vmpager.mapped import uffd as U
-from vmpager.mapped.server import recv_message, send_message
+from vmpager.mapped.wire import recv_message, send_message
 from vmpager.units import check_int, parse_size
 
 __all__ = ["MappedObject", "PagerDied", "PagerProcess"]

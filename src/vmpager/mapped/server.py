@@ -31,7 +31,6 @@ import os
 import pickle
 import select
 import socket
-import struct
 import sys
 import threading
 import traceback
@@ -41,13 +40,12 @@ from vmpager.devices.faulty import FaultyDevice
 from vmpager.devices.memory import MemoryDevice
 from vmpager.mapped import uffd as U
 from vmpager.mapped.binding import SharedRegion, bound_page_limit
+from vmpager.mapped.wire import recv_message, send_message
 from vmpager.vm.config import VMConfig
 from vmpager.vm.object import VMObject
 from vmpager.vm.system import VM
 
-__all__ = ["recv_message", "send_message", "serve"]
-
-_HEADER = struct.Struct("Q")
+__all__ = ["serve"]
 
 #: Object methods the client may call through its proxy.
 OBJECT_CALLS = frozenset(
@@ -74,42 +72,6 @@ COUNTS = (
     "ahead_pages",
     "unbinds",
 )
-
-
-def send_message(sock: socket.socket, message: object, fds: list[int] | None = None) -> None:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    header = _HEADER.pack(len(payload))
-    if fds:
-        sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(_fd_array(fds)))])
-        sock.sendall(payload)
-    else:
-        sock.sendall(header + payload)
-
-
-def _fd_array(fds: list[int]) -> bytes:
-    return struct.pack(f"{len(fds)}i", *fds)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    parts = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 22))
-        if not chunk:
-            raise EOFError("the peer closed the socket")
-        parts.append(chunk)
-        n -= len(chunk)
-    return b"".join(parts)
-
-
-def recv_message(sock: socket.socket) -> tuple[Any, list[int]]:
-    """One message and the descriptors that came with it; EOFError at the end."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, 4)
-    if not data:
-        raise EOFError("the peer closed the socket")
-    if len(data) < _HEADER.size:
-        data += _recv_exact(sock, _HEADER.size - len(data))
-    (length,) = _HEADER.unpack(data)
-    return pickle.loads(_recv_exact(sock, length)), list(fds)
 
 
 class PagerServer:
@@ -275,6 +237,22 @@ class PagerServer:
         return region if address < region.base + region.size else None
 
     def _fault_loop(self) -> None:
+        profile = os.environ.get("VMPAGER_PAGER_PROFILE")
+        if not profile:
+            self._serve_faults()
+            return
+        # Where the fault thread's time goes (benchmarks): a cProfile dump at exit.
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            self._serve_faults()
+        finally:
+            profiler.disable()
+            profiler.dump_stats(profile)
+
+    def _serve_faults(self) -> None:
         assert self.uffd is not None
         uffd = self.uffd
         vm = self.vm
@@ -351,4 +329,7 @@ def serve(fd: int) -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable()  # a crash of the pager says where
     serve(int(sys.argv[1]))

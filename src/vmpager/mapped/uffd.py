@@ -124,6 +124,7 @@ MAP_ANONYMOUS = 0x20
 MAP_NORESERVE = 0x4000
 MREMAP_MAYMOVE = 1
 MREMAP_FIXED = 2
+MREMAP_DONTUNMAP = 4
 MADV_DONTNEED = 4
 MADV_DONTFORK = 10
 FALLOC_FL_KEEP_SIZE = 1
@@ -166,10 +167,12 @@ def reserve(length: int) -> int:
     return int(got)
 
 
-def mremap_fixed(old: int, length: int, new: int) -> None:
+def mremap_fixed(old: int, length: int, new: int, *, keep: bool = False) -> None:
     """Move the mapping of ``[old, old + length)`` (pages and all) to ``new``,
-    replacing what was there atomically; ``old`` is left unmapped."""
-    got = libc.mremap(old, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, new)
+    replacing what was there atomically; ``old`` is left unmapped, or with
+    ``keep`` (private anonymous memory, Linux >= 5.7) mapped and empty."""
+    flags = MREMAP_MAYMOVE | MREMAP_FIXED | (MREMAP_DONTUNMAP if keep else 0)
+    got = libc.mremap(old, length, length, flags, new)
     if got == _MAP_FAILED or got != new:
         _raise_errno(f"mremap {old:#x} -> {new:#x}")
 
