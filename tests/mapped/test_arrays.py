@@ -139,3 +139,24 @@ def test_discard_and_clone(pager: PagerProcess) -> None:
     copy[3] = 7
     assert a[3] == 3 and copy[3] == 7
     pager.check()
+
+
+def test_dropping_the_last_view_unmaps(pager: PagerProcess) -> None:
+    import gc
+
+    a = pager.array(2 * BUDGET // 8)
+    a[:] = 3.0
+    obj = pager.object_of(a)
+    view = a[10:20]
+    del a
+    gc.collect()
+    assert pager.info()["memfd_bytes"] > 0  # a slice still holds the mapping
+    assert view.sum() == 30.0
+    del view
+    gc.collect()
+    info = pager.info()
+    assert info["memfd_bytes"] == 0 and info["bound_npages"] == 0
+    assert np.frombuffer(obj.read(0, 8), np.float64)[0] == 3.0  # the object lives on
+    again = np.frombuffer(obj.map(), np.float64)
+    assert again[len(again) // 2] == 3.0
+    pager.check()

@@ -282,10 +282,13 @@ class PagerProcess:
             os.close(fd)
             raise
         os.close(fd)
-        region = _Region(self, obj, base, size)
+        region = _Region(obj, base, size)
+        raw = (ctypes.c_char * size).from_address(base)
+        view = memoryview(raw).cast("B")
+        weakref.finalize(raw, self._unmapped, region)
         with self._lock:
             self._regions[base] = region
-        return region.view
+        return view
 
     def _unmapped(self, region: _Region) -> None:
         with self._lock:
@@ -300,15 +303,16 @@ class PagerProcess:
 
 
 class _Region:
-    """One mapping in this process; unmapped when the last view of it goes."""
+    """One mapping in this process; unmapped when the last view of it goes.
 
-    def __init__(self, pager: PagerProcess, obj: MappedObject, base: int, size: int) -> None:
+    The region does not hold its views: the memoryview handed out (and every
+    array over it) keeps the ctypes array alive, whose finalizer unmaps.
+    """
+
+    def __init__(self, obj: MappedObject, base: int, size: int) -> None:
         self.obj = obj
         self.base = base
         self.size = size
-        raw = (ctypes.c_char * size).from_address(base)
-        self.view = memoryview(raw).cast("B")
-        weakref.finalize(raw, pager._unmapped, self)
 
 
 def _check_shape(shape: int | tuple[int, ...]) -> tuple[int, ...]:
