@@ -138,8 +138,8 @@ class SharedRegion:
             return
         soft = pindex in self.obj.pages
         counts["soft_faults" if soft else "faults"] += 1
-        write = fault.write
-        if not write:
+        write = likely = fault.write or 2 * self._written > self._protected
+        if not fault.write:
             # Read-modify-write programs (a[i] += 1) fault twice per page: a read,
             # then a write-protect fault. When most read-mapped pages are written
             # soon after, take the read as a write (the page is dirty at once,
@@ -147,7 +147,7 @@ class SharedRegion:
             # In that mode one read fault in 8 is still mapped protected: a probe
             # that keeps the estimate current.
             self._reads += 1
-            write = 2 * self._written > self._protected and self._reads % 8 != 0
+            write = likely and self._reads % 8 != 0
             if write:
                 counts["early_dirty"] += 1
             else:
@@ -160,7 +160,7 @@ class SharedRegion:
             self.uffd.wake(addr, self.ps)
         else:
             self._bind(page, wp=_clean(page))
-        self._read_ahead(pindex, write)
+        self._read_ahead(pindex, likely)  # probes are single pages
 
     def _hold(self, pindex: int, *, write: bool) -> Page:
         page = hold_page(self.vm, self.obj, pindex, write, False)
