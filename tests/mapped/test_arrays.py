@@ -160,3 +160,20 @@ def test_dropping_the_last_view_unmaps(pager: PagerProcess) -> None:
     again = np.frombuffer(obj.map(), np.float64)
     assert again[len(again) // 2] == 3.0
     pager.check()
+
+
+def test_bound_page_cap_keeps_the_rest_inactive() -> None:
+    from vmpager.testing.mapped import UNAVAILABLE
+
+    if UNAVAILABLE is not None:
+        pytest.skip(UNAVAILABLE)
+    with PagerProcess("256K", bound_limit=8) as pager:
+        a = pager.array(BUDGET // 8 // 2, "int64")  # fits the budget, not the cap
+        a[:] = np.arange(len(a))
+        for _ in range(2):
+            assert a.sum() == np.arange(len(a)).sum()
+        info = pager.info()
+        assert info["bound_npages"] <= 8 and info["memfd_bytes"] <= 8 * PS
+        assert info["soft_faults"] > 0  # pages came back from the inactive queue
+        assert pager.statistics().pagein_pages == 0  # ... without any I/O
+        pager.check()
