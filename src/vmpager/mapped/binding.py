@@ -54,6 +54,7 @@ __all__ = ["SharedRegion", "bound_page_limit"]
 #: Read-ahead of a sequential stream of client faults: first and largest window.
 _AHEAD_MIN = 8
 _AHEAD_MAX = 128
+_NSTREAMS = 8
 
 
 def bound_page_limit() -> int:
@@ -105,8 +106,8 @@ class SharedRegion:
         self.writable: set[int] = set()
         self.limit = limit
         self.counts = counts
-        self._next = -1
-        self._ahead = 0
+        #: Expected next faults of the streams seen: page -> (direction, window).
+        self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()
         #: Read faults mapped write-protected, and how many of them were then
         #: written (decayed counts): when most are, read faults map pages
         #: writable and dirty at once, saving the second fault (see ``fault``).
@@ -171,19 +172,35 @@ class SharedRegion:
         return page
 
     def _read_ahead(self, pindex: int, write: bool) -> None:
-        """A fault right after the last one continues a stream: bind the next pages too."""
-        if pindex == self._next:
-            self._ahead = min(max(_AHEAD_MIN, 2 * self._ahead), _AHEAD_MAX)
-        else:
-            self._ahead = 0
-            self._next = pindex + 1
+        """A fault where a stream was expected continues it: bind its next pages too.
+
+        Streams go up or down (a quicksort partition scans from both ends) and
+        several may be interleaved: the last ``_NSTREAMS`` expected pages are
+        remembered. A fault nobody expected starts two candidates (the page
+        after it and the page before it). The window doubles from
+        ``_AHEAD_MIN`` to ``_AHEAD_MAX`` pages; a falling stream's window is
+        paged in upwards, so the VM's own sequential read-ahead reads it in
+        large transfers.
+        """
+        streams = self._streams
+        entry = streams.pop(pindex, None)
+        if entry is None:
+            self._expect(pindex + 1, 1, 0)
+            self._expect(pindex - 1, -1, 0)
             return
-        end = min(pindex + 1 + self._ahead, self.obj.npages)
+        direction, window = entry
+        window = min(max(_AHEAD_MIN, 2 * window), _AHEAD_MAX)
+        if direction > 0:
+            first, end = pindex + 1, min(pindex + 1 + window, self.obj.npages)
+            self._expect(end, 1, window)
+        else:
+            first, end = max(pindex - window, 0), pindex
+            self._expect(first - 1, -1, window)
         vm = self.vm
         held: list[Page] = []
-        for q in range(pindex + 1, end):
+        for q in range(first, end):
             if q in self.bound:
-                break
+                continue
             if vm.frames.free_nframes <= vm.free_min_nframes and q not in self.obj.pages:
                 break  # no frame to spare without waiting: stop here
             held.append(self._hold(q, write=write))
@@ -205,7 +222,12 @@ class SharedRegion:
                 run.append(page)
         if run:
             self._bind_run(run)
-        self._next = end
+
+    def _expect(self, pindex: int, direction: int, window: int) -> None:
+        if 0 <= pindex < self.obj.npages:
+            self._streams[pindex] = (direction, window)
+            if len(self._streams) > _NSTREAMS:
+                self._streams.popitem(last=False)
 
     def _bind_run(self, run: list[Page]) -> None:
         """Bind consecutive pages the client has not touched yet, without a copy ioctl
