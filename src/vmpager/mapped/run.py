@@ -30,10 +30,22 @@ def run_mapped_pattern(
     swap: list[str] | None,
     accesses: int | None,
     verify: bool,
-    err: TextIO,
+    console: Any = None,
+    err: TextIO | None = None,
     page_size: int = 4096,
 ) -> dict[str, Any]:
-    """Fill, time the access phase, verify; the report of one pattern (as ``run_pattern``)."""
+    """Fill, time the access phase, verify; the report of one pattern (as ``run_pattern``).
+
+    Progress notes go to ``console.note`` (the command line's console) or to
+    ``err``; raises ``UserfaultfdUnavailable`` when userfaultfd cannot be used.
+    """
+
+    def note(text: str) -> None:
+        if console is not None:
+            console.note(text)
+        elif err is not None:
+            print(text, file=err, flush=True)
+
     npages = size // page_size
     workload = Workload(npages, pattern, accesses=accesses)  # type: ignore[arg-type]
     wpp = page_size // 8
@@ -44,7 +56,7 @@ def run_mapped_pattern(
             count = min(_CHUNK_NPAGES, npages - first)
             a[first : first + count] = workload.fill_pages(first, count)
         fill_s = time.perf_counter() - t0
-        print(f"mapped fill: {fill_s:.2f} s", file=err, flush=True)
+        note(f"{pattern}: mapped array of {npages:,} pages filled in {fill_s:.2f} s")
         before = pager.statistics()
         info_before = pager.info()
         words = a.reshape(-1)
@@ -53,6 +65,11 @@ def run_mapped_pattern(
         for w in offsets:
             words[w] = words[w] + 1  # numpy wraps at 2**64 as the C program does
         elapsed = time.perf_counter() - start
+        note(
+            f"{pattern}: {workload.naccesses / elapsed:,.0f} accesses/s "
+            f"({workload.naccesses:,} in {elapsed:.2f} s)"
+            + ("; verifying every page" if verify else "")
+        )
         after = pager.statistics()
         info = pager.info()
         bad = None
