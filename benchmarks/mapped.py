@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "kernel"))
 import kswap
 
 from vmpager.cli import run_pattern
+from vmpager.console import Console
 from vmpager.mapped import uffd as U
 from vmpager.mapped.client import PagerProcess
 from vmpager.mapped.run import run_mapped_pattern
@@ -95,7 +96,7 @@ def lru_miss_ratio(npages: int, frames: int, pattern: str, accesses: int | None)
 def standard(args: argparse.Namespace, kernel: bool, swap: Any, binary: Path | None) -> list[Any]:
     runs: list[dict[str, Any]] = []
     size, memory = args.mib * MIB, args.limit_mib * MIB
-    err = io.StringIO()
+    console = Console(io.StringIO(), quiet=True)
     for rep in range(args.reps):
         for pattern in args.patterns.split(","):
             accesses = None if pattern == "seq" else args.accesses
@@ -129,7 +130,7 @@ def standard(args: argparse.Namespace, kernel: bool, swap: Any, binary: Path | N
                         swap=None,
                         accesses=accesses,
                         verify=True,
-                        err=err,
+                        console=console,
                     )
                     row["verified"] = row["bad_pages"] == 0
                 row.update(system=system, pattern=pattern, rep=rep, loadavg_before=load)

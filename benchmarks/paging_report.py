@@ -1,4 +1,7 @@
-"""Render a ``benchmarks/paging.py`` report as the Markdown tables of docs/performance.md.
+"""Render a paging benchmark report as the Markdown tables of docs/performance.md.
+
+The report is the JSON of ``benchmarks/paging.py`` or of ``vmpager bench
+--json`` (the same implementation, ``vmpager.bench.paging``).
 
 Usage: ``python benchmarks/paging_report.py benchmarks/results/paging.json``
 """

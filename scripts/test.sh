@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 want=()
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
-            fio:fio redis-server:redis-server nbdkit:nbdkit; do
+            fio:fio redis-server:redis-server redis-cli:redis-tools nbdkit:nbdkit; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || want+=("${pair#*:}")
 done
 if [ ${#want[@]} -gt 0 ]; then

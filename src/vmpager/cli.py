@@ -1,100 +1,91 @@
-"""The ``vmpager`` command: run the standard paging workload, show swap, serve disks."""
+"""The ``vmpager`` command: run the paging workload, benchmark it, show swap, serve disks.
+
+Errors are one line on stderr naming the option at fault and what to do:
+exit status 2 for usage errors (the command line itself is wrong: a bad
+size, an unknown pattern, a malformed swap spec), 1 for failures (the
+system refused: a swap path that cannot be opened, a busy port, missing
+permissions, pages that do not verify). No traceback unless VMPAGER_DEBUG=1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
-from typing import Any, TextIO
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
-import numpy as np
-
+from vmpager.bench import loop
+from vmpager.console import Console
+from vmpager.devices.url import redact_url
+from vmpager.errors import VmError
 from vmpager.units import format_size, parse_size
 from vmpager.vm.system import VM
 from vmpager.workload import PATTERNS, Workload
 
-__all__ = ["main"]
+__all__ = ["CliError", "build_parser", "main"]
 
-_FILL_CHUNK_NPAGES = 256
-
-
-class Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
-
-    def __init__(self, stream: TextIO, label: str, total: int) -> None:
-        self._stream = stream
-        self._label = label
-        self._total = max(total, 1)
-        self._on = stream.isatty()
-        self._last = 0.0
-        self._start = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        if not self._on:
-            return
-        now = time.perf_counter()
-        if now - self._last < 0.2 and done < self._total:
-            return
-        self._last = now
-        frac = done / self._total
-        rate = done / max(now - self._start, 1e-9)
-        bar = "#" * int(frac * 30)
-        self._stream.write(f"\r{self._label:<8} [{bar:<30}] {frac:6.1%} {rate:>10,.0f}/s")
-        self._stream.flush()
-
-    def finish(self) -> None:
-        if self._on:
-            self.update(self._total)
-            self._stream.write("\n")
-            self._stream.flush()
+#: The quick workload of a bare ``vmpager run``: the standard one scaled down 8x.
+QUICK_SIZE = "256M"
+QUICK_ACCESSES = 125_000
+#: The standard paging workload (docs/workload.md): what benchmarks/results report.
+STANDARD_SIZE = "2G"
 
 
-def _fill(obj: Any, workload: Workload, progress: Progress) -> None:
-    ps = workload.page_size
-    for first in range(0, workload.npages, _FILL_CHUNK_NPAGES):
-        count = min(_FILL_CHUNK_NPAGES, workload.npages - first)
-        obj.write(first * ps, workload.fill_pages(first, count).tobytes())
-        progress.update(first + count)
-    progress.finish()
+class CliError(Exception):
+    """A failure reported as one line: ``status`` 2 for usage errors, 1 for failures."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _access(obj: Any, workload: Workload, progress: Progress) -> float:
-    ps = workload.page_size
-    read = obj.read
-    write = obj.write
-    indices = workload.indices.tolist()
-    step = 4096
-    start = time.perf_counter()
-    for base in range(0, len(indices), step):
-        for p in indices[base : base + step]:
-            offset = p * ps
-            value = int.from_bytes(read(offset, 8), "little")
-            write(offset, ((value + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
-        progress.update(base + step)
-    elapsed = time.perf_counter() - start
-    progress.finish()
-    return elapsed
+# What to do about an OSError, by errno (the message names the option and the path).
+_OS_HINTS: dict[int, str] = {
+    errno.ENOENT: "no such file or directory; create its directory first (PATH:SIZE creates "
+    "the file, not the directory)",
+    errno.EISDIR: "is a directory; give a file inside it, e.g. DIR/swap0:4G",
+    errno.EACCES: "permission denied; choose a path you may write, or run as a user who may",
+    errno.EPERM: "operation not permitted; run as root or as a user allowed to do it",
+    errno.EROFS: "read-only file system; choose a path on a writable file system",
+    errno.ENOSPC: "no space left on the device; choose a smaller SIZE or another directory",
+    errno.EADDRINUSE: "address already in use; choose another port (--listen HOST:PORT) "
+    "or stop the program using it",
+    errno.EADDRNOTAVAIL: "address not available on this machine; listen on one of its "
+    "addresses (default 127.0.0.1)",
+}
 
 
-def _verify(obj: Any, workload: Workload, progress: Progress) -> int:
-    """Compare every page with what it must hold; returns the number of bad pages."""
-    ps = workload.page_size
-    expected0 = workload.expected_word0()
-    bad = 0
-    buf = np.empty((_FILL_CHUNK_NPAGES, ps // 8), dtype=np.uint64)
-    for first in range(0, workload.npages, _FILL_CHUNK_NPAGES):
-        count = min(_FILL_CHUNK_NPAGES, workload.npages - first)
-        got = buf[:count]
-        obj.readinto(first * ps, got)
-        want = workload.fill_pages(first, count)
-        want[:, 0] = expected0[first : first + count]
-        bad += int(np.count_nonzero((got != want).any(axis=1)))
-        progress.update(first + count)
-    progress.finish()
-    return bad
+@contextlib.contextmanager
+def blame(option: str, hint: str = "") -> Iterator[None]:
+    """Report an ``OSError`` or ``ValueError`` raised inside as a one-line ``CliError``.
+
+    OSError becomes a failure (status 1) naming ``option``, the path and what
+    to do; ValueError a usage error (status 2) prefixed with ``option``.
+    ``hint`` replaces the errno's advice when given. A new option wraps the
+    calls that can fail for it, e.g. ``with blame("--mapped", "userfaultfd is
+    not permitted: run as root or set vm.unprivileged_userfaultfd=1"):``.
+    """
+    try:
+        yield
+    except CliError:
+        raise
+    except VmError as exc:
+        raise CliError(f"{option}: {exc}") from exc
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        advice = hint or _OS_HINTS.get(exc.errno or 0) or (exc.strerror or str(exc))
+        raise CliError(f"{option}{where}: {advice}") from exc
+    except ValueError as exc:
+        text = str(exc)
+        raise CliError(text if text.startswith(option) else f"{option}: {text}", 2) from exc
 
 
 def run_pattern(
@@ -105,21 +96,29 @@ def run_pattern(
     swap: list[str] | None,
     accesses: int | None,
     verify: bool,
-    err: TextIO,
+    console: Console,
 ) -> dict[str, Any]:
     """Fill, time the access phase, verify; returns the report of one pattern."""
     page_size = 4096
     npages = size // page_size
     workload = Workload(npages, pattern, accesses=accesses)  # type: ignore[arg-type]
-    with VM(memory=memory, swap=swap, page_size=page_size) as vm:
+    with blame("--swap"):
+        vm = VM(memory=memory, swap=swap, page_size=page_size)
+    with vm:
         obj = vm.allocate(size)
         t0 = time.perf_counter()
-        _fill(obj, workload, Progress(err, "fill", npages))
+        loop.fill(obj, workload, console.bar("fill", npages))
         fill_s = time.perf_counter() - t0
         before = vm.statistics()
-        elapsed = _access(obj, workload, Progress(err, pattern, workload.naccesses))
+        elapsed = loop.access(obj, workload, console.bar(pattern, workload.naccesses))
         after = vm.statistics()
-        bad = _verify(obj, workload, Progress(err, "verify", npages)) if verify else None
+        # The number people wait for, before the (long) verification.
+        console.note(
+            f"{pattern}: {workload.naccesses / elapsed:,.0f} accesses/s "
+            f"({workload.naccesses:,} in {elapsed:.2f} s)"
+            + ("; verifying every page" if verify else "")
+        )
+        bad = loop.verify(obj, workload, console.bar("verify", npages)) if verify else None
         vm.check()
         faults = after.faults - before.faults
         pageouts = after.pageouts - before.pageouts
@@ -147,45 +146,108 @@ def run_pattern(
         }
 
 
+def _run_workload(args: argparse.Namespace) -> tuple[str, int, int, int | None]:
+    """(name, size, memory, random/zipf accesses) that ``vmpager run`` runs.
+
+    Bare ``vmpager run``: the quick workload. ``--standard`` or ``--size``:
+    that size, memory a quarter of it unless ``--memory``, the patterns'
+    own access counts unless ``--accesses``.
+    """
+    quick = not args.standard and args.size is None
+    size_text = STANDARD_SIZE if args.standard else (args.size or QUICK_SIZE)
+    size = parse_size(size_text, "--size", minimum=4096, multiple=4096)
+    if args.memory is None:
+        memory = max(size // 4 // 4096 * 4096, 4 * 4096)
+    else:
+        memory = parse_size(args.memory, "--memory", minimum=4 * 4096)
+    if args.accesses is not None and args.accesses < 1:
+        raise ValueError(f"--accesses must be >= 1, got {args.accesses}")
+    accesses = args.accesses if args.accesses is not None else (QUICK_ACCESSES if quick else None)
+    npages = size // 4096
+    if args.pattern in ("zipf", "all") and npages & (npages - 1):
+        raise ValueError(
+            f"--size must be a power of two (e.g. 256M, 2G) for the zipf pattern, got "
+            f"{size_text}; or choose --pattern seq or random"
+        )
+    name = "quick workload" if quick else "standard workload" if size == 2 << 30 else "workload"
+    return name, size, memory, accesses
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    size = parse_size(args.size, "--size", minimum=4096, multiple=4096)
-    memory = parse_size(args.memory, "--memory", minimum=4 * 4096)
+    name, size, memory, accesses = _run_workload(args)
+    _check_swap_specs(args.swap)
+    if args.swap:
+        # Open the devices once before anything is printed: a bad one fails at once.
+        with blame("--swap"):
+            VM(memory=memory, swap=args.swap).close()
     patterns = list(PATTERNS) if args.pattern == "all" else [args.pattern]
     reports = []
-    err = sys.stderr
-    print(
-        f"vmpager run: {format_size(size)} object, {format_size(memory)} memory, "
-        f"swap: {', '.join(args.swap) if args.swap else 'private swap file (temporary)'}",
-        file=err,
+    console = Console(sys.stderr, sys.stdout, quiet=args.json and not sys.stderr.isatty())
+    density = f"{accesses:,} random/zipf accesses" if accesses else "1,000,000 random/zipf accesses"
+    console.note(
+        f"vmpager run: {name}: {format_size(size)} object, {format_size(memory)} memory, "
+        f"seq 3 passes, {density}; swap: "
+        f"{', '.join(map(redact_url, args.swap)) if args.swap else 'private swap file (temporary)'}"
     )
+    if name == "quick workload":
+        console.note(
+            "  (the 2 GiB standard workload of the published numbers: vmpager run --standard)"
+        )
     # --mapped: the access loop indexes a numpy array whose pages a pager
     # process serves (vmpager.mapped); same report and verification.
-    runner = run_pattern
+    runner: Any = run_pattern
+    mapped_errors: Any = contextlib.nullcontext
     if args.mapped:
         from vmpager.mapped.run import run_mapped_pattern
 
         runner = run_mapped_pattern
-    for pattern in patterns:
-        report = runner(
-            pattern,
-            size=size,
-            memory=memory,
-            swap=args.swap or None,
-            accesses=args.accesses,
-            verify=not args.no_verify,
-            err=err,
+        mapped_errors = lambda: blame(  # noqa: E731
+            "--mapped",
+            "userfaultfd is not permitted: run as root or set vm.unprivileged_userfaultfd=1",
         )
-        reports.append(report)
-        if not args.json:
-            _print_report(report)
+    with console:
+        for pattern in patterns:
+            with mapped_errors():
+                report = runner(
+                    pattern,
+                    size=size,
+                    memory=memory,
+                    swap=args.swap or None,
+                    accesses=None if pattern == "seq" else accesses,
+                    verify=not args.no_verify,
+                    console=console,
+                )
+            reports.append(report)
+            if not args.json:
+                _print_report(report)
+        if not args.json and len(reports) > 1:
+            console.table(*_run_table(reports))
     if args.json:
         json.dump({"runs": reports}, sys.stdout, indent=2)
         print()
     failed = [r for r in reports if r["bad_pages"]]
     if failed:
-        print(f"vmpager run: VERIFICATION FAILED for {[r['pattern'] for r in failed]}", file=err)
-        return 1
+        raise CliError(
+            f"verification FAILED for {', '.join(r['pattern'] for r in failed)}: pages do not "
+            "hold what was written; please report this with the output above"
+        )
     return 0
+
+
+def _run_table(reports: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["pattern", "accesses/s", "miss", "pages in", "pages out", "verified"]
+    rows = [
+        [
+            r["pattern"],
+            f"{r['accesses_per_s']:,.0f}",
+            f"{r['miss_ratio']:.1%}",
+            f"{r['pages_in']:,}",
+            f"{r['pages_out']:,}",
+            "skipped" if r["bad_pages"] is None else "ok" if r["bad_pages"] == 0 else "FAILED",
+        ]
+        for r in reports
+    ]
+    return header, rows
 
 
 def _print_report(r: dict[str, Any]) -> None:
@@ -206,13 +268,83 @@ def _print_report(r: dict[str, Any]) -> None:
     )
 
 
+def _check_swap_specs(specs: Sequence[str] | None) -> None:
+    """Refuse, as a usage error, a ``--swap PATH`` without a size whose file does not exist.
+
+    Everything else about a device is checked by opening it as ``VM()`` does.
+    URLs (``scheme://...``) are left to the devices that understand them.
+    """
+    for spec in specs or ():
+        if "://" in spec:
+            continue
+        path = _swap_path(spec)
+        if path == spec and not os.path.exists(path):
+            raise CliError(
+                f"--swap {path}: no such file; give PATH:SIZE (e.g. {path}:4G) to create it", 2
+            )
+
+
+def _swap_path(spec: str) -> str:
+    """The file a ``--swap`` spec names (``PATH:SIZE`` or ``PATH``), parsed as VM() does."""
+    path, sep, size_text = spec.rpartition(":")
+    if sep and path and size_text and (size_text[0].isdigit() or size_text[0] in "+-."):
+        return path
+    return spec
+
+
 def _cmd_swapinfo(args: argparse.Namespace) -> int:
+    """The devices ``--swap`` would open, opened and checked as ``VM()`` does.
+
+    Files that did not exist are created for the check (as ``VM()`` would)
+    and removed again: listing changes nothing on disk. Without ``--swap``
+    there is nothing to list: vmpager has no system-wide swap.
+    """
     memory = parse_size(args.memory, "--memory", minimum=4 * 4096)
-    with VM(memory=memory, swap=args.swap or None) as vm:
-        devices = vm.swapinfo()
-        block_kib = vm.page_size // 1024
+    page_size = parse_size(args.page_size, "--page-size", minimum=4096)
+    if page_size & (page_size - 1):
+        raise ValueError(f"--page-size must be a power of two >= 4K, got {args.page_size}")
+    _check_swap_specs(args.swap)
+    if not args.swap:
+        directory = tempfile.gettempdir()
+        message = (
+            "vmpager swapinfo: nothing to list: vmpager has no system-wide swap; each VM "
+            "opens the devices it is given. Without any, a VM pages to a private temporary "
+            f"swap file in {directory} (removed with the VM; up to 64 GiB, at most 90% of "
+            f"the {format_size(_free_bytes(directory))} free there). Give --swap PATH:SIZE "
+            "(repeatable) to check a configuration."
+        )
+        if args.json:
+            print(message, file=sys.stderr)
+            json.dump({"layout": args.layout, "page_size": page_size, "devices": []}, sys.stdout)
+            print()
+        else:
+            print(message)
+        return 0
+    files = [_swap_path(spec) for spec in args.swap if "://" not in spec]
+    created = [path for path in files if not os.path.lexists(path)]
+    try:
+        with blame("--swap"):
+            vm = VM(memory=memory, swap=args.swap, page_size=page_size, layout=args.layout)
+        with vm:
+            devices = vm.swapinfo()
+            block_kib = vm.page_size // 1024
+    finally:
+        for path in created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     if args.json:
-        json.dump([dataclasses.asdict(d) for d in devices], sys.stdout, indent=2)
+        json.dump(
+            {
+                "layout": args.layout,
+                "page_size": page_size,
+                "devices": [
+                    {**dataclasses.asdict(d), "created_for_the_check": d.name in created}
+                    for d in devices
+                ],
+            },
+            sys.stdout,
+            indent=2,
+        )
         print()
         return 0
     print(f"{'Device':<40} {'1K-blocks':>12} {'Used':>12} {'Avail':>12} {'Capacity':>8} {'Bad':>6}")
@@ -221,7 +353,21 @@ def _cmd_swapinfo(args: argparse.Namespace) -> int:
         used = d.used * block_kib
         cap = f"{d.used / d.total:.0%}" if d.total else "-"
         print(f"{d.name:<40} {total:>12} {used:>12} {d.free * block_kib:>12} {cap:>8} {d.bad:>6}")
+    total_blocks = sum(d.total for d in devices)
+    notes = [f"layout {args.layout}", f"{format_size(page_size)} blocks"]
+    notes.append(f"total {format_size(total_blocks * vm.page_size)}")
+    if created:
+        notes.append(f"not existing yet (VM() creates them): {', '.join(created)}")
+    print("; ".join(notes))
     return 0
+
+
+def _free_bytes(directory: str) -> int:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _parse_exports(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -257,12 +403,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     exports = _parse_exports(args)
     memory = parse_size(args.memory, "--memory", minimum=16 * 4096)
     host, port = _parse_listen(args.listen)
-    with VM(memory=memory, swap=args.swap or None) as vm:
+    _check_swap_specs(args.swap)
+    with blame("--swap"):
+        vm = VM(memory=memory, swap=args.swap or None)
+    with vm:
         backends = {name: VMObjectBackend(vm.allocate(size)) for name, size in exports}
         kwargs: dict[str, Any] = (
             {"unix_path": args.unix} if args.unix else {"host": host, "port": port}
         )
-        with NbdServer(backends, **kwargs) as server:
+        server = NbdServer(backends, **kwargs)
+        with blame("--unix" if args.unix else f"--listen {args.listen}"):
+            server.start()
+        with server:
             stop = threading.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
@@ -303,14 +455,16 @@ def _cmd_stress(args: argparse.Namespace) -> int:
         file=err,
     )
 
-    def progress(elapsed: float, ops: int) -> None:
-        if err.isatty():
-            err.write(f"\r  {elapsed:6.1f} s  {ops:>10,} operations")
-            err.flush()
+    # Progress in tenths of a second of the run (on a terminal only: a log gets the summary).
+    console = Console(err, quiet=not err.isatty())
+    bar = console.bar("stress", max(round(config.seconds * 10), 1))
 
-    report = run_stress(config, progress=progress)
-    if err.isatty():
-        err.write("\n")
+    def progress(elapsed: float, ops: int) -> None:
+        bar.update(round(elapsed * 10))
+
+    with console:
+        report = run_stress(config, progress=progress)
+        bar.finish()
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         print()
@@ -319,32 +473,173 @@ def _cmd_stress(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vmpager.bench import paging
+
+    size = parse_size(args.size, "--size", minimum=1 << 20, multiple=1 << 20)
+    if args.memory is None:
+        memory = max(size // 4 >> 20, 1) << 20
+    else:
+        memory = parse_size(args.memory, "--memory", minimum=1 << 20, multiple=1 << 20)
+    page_size = parse_size(args.page_size, "--page-size", minimum=4096)
+    if page_size & (page_size - 1):
+        raise ValueError(f"--page-size must be a power of two >= 4K, got {args.page_size}")
+    with blame("--config"):
+        config = paging.parse_config(args.config)
+    try:
+        options = paging.BenchOptions(
+            size=size,
+            memory=memory,
+            patterns=tuple(p for p in args.patterns.split(",") if p),
+            variants=tuple(v for v in args.variants.split(",") if v),
+            batch=args.batch,
+            reps=args.reps,
+            kernel=args.kernel,
+            accesses=args.accesses,
+            page_size=page_size,
+            device=args.device,
+            swap_dir=args.swap_dir,
+            config=config,
+            disk=args.disk,
+            hit_path=args.hit_path,
+        )
+    except ValueError as exc:
+        raise CliError(f"--{exc}", 2) from exc
+    if args.plot is not None and not paging.have_matplotlib():
+        raise CliError("--plot needs matplotlib: pip install 'vmpager[plot]' (or leave out --plot)")
+    for option, path in (("--output", args.output), ("--plot", args.plot)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise CliError(f"{option} {path}: no such directory; create it first")
+    if not os.path.isdir(args.swap_dir):
+        raise CliError(f"--swap-dir {args.swap_dir}: no such directory; create it first")
+    try:
+        paging.kernel_plan(options)  # --kernel yes that cannot be honoured: fail before starting
+    except paging.BenchError as exc:
+        raise CliError(str(exc)) from exc
+    console = Console(sys.stderr, sys.stdout)
+    console.note(
+        f"vmpager bench: {format_size(size)} object, {format_size(memory)} memory, "
+        f"patterns {','.join(options.patterns)}, {options.reps} rep(s); swap in {args.swap_dir}"
+    )
+    try:
+        with console:
+            report = paging.run_bench(options, console)
+    except paging.BenchError as exc:
+        raise CliError(str(exc)) from exc
+    text = json.dumps(report, indent=2)
+    if args.output is not None:
+        Path(args.output).write_text(text + "\n")
+    if args.plot is not None:
+        paging.plot(report, Path(args.plot))
+    if args.json:
+        print(text)
+        return 0
+    header, rows = paging.ratio_rows(report)
+    console.table(header, rows, title="accesses/s and ratios (medians)")
+    if not report["config"]["kernel"]:
+        print(f"kernel side skipped: {report['config']['kernel_skipped_because']}")
+    print(
+        f"load average {report['loadavg_start']} at the start, {report['loadavg_end']} at "
+        "the end (a busy machine lowers both sides)"
+    )
+    for option, path in (("report", args.output), ("plot", args.plot)):
+        if path is not None:
+            print(f"{option}: {path}")
+    return 0
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Descriptions wrapped as usual; the examples (``EXAMPLES``) kept line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with examples kept as written and usage errors on one line (exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: The examples that end each command's --help.
+EXAMPLES: dict[str, str] = {
+    "vmpager": """examples:
+  vmpager run                   quick workload (256 MiB object, 64 MiB memory), under a minute
+  vmpager run --standard        the standard 2 GiB workload of the published numbers
+  sudo vmpager bench            vmpager against the kernel's swap, side by side
+
+user guide: docs/guide.md""",
+    "run": """examples:
+  vmpager run                                  quick: 256M object, 64M memory, 125,000 accesses
+  vmpager run --standard --pattern zipf        the standard workload (2G, 512M, 1,000,000)
+  vmpager run --size 1G --memory 128M --swap /var/tmp/swap0:4G --json""",
+    "bench": """examples:
+  sudo vmpager bench                           2 GiB standard workload, vmpager and the kernel
+  vmpager bench --size 256M --reps 3 --kernel no
+  sudo vmpager bench --variants loop,batch --json --output bench.json --plot bench.png""",
+    "serve": """examples:
+  vmpager serve --size 8G --memory 256M        then: nbdinfo nbd://127.0.0.1:10809/vmpager
+  vmpager serve --export scratch:4G --swap /var/tmp/swap0:16G --listen 127.0.0.1:10810
+  vmpager serve --unix /tmp/vmpager.sock --size 1G""",
+    "stress": """examples:
+  vmpager stress
+  vmpager stress --seconds 60 --threads 16 --seed 7
+  vmpager stress --write-error-rate 0 --read-error-rate 0 --json""",
+    "swapinfo": """examples:
+  vmpager swapinfo --swap /var/tmp/swap0:4G --swap /var/tmp/swap1:4G
+  vmpager swapinfo --swap /var/tmp/swap0:4G --layout stripe --json
+  vmpager swapinfo                             says where a VM pages without --swap""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vmpager",
         description="A user-space virtual-memory system: objects larger than memory, "
         "paged to swap.",
+        epilog=EXAMPLES["vmpager"],
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
         "run",
-        help="run the standard paging workload and verify every page",
+        help="run the paging workload and verify every page (quick; --standard for 2 GiB)",
         description="Fill an object larger than memory, run the access phase of the standard "
-        "paging workload (seq, random, zipf), report and verify every page.",
+        "paging workload (seq, random, zipf), report and verify every page. Without "
+        "options: the quick workload (256 MiB object, 64 MiB memory, 125,000 random and zipf "
+        "accesses; under a minute). --standard or --size 2G: the standard workload "
+        "(2 GiB, 512 MiB, 1,000,000 accesses), the one benchmarks/results report.",
     )
-    run.add_argument("--size", default="2G", help="object size (default 2G)")
-    run.add_argument("--memory", default="512M", help="memory budget (default 512M)")
+    run.epilog = EXAMPLES["run"]
+    size = run.add_mutually_exclusive_group()
+    size.add_argument("--size", default=None, help="object size (default: 256M, quick)")
+    size.add_argument(
+        "--standard", action="store_true", help="the standard workload: --size 2G --memory 512M"
+    )
+    run.add_argument("--memory", default=None, help="memory budget (default: a quarter of --size)")
     run.add_argument(
         "--pattern", default="all", choices=[*PATTERNS, "all"], help="access pattern (default all)"
     )
     run.add_argument(
         "--swap",
         action="append",
-        metavar="PATH[:SIZE]",
-        help="swap device (repeatable); default: a private temporary swap file",
+        metavar="PATH[:SIZE]|URL",
+        help="swap device (repeatable): a file, or a URL such as redis://host:6379/0?size=4G "
+        "or redis+cluster://host:6379?size=64G; default: a private temporary swap file",
     )
-    run.add_argument("--accesses", type=int, default=None, help="accesses for random/zipf")
+    run.add_argument(
+        "--accesses",
+        type=int,
+        default=None,
+        help="accesses for random/zipf (default: 125,000 quick, else 1,000,000)",
+    )
     run.add_argument("--no-verify", action="store_true", help="skip the final verification")
     run.add_argument(
         "--mapped",
@@ -360,13 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export swap-backed VM objects as NBD disks (fixed newstyle, structured "
         "replies, base:allocation). Loopback only unless --listen says otherwise.",
     )
+    serve.epilog = EXAMPLES["serve"]
     serve.add_argument("--size", default=None, help="size of the default export (default 1G)")
     serve.add_argument("--name", default="vmpager", help="name of the default export")
     serve.add_argument(
         "--export", action="append", metavar="NAME:SIZE", help="another export (repeatable)"
     )
     serve.add_argument("--memory", default="256M", help="memory budget (default 256M)")
-    serve.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
+    serve.add_argument("--swap", action="append", metavar="PATH[:SIZE]|URL")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT (default loopback)")
     where.add_argument("--unix", metavar="PATH", help="serve on a unix socket instead")
@@ -380,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         "added back; every read and, at the end, every byte is compared with what was "
         "written. Exits 1 on any lost or invented byte or failed check.",
     )
+    stress.epilog = EXAMPLES["stress"]
     stress.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
     stress.add_argument("--threads", type=int, default=8, help="worker threads (default 8)")
     stress.add_argument("--memory", default="256K", help="memory budget (default 256K)")
@@ -398,21 +695,98 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_argument("--json", action="store_true", help="print the report as JSON")
     stress.set_defaults(func=_cmd_stress)
 
-    swapinfo = sub.add_parser("swapinfo", help="list swap devices and their use (like swapctl -l)")
-    swapinfo.add_argument("--swap", action="append", metavar="PATH[:SIZE]")
-    swapinfo.add_argument("--memory", default="16M")
-    swapinfo.add_argument("--json", action="store_true")
+    swapinfo = sub.add_parser(
+        "swapinfo",
+        help="check and list the swap devices a configuration would open (like swapctl -l)",
+        description="Open the devices given with --swap exactly as VM(swap=...) would (same "
+        "checks, same refusals), list their size, use and free space, and close them again; "
+        "files created for the check are removed. Without --swap there is nothing to list: "
+        "vmpager has no system-wide swap, and a VM given no devices pages to a private "
+        "temporary file.",
+    )
+    swapinfo.epilog = EXAMPLES["swapinfo"]
+    swapinfo.add_argument(
+        "--swap", action="append", metavar="PATH[:SIZE]|URL", help="swap device (repeatable)"
+    )
+    swapinfo.add_argument("--memory", default="16M", help="memory of the VM that opens them")
+    swapinfo.add_argument(
+        "--layout", default="per_device", choices=("per_device", "stripe"), help="swap layout"
+    )
+    swapinfo.add_argument("--page-size", default="4K", help="page and swap block size")
+    swapinfo.add_argument("--json", action="store_true", help="print the listing as JSON")
     swapinfo.set_defaults(func=_cmd_swapinfo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="the paging workload on vmpager and on the kernel's swap, side by side",
+        description="Run the standard paging workload through vmpager and, as root with "
+        "swapon, a memory cgroup and a C compiler, through the kernel's own swap in the "
+        "same run (a swap file and a cgroup of its own, both removed at the end), "
+        "alternating who goes first; print the accesses per second and their ratios. "
+        "Without root or a compiler the kernel side is skipped with the reason.",
+    )
+    bench.epilog = EXAMPLES["bench"]
+    bench.add_argument("--size", default="2G", help="object size, whole MiB (default 2G)")
+    bench.add_argument("--memory", default=None, help="memory budget (default: a quarter)")
+    bench.add_argument("--patterns", default="seq,random,zipf", help="comma-separated")
+    bench.add_argument(
+        "--variants", default="loop", help="loop (per access) and/or batch (batched calls)"
+    )
+    bench.add_argument("--batch", type=int, default=4096, help="accesses per batched call")
+    bench.add_argument("--reps", type=int, default=1, help="repetitions (default 1)")
+    bench.add_argument(
+        "--kernel",
+        default="auto",
+        choices=("auto", "yes", "no"),
+        help="run the kernel side: when possible (auto), or fail when not (yes)",
+    )
+    bench.add_argument("--accesses", type=int, default=None, help="default: the pattern's")
+    bench.add_argument("--page-size", default="4K", help="vmpager's page size")
+    bench.add_argument("--device", default="file", choices=("file", "ram"), help="swap device")
+    bench.add_argument(
+        "--swap-dir", default=tempfile.gettempdir(), help="directory of the swap files"
+    )
+    bench.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--disk", action="store_true", help="also measure disk and pageout speed")
+    bench.add_argument("--hit-path", action="store_true", help="also measure resident accesses")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument("--output", metavar="FILE", help="also write the JSON report here")
+    bench.add_argument("--plot", metavar="PNG", help="bar chart (needs the plot extra)")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (usage errors exit 2 via SystemExit)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = f"vmpager {args.command}"
     try:
         result: int = args.func(args)
+    except CliError as exc:
+        if exc.status == 2:
+            parser.exit(2, f"{prog}: error: {exc}\n")
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.status
     except (ValueError, TypeError) as exc:
-        parser.exit(2, f"vmpager: error: {exc}\n")
+        parser.exit(2, f"{prog}: error: {exc}\n")
+    except VmError as exc:
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("VMPAGER_DEBUG"):
+            raise
+        print(
+            f"{prog}: internal error: {type(exc).__name__}: {exc} "
+            "(VMPAGER_DEBUG=1 shows the traceback; please report it)",
+            file=sys.stderr,
+        )
+        return 1
     return result

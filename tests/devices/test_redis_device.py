@@ -231,7 +231,7 @@ def test_out_of_memory_is_transient_enomem(private_redis_server: RedisServer) ->
 
 @pytest.mark.redis
 def test_lost_server_is_a_hard_error(private_redis_server: RedisServer) -> None:
-    device = RedisDevice(private_redis_server.url, 8)
+    device = RedisDevice(private_redis_server.url, 8, retry=0.2)
     device.write_blocks(0, [bytes(BLOCK)])
     private_redis_server.stop()
     with pytest.raises(DeviceError) as caught:

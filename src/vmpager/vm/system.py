@@ -21,6 +21,7 @@ import numpy as np
 
 from vmpager.devices.file import FileDevice
 from vmpager.devices.protocol import BlockDevice
+from vmpager.devices.url import is_swap_url, open_swap_url
 from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted
 from vmpager.io.engine import IOEngine, ThreadedEngine
 from vmpager.io.fanout import Fanout
@@ -73,10 +74,15 @@ class VM:
     smaller of 64 GiB and 90 % of the free space there); otherwise a list of devices: "path:size"
     strings (the file is created if missing), "path" for an existing file or
     block device, (path, size) tuples, or ``BlockDevice`` objects; ``[]`` for
-    no swap at all. ``page_size``: a power of two >= 4096.
+    no swap at all; a string with ``://`` is a remote device's URL
+    (``redis://host:port/db?size=4G``, ``redis+cluster://host:port?size=64G``;
+    see ``vmpager.devices.url``), opened and checked here.
+    ``page_size``: a power of two >= 4096.
     ``layout``: "per_device" (round-robin over devices) or "stripe" (the
     seed's interleave). ``engine``: the asynchronous I/O engine (tests pass a
-    ``HeldEngine``).
+    ``HeldEngine``). ``replicas``: for URL swap devices without a
+    ``replicas`` parameter, the replicas each page-out must reach before the
+    page counts as clean (see docs/far-memory.md).
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class VM:
         config: VMConfig | None = None,
         layout: str = "per_device",
         engine: IOEngine | None = None,
+        replicas: int | None = None,
     ) -> None:
         page_size = check_int(page_size, "page_size", minimum=4096, maximum=1 << 24)
         if page_size & (page_size - 1):
@@ -159,6 +166,9 @@ class VM:
         self._scan_owner: int | None = None
         self._read_error: DeviceError | None = None
         self._owned_devices: list[BlockDevice] = []
+        self._swap_replicas = (
+            None if replicas is None else check_int(replicas, "replicas", minimum=0, maximum=16)
+        )
         self._mapped: PagerProcess | None = None  # transparent paging, started on demand
         self._closed = False
         try:
@@ -195,7 +205,12 @@ class VM:
     def _add_swap(self, spec: SwapSpec) -> BlockDevice:
         if isinstance(spec, tuple):
             path, size = spec
+            if is_swap_url(path):
+                raise ValueError(f"a swap URL gives its size as '?size=...', not apart: {spec!r}")
             device: BlockDevice = self._open_file_device(path, size)
+        elif isinstance(spec, str) and is_swap_url(spec):
+            device = open_swap_url(spec, self.page_size, replicas=self._swap_replicas)
+            self._owned_devices.append(device)
         elif isinstance(spec, str):
             path, sep, size_text = spec.rpartition(":")
             if sep and path and size_text and (size_text[0].isdigit() or size_text[0] in "+-."):
@@ -211,7 +226,8 @@ class VM:
                 )
         else:
             raise TypeError(
-                f"swap entries must be 'path:size', (path, size) or BlockDevice, got {spec!r}"
+                "swap entries must be 'path:size', (path, size), a URL or BlockDevice, "
+                f"got {spec!r}"
             )
         self.space.swapon(device)
         return device
