@@ -46,6 +46,8 @@ def _child_calls(obj: object) -> None:
     sys.exit(5)
 
 
+# Python >= 3.12 warns about fork() in a process with threads: deliberate here.
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 @needs_uffd
 def test_fork_child_never_reads_zeros(pager: PagerProcess) -> None:
     a = pager.array(1000)

@@ -104,6 +104,8 @@ def region():  # type: ignore[no-untyped-def]
     uf.close()
 
 
+# Python >= 3.12 warns about fork() in a process with threads: deliberate here.
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 @pytest.mark.timeout(30)
 def test_faults_fill_track_writes_and_evict_keeping_contents(region) -> None:  # type: ignore[no-untyped-def]
     array, ask, fd = region
