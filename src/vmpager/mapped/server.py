@@ -220,6 +220,7 @@ class PagerServer:
             counts = dict(self.counts)
         return {
             "pid": os.getpid(),
+            **_own_memory(),
             "memfd_bytes": memfd,
             "bound_npages": bound,
             "bound_limit": self.limit,
@@ -304,6 +305,22 @@ class PagerServer:
                 self.uffd.wake(page_addr, ps)
             except OSError:
                 pass
+
+
+def _own_memory() -> dict[str, int]:
+    """This process's resident memory (smaps_rollup): all of it and its anonymous part
+    (the frames not aliased onto a memfd, and the interpreter)."""
+    out = {"rss_bytes": -1, "anonymous_bytes": -1}
+    keys = {"Rss:": "rss_bytes", "Anonymous:": "anonymous_bytes"}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in keys:
+                    out[keys[parts[0]]] = int(parts[1]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def _picklable(exc: BaseException) -> BaseException:
