@@ -179,3 +179,8 @@ def test_vm_array_and_object_of() -> None:
         vm.mapped.check()
     with pytest.raises(ObjectClosed):  # the VM is closed
         vm.array(3)
+
+
+def test_objects_of_the_vm_itself_say_how_to_map() -> None:
+    with VM("1M", swap=[]) as vm, pytest.raises(TypeError, match=r"vm\.array"):
+        vm.allocate("64K").map()

@@ -268,6 +268,14 @@ class VMObject:
         offset, length = self._check_range(offset, length)
         self._vm._discard(self, offset, length)
 
+    def map(self) -> memoryview:
+        """Objects of a VM live in its process and cannot be mapped (mapped objects are
+        paged by the VM's pager process: ``vm.array(...)``, ``vm.mapped.allocate(size)``)."""
+        raise TypeError(
+            f"VM object {self.oid} cannot be mapped: create mapped objects with "
+            "vm.array(shape, dtype) or vm.mapped.allocate(size) (see docs/mapped.md)"
+        )
+
     def clone(self) -> VMObject:
         """A copy-on-write snapshot: from now on writes on either side are invisible
         to the other. Cheap: O(resident pages), no data is copied until written."""
