@@ -105,7 +105,7 @@ class World:
         choose: Chooser,
         *,
         layout: str = "per_device",
-        policy: WriteErrorPolicy = WriteErrorPolicy.SEED,
+        policy: WriteErrorPolicy = WriteErrorPolicy.NETBSD_1_48,
     ) -> None:
         self.engine = HeldEngine()
         self.vm, self.devices = small_vm(
@@ -324,7 +324,7 @@ class World:
 
 class VMLongModel(RuleBasedStateMachine):
     layout = "per_device"
-    policy = WriteErrorPolicy.SEED
+    policy = WriteErrorPolicy.NETBSD_1_48
 
     def __init__(self) -> None:
         super().__init__()
@@ -548,7 +548,7 @@ def random_walk(seed: int, nsteps: int, *, layout: str, policy: WriteErrorPolicy
 
 
 def test_random_walk_short() -> None:
-    world = random_walk(1, 3000, layout="per_device", policy=WriteErrorPolicy.SEED)
+    world = random_walk(1, 3000, layout="per_device", policy=WriteErrorPolicy.NETBSD_1_48)
     counts = world.counts
     world.close()
     for what in ("write", "read", "pageout async", "completed", "clone", "swapoff"):
@@ -560,7 +560,7 @@ def test_random_walk_short() -> None:
 @pytest.mark.parametrize(
     ("seed", "layout", "policy"),
     [
-        (100, "per_device", WriteErrorPolicy.SEED),
+        (100, "per_device", WriteErrorPolicy.NETBSD_1_48),
         (200, "stripe", WriteErrorPolicy.NETBSD),
         (300, "per_device", WriteErrorPolicy.FREEBSD),
     ],

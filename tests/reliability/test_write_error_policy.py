@@ -1,10 +1,10 @@
 """Failed swap writes under each write-error policy, synchronous and asynchronous.
 
-- SEED: EAGAIN is transient (the cluster is dropped, its blocks go back to the
+- NETBSD_1_48: EAGAIN is transient (the cluster is dropped, its blocks go back to the
   pool, the one page asked for is retried alone); any other errno marks the
   blocks bad, and the pages stay dirty and resident.
 - NETBSD: ENOMEM is transient; everything else marks bad.
-- FREEBSD: blocks are never marked bad; EAGAIN is retried like SEED, any other
+- FREEBSD: blocks are never marked bad; EAGAIN is retried like NETBSD_1_48, any other
   error frees the blocks and leaves the pages dirty for a later try.
 
 Every path must lose nothing, keep the counters right, never hand a bad block
@@ -37,7 +37,8 @@ pytestmark = pytest.mark.timeout(60)
 
 T = TypeVar("T")
 
-SEED, NETBSD, FREEBSD = WriteErrorPolicy.SEED, WriteErrorPolicy.NETBSD, WriteErrorPolicy.FREEBSD
+NETBSD_1_48 = WriteErrorPolicy.NETBSD_1_48
+NETBSD, FREEBSD = WriteErrorPolicy.NETBSD, WriteErrorPolicy.FREEBSD
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,10 @@ class Expect:
 
 
 CASES = [
-    Expect(SEED, errno.EAGAIN, transient=True, marks_bad=False),
-    Expect(SEED, errno.ENOMEM, transient=False, marks_bad=True),
-    Expect(SEED, errno.EIO, transient=False, marks_bad=True),
-    Expect(SEED, errno.ENOSPC, transient=False, marks_bad=True),
+    Expect(NETBSD_1_48, errno.EAGAIN, transient=True, marks_bad=False),
+    Expect(NETBSD_1_48, errno.ENOMEM, transient=False, marks_bad=True),
+    Expect(NETBSD_1_48, errno.EIO, transient=False, marks_bad=True),
+    Expect(NETBSD_1_48, errno.ENOSPC, transient=False, marks_bad=True),
     Expect(NETBSD, errno.ENOMEM, transient=True, marks_bad=False),
     Expect(NETBSD, errno.EAGAIN, transient=False, marks_bad=True),
     Expect(NETBSD, errno.EIO, transient=False, marks_bad=True),
@@ -202,7 +203,7 @@ def test_async_pageout_write_error(case: Expect, order: str) -> None:
         vm.check()
 
 
-@pytest.mark.parametrize("policy", [SEED, NETBSD])
+@pytest.mark.parametrize("policy", [NETBSD_1_48, NETBSD])
 def test_bad_blocks_are_never_handed_out_again(policy: WriteErrorPolicy) -> None:
     vm, devices = small_vm(nframes=8, swap_nblocks=24, faulty=True, write_error_policy=policy)
     dev = devices[0]
@@ -361,3 +362,11 @@ def test_random_write_errors_lose_nothing(seed: int) -> None:
         assert stats.write_errors > 0
         assert stats.swap_bad_blocks == stats.bad_blocks_marked
         vm.check()
+
+
+def test_the_former_name_and_value_still_select_netbsd_1_48() -> None:
+    assert WriteErrorPolicy.SEED is WriteErrorPolicy.NETBSD_1_48
+    assert WriteErrorPolicy("seed") is WriteErrorPolicy.NETBSD_1_48
+    assert WriteErrorPolicy("netbsd-1.48") is WriteErrorPolicy.NETBSD_1_48
+    with pytest.raises(ValueError):
+        WriteErrorPolicy("openbsd")

@@ -402,3 +402,27 @@ def test_check_finds_corruption(layout: str) -> None:
         space.check()
     assert any("counts used=2" in p for p in caught.value.problems)
     assert any("block 5 is in use but free" in p for p in caught.value.problems)
+
+
+def test_failed_intermediate_size_marks_full_as_freebsd_getswapspace(layout: str) -> None:
+    """A halving request that succeeds at a smaller size still marks the space full
+    (every failed swp_pager_getswapspace does); sizecheck clears it at low_water."""
+    space = _space(layout, 16, low_water=12, high_water=14)
+    blocks = [space.alloc(1) for _ in range(16)]
+    for blk, _ in blocks[::2]:  # type: ignore[misc]
+        space.free(blk, 1)  # 8 free single blocks: below low_water 12
+    got = space.alloc(4, min_count=1)
+    assert got is not None and got[1] == 1
+    stats = space.statistics()
+    assert stats.full and stats.almost_full and stats.full_events == 1
+    assert stats.alloc_failures == 0
+    assert space.largest_free_run() == 1
+    assert "7 of 16 blocks free (largest free run 1)" in space.describe_free()
+    # Above low_water, the successful smaller allocation clears full again.
+    roomy = _space(layout, 16, low_water=2, high_water=4)
+    taken = [roomy.alloc(1) for _ in range(16)]
+    for blk, _ in taken[::2]:  # type: ignore[misc]
+        roomy.free(blk, 1)
+    assert roomy.alloc(4, min_count=1) is not None
+    stats = roomy.statistics()
+    assert not stats.full and stats.full_events == 1

@@ -160,6 +160,11 @@ class SwapSpaceMachine(RuleBasedStateMachine):
             self.almost_full = True
             return
         assert got is not None, f"no run of {floor} found, but a run of {longest} is free"
+        if longest < count:
+            # An intermediate size failed: that alone marks the space full
+            # (swp_pager_getswapspace); the allocation's sizecheck may clear it.
+            self.full = True
+            self.almost_full = True
         blk, n = got
         assert floor <= n <= count
         if longest >= count:

@@ -1,4 +1,4 @@
-"""Pageout clustering and read-around against the seeds' rules.
+"""Pageout clustering and read-around against the reference sources' rules.
 
 Pageout (NetBSD uvm_mk_pcluster): from the dirty center page, grow backward,
 then forward, over pages that are resident, dirty and idle, inside the
@@ -66,7 +66,7 @@ def expected_cluster(states: list[str], center: int, lo: int, hi: int, max_npage
     states=st.lists(st.sampled_from(STATES), min_size=1, max_size=24),
     max_npages=st.integers(1, 16),
 )
-def test_put_cluster_follows_the_seed_rule(
+def test_put_cluster_follows_the_reference_rule(
     data: st.DataObject, states: list[str], max_npages: int
 ) -> None:
     center = data.draw(st.integers(0, len(states) - 1))

@@ -69,8 +69,8 @@ def test_pageout_frees_what_was_asked_even_from_hot_pages() -> None:
 @pytest.mark.parametrize(
     ("policy", "err"),
     [
-        (WriteErrorPolicy.SEED, errno.EAGAIN),
-        (WriteErrorPolicy.SEED, errno.EIO),
+        (WriteErrorPolicy.NETBSD_1_48, errno.EAGAIN),
+        (WriteErrorPolicy.NETBSD_1_48, errno.EIO),
         (WriteErrorPolicy.FREEBSD, errno.EIO),
     ],
 )

@@ -5,7 +5,7 @@ in continues a stream: its read-ahead window doubles from
 ``readaround_npages`` up to ``readahead_max_npages``; any other fault reads
 its page alone. A stream at the full window hands the pages one window
 behind it to the head of the inactive queue, references cleared, as many as
-it brought in. Without the option the seed's read-around applies
+it brought in. Without the option FreeBSD 2002's read-around applies
 (tests/vm/test_vm_cluster.py).
 """
 
@@ -90,7 +90,7 @@ def test_the_window_collapses_on_a_jump_and_grows_again() -> None:
         vm.check()
 
 
-def test_the_seed_read_around_without_the_option() -> None:
+def test_the_reference_read_around_without_the_option() -> None:
     vm, obj = swapped(64, sequential_readahead=False)
     with vm:
         assert reads_of(vm, obj, [30]) == [5]  # two on each side

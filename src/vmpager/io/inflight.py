@@ -3,8 +3,9 @@
 Reads, synchronous writes and asynchronous writes each draw from their own
 pool of swap buffer headers, so a burst of async pageouts cannot starve the
 fault path of read buffers. The async limit (``swap_async_max``) can change
-while running; it is clamped as the seed clamps it, to [1, nswbuf // 2], and
-a decrease takes effect as in-flight writes finish.
+while running; it is clamped as FreeBSD's ``swap_pager_putpages`` (2002)
+clamps it, to [1, nswbuf // 2], and a decrease takes effect as in-flight
+writes finish.
 
 The caller holds the VM lock; ``acquire`` waits on the VM condition (which
 releases the lock while waiting).

@@ -1,14 +1,19 @@
-"""The pager map: a bounded pool of I/O mappings, with a reserve for the page daemon.
+"""The pager map: a bounded pool of I/O mappings, with a window reserved for the page daemon.
 
 In the kernel every paging transfer needs kernel virtual addresses to map its
-pages (uvm_pagermapin); the pool is bounded, ordinary callers sleep when it is
-exhausted, and the page daemon falls back on a reserved window (emergva) so
-that pageout, which is what frees memory, always makes progress.
+pages (NetBSD ``uvm_pagermapin``, ``uvm_pager.c`` 1.48); the pool is
+bounded, ordinary callers sleep when it is exhausted, and the page daemon
+falls back on one reserved window (``emergva``) so that pageout, which is
+what frees memory, always makes progress.
 
 Here a mapping is the list of frame views a transfer hands to the device.
-The pool is counted in pages: ``size_npages`` in all, of which
-``reserve_npages`` only the page daemon may take. The caller holds the VM
-lock; waiting releases it.
+The pool is counted in pages: ``size_npages`` in all, of which the last
+``reserve_npages`` form the daemon's window. As ``emergva``, the window is
+exclusive: one daemon transfer at a time uses it, whatever its size, and a
+second daemon transfer that finds the general pool full waits for it (or for
+the general pool). A mapping is held for the whole transfer: an asynchronous
+write keeps its mapping until its completion (``uvm_aio_aiodone`` calls
+``uvm_pagermapout``). The caller holds the VM lock; waiting releases it.
 """
 
 from __future__ import annotations
@@ -62,22 +67,28 @@ class PagerMap:
 
         Ordinary callers use the general pool and wait while it is full
         (``wait=False``: return None instead). The page daemon takes the
-        general pool when it can and the reserve otherwise, waiting only while
-        the reserve itself is busy. A request larger than the general pool
-        (or, for the daemon, the reserve) is a ValueError.
+        general pool when it can and the reserved window otherwise, waiting
+        only while the window itself is in use (it never returns None); a
+        daemon transfer larger than the window (the reference has
+        ``KASSERT(npages <= MAXBSIZE >> PAGE_SHIFT)``; pageouts here never
+        are, a window holds a cluster) waits for the general pool. A request
+        larger than the general pool is a ValueError naming the range.
+        O(1) unless it waits.
         """
-        if npages < 1 or npages > self._general_npages:
-            raise ValueError(f"npages must be in [1, {self._general_npages}], got {npages}")
+        general = self._general_npages
+        if isinstance(npages, bool) or not isinstance(npages, int) or not 1 <= npages <= general:
+            raise ValueError(f"npages must be in [1, {general}], got {npages!r}")
+        window = daemon and npages <= self.reserve_npages
         while True:
             if self._in_use + npages <= self._general_npages:
                 self._in_use += npages
                 token = npages
                 break
-            if daemon and npages <= self.reserve_npages:
-                if self._reserve_in_use + npages <= self.reserve_npages:
-                    self._reserve_in_use += npages
+            if window:
+                if not self._reserve_in_use:
+                    self._reserve_in_use = npages
                     self._reserve_uses += 1
-                    token = -npages  # negative: taken from the reserve
+                    token = -npages  # negative: the reserved window
                     break
             elif not wait:
                 return None
@@ -94,9 +105,9 @@ class PagerMap:
                 raise AssertionError("pager map: more pages unmapped than mapped")
             self._in_use -= token
         else:
-            if -token > self._reserve_in_use:
-                raise AssertionError("pager map: reserve unmapped twice")
-            self._reserve_in_use += token
+            if -token != self._reserve_in_use:
+                raise AssertionError("pager map: reserved window unmapped twice")
+            self._reserve_in_use = 0
         self._mappings -= 1
         self._cond.notify_all()
 

@@ -20,7 +20,8 @@ __all__ = ["Pager", "PagerResult"]
 
 
 class PagerResult(enum.Enum):
-    """Outcome of a pager operation; the seeds' VM_PAGER_* codes, same meanings."""
+    """Outcome of a pager operation: the VM_PAGER_* codes of NetBSD ``uvm_pager.c`` 1.48
+    and FreeBSD ``swap_pager.c`` 2002, same meanings."""
 
     OK = "ok"  #: pages now hold valid data / are on the store
     BAD = "bad"  #: index outside the object

@@ -1,19 +1,29 @@
-"""The high-level pageout routine (uvm_pager_put, uvm_pager_dropcluster).
+"""The high-level pageout routine (NetBSD ``uvm_pager_put``, ``uvm_pager.c`` 1.48).
 
 ``pager_put`` clusters around a dirty page and writes the cluster through
 the object's pager. When the write fails transiently (AGAIN) and there was a
-cluster, it drops the cluster and retries the one page it was asked for;
-it does the same when the pager found no room for the whole cluster (FAIL:
-free swap too fragmented for a run that long), as NetBSD's page daemon
-settles for fewer swap slots than it asked for. After a hard error it does
-not retry. The pages it gives up on stay dirty and
+cluster, it drops the cluster and retries the one page it was asked for, as
+the reference does for EAGAIN; after a hard error (ERROR) or a refusal
+(FAIL: no swap block at all, the swap pager having halved its runs down to
+single blocks) it does not retry. The pages it gives up on stay dirty and
 resident, so nothing is lost: the next pageout tries again, elsewhere.
 
-How the seed's dropcluster maps here: the swap pager finishes every page of
-a synchronous write itself (its iodone runs before ``put_pages`` returns):
-pages of a failed transfer are already released, dirty, and their swap
-blocks given back (transient) or marked bad (hard), which is the seed's
-``PGO_REALLOCSWAP`` drop. What is left for ``pager_put`` is the retry.
+How ``uvm_pager_dropcluster`` maps here: the swap pager finishes every page
+of a synchronous write itself (its iodone runs before ``put_pages``
+returns), through ``SwapPager._drop_cluster``, which is the reference's
+dropcluster with ``PGO_REALLOCSWAP``. Two departures follow from that, both
+kept on purpose:
+
+- the retried page gets a fresh block: the failed transfer's blocks,
+  the centre page's included, were given back before ``pager_put`` sees
+  the result, where the reference keeps the centre's slot (``swblk``) and
+  frees the others; a transient error says nothing about which block, and
+  any free block serves;
+- a hard error marks bad the blocks of the failed transfer only: a cluster
+  here may be written as several transfers (the swap pager halves runs on
+  fragmented swap), and the blocks of those that succeeded hold good data.
+  In the reference a cluster is always one transfer, so "the cluster" and
+  "the failed transfer" are the same blocks.
 """
 
 from __future__ import annotations
@@ -51,11 +61,13 @@ def pager_put(
     max_npages: int,
     lo: int | None = None,
     hi: int | None = None,
+    active: bool = True,
 ) -> PutOutcome:
     """Page out ``center`` (dirty, idle) with the dirty neighbours it can take.
 
-    ``[lo, hi)`` limits the cluster (the seed's start/stop without
-    PGO_ALLPAGES). Returns the outcome for ``center``: OK (written, clean),
+    ``[lo, hi)`` limits the cluster (the reference's start/stop without
+    PGO_ALLPAGES); ``active=False`` leaves active neighbours out (no
+    PGO_DOACTCLUST). Returns the outcome for ``center``: OK (written, clean),
     PEND (asynchronous write started), or FAIL/ERROR/AGAIN (still dirty).
     The caller holds the VM lock; the pager may release it during I/O.
     """
@@ -64,13 +76,11 @@ def pager_put(
         wlo = max(wlo, lo)
     if hi is not None:
         whi = min(whi, hi)
-    cluster = make_put_cluster(obj, center, wlo, whi, max_npages)
+    cluster = make_put_cluster(obj, center, wlo, whi, max_npages, active=active)
     results = put_pages(pager, obj, cluster, sync=sync)
     result = results[cluster.index(center)]
-    retry_on = (PagerResult.AGAIN, PagerResult.FAIL)
-    if result in retry_on and len(cluster) > 1 and center.dirty and not center.writing:
-        # Transient failure of a cluster, or no run of blocks as long as the
-        # cluster (fragmented swap): retry the one page we were asked for.
+    if result is PagerResult.AGAIN and len(cluster) > 1 and center.dirty and not center.writing:
+        # Transient failure of a cluster: retry the one page we were asked for.
         center.writing = True
         retry = put_pages(pager, obj, [center], sync=sync)
         return PutOutcome(retry[0], len(cluster), True)

@@ -2,21 +2,29 @@
 
 A cacheless path for block-device users (FreeBSD's md(4)): reads and writes
 go between the caller's buffer and the swap devices without passing through
-frames. Requests cover whole pages (else ``ValueError``, the seed's
+frames. Requests cover whole pages (else ``ValueError``, FreeBSD's
 EINVAL). A page with no swap block reads as zeros; a write allocates
 blocks; a delete frees them. A request is split where blocks stop being
 contiguous or a stripe/device ends, into chained child requests that the
 I/O engine performs, at most ``CHAIN_MAX_INFLIGHT`` at a time per parent;
-the first child error is carried to the parent and raised.
+as ``vm_pager_chain_iodone`` (FreeBSD ``swap_pager.c`` 2002) each failed
+child overwrites the parent's error, so the error raised is that of the
+last child to fail.
 
-Unlike the seed, which writes over a page's existing block in place, a
-write here goes to freshly allocated blocks and the page is switched to
-them only when the transfer succeeded: a failed write leaves the page's
-previous contents readable (the new blocks are freed, or marked bad after a
-hard error under the seed's policy), never a torn mixture.
+Writes: while swap has room for the whole request, it goes to freshly
+allocated blocks and each page is switched to them only when its transfer
+succeeded, so a failed write leaves the page's previous contents readable
+(the new blocks are freed, or marked bad after a hard error under the
+reference's policy), never a torn mixture; this departs from FreeBSD's
+``swap_pager_strategy``, which writes over a page's block in place. When
+swap cannot give the whole request fresh blocks, the write falls back on the
+reference's way: pages that own a block are written in place (an overwrite
+succeeds on a full swap; a failed in-place write leaves those pages'
+contents undefined, as a disk's, and raises), and only pages without a block
+need new ones (all or nothing: ``SwapExhausted``, nothing written).
 
-Coherence with resident pages of the same object (the seed assumed there
-were none): for the duration of a request its page range is fenced, so
+Coherence with resident pages of the same object (FreeBSD's swap_pager_strategy
+assumed there were none): for the duration of a request its page range is fenced, so
 faults on those pages wait; a read takes resident pages from their frames
 (they are at least as new as swap); a write or delete first drops resident
 pages of the range (waiting for busy ones), so later faults see the new
@@ -31,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
 from vmpager.io.request import IOKind, IORequest
+from vmpager.pager.swap import RESERVED_UNWRITTEN, RESERVED_WRITTEN
 from vmpager.swap.meta import SWAPBLK_NONE
 
 if TYPE_CHECKING:
@@ -39,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CHAIN_MAX_INFLIGHT", "strategy"]
 
-#: Child requests in flight per parent (waitchainbuf(bp, 4, 0) in the seed's callers).
+#: Child requests in flight per parent (getchainbuf's waitchainbuf(bp, 4, 0), FreeBSD 2002).
 CHAIN_MAX_INFLIGHT = 4
 
 
@@ -166,7 +175,9 @@ def _read(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) ->
             start = page.frame * ps
             buffer[i * ps : (i + 1) * ps] = fview[start : start + ps]
             blocks[i] = SWAPBLK_NONE
-        elif blocks[i] == SWAPBLK_NONE or (state is not None and state[first + i] == 1):
+        elif blocks[i] == SWAPBLK_NONE or (
+            state is not None and state[first + i] == RESERVED_UNWRITTEN
+        ):
             buffer[i * ps : (i + 1) * ps] = bytes(ps)
             blocks[i] = SWAPBLK_NONE
     chain = _Chain()
@@ -181,11 +192,10 @@ def _read(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) ->
         raise chain.errors[0][1]
 
 
-def _write(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
-    ps = vm.page_size
+def _alloc_fresh(vm: VM, npages: int) -> list[tuple[int, int, int]] | None:
+    """Fresh runs ``(index, blk, n)`` for all ``npages`` pages, or None (nothing kept)."""
     space = vm.space
     cluster_max = vm.config.cluster_max_npages
-    # Allocate everything first: all or nothing when swap is short.
     runs: list[tuple[int, int, int]] = []
     i = 0
     while i < npages:
@@ -194,17 +204,83 @@ def _write(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -
             for _, blk, n in runs:
                 space.free(blk, n)
             vm._swap_freed()
-            stats = space.statistics()
-            raise SwapExhausted(
-                f"strategy write of {npages} pages: swap has {stats.free} of {stats.total} "
-                "blocks free (ENOSPC)"
-            )
+            return None
         blk, n = got
         runs.append((i, blk, n))
         i += n
+    return runs
+
+
+def _alloc_in_place(
+    vm: VM, obj: VMObject, first: int, npages: int
+) -> list[tuple[int, int, int, bool]]:
+    """Runs ``(index, blk, n, fresh)`` writing over the blocks the pages own.
+
+    FreeBSD ``swap_pager_strategy`` (2002): a page with a block is written
+    in place; a page without one gets a fresh block. All or nothing:
+    ``SwapExhausted`` (nothing taken) when a page without a block finds none.
+    """
+    space = vm.space
+    blocks = vm.swap_pager.meta.lookup_range(obj.oid, first, npages).tolist()
+    missing = npages - _owned(blocks)
+    fresh = [False] * npages
+    taken: list[tuple[int, int]] = []
+    i = 0
+    while i < npages:
+        if blocks[i] != SWAPBLK_NONE:
+            i += 1
+            continue
+        want = 1
+        while i + want < npages and blocks[i + want] == SWAPBLK_NONE:
+            want += 1
+        got = space.alloc(min(want, vm.config.cluster_max_npages), min_count=1)
+        if got is None:
+            for blk, n in taken:
+                space.free(blk, n)
+            vm._swap_freed()
+            raise SwapExhausted(
+                f"strategy write of {npages} pages: {missing} have no swap block and "
+                f"{space.describe_free()} (ENOSPC)"
+            )
+        blk, n = got
+        taken.append((blk, n))
+        for j in range(n):
+            blocks[i + j] = blk + j
+            fresh[i + j] = True
+        i += n
+    runs: list[tuple[int, int, int, bool]] = []
+    i = 0
+    while i < npages:
+        blk = blocks[i]
+        limit = space.run_limit(blk)
+        n = 1
+        while (
+            i + n < npages and n < limit and blocks[i + n] == blk + n and fresh[i + n] == fresh[i]
+        ):
+            n += 1
+        runs.append((i, blk, n, fresh[i]))
+        i += n
+    return runs
+
+
+def _owned(blocks: list[int]) -> int:
+    return sum(1 for b in blocks if b != SWAPBLK_NONE)
+
+
+def _write(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
+    """Write the pages: to fresh blocks, switched to on success, while swap has room;
+    else over the blocks the pages own (the reference's way), fresh ones only for
+    pages without a block."""
+    ps = vm.page_size
+    space = vm.space
+    fresh_runs = _alloc_fresh(vm, npages)
+    if fresh_runs is not None:
+        runs = [(i, blk, n, True) for i, blk, n in fresh_runs]
+    else:
+        runs = _alloc_in_place(vm, obj, first, npages)
     chain = _Chain()
     kind = IOKind.WRITE_ASYNC
-    for i, blk, n in runs:
+    for i, blk, n, _ in runs:
         bufs = [buffer[(i + j) * ps : (i + j + 1) * ps] for j in range(n)]
         _issue(vm, chain, kind, blk, bufs)
         vm.counters.pageouts += 1
@@ -214,20 +290,31 @@ def _write(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -
     obj.swap_backed = True
     meta = vm.swap_pager.meta
     state = obj.reserve_state
-    for i, blk, n in runs:
+    for i, blk, n, fresh in runs:
         if blk in failed:
             continue
         for j in range(n):
-            meta.build(obj.oid, first + i + j, blk + j)  # frees the previous copy
-            if state is not None:
-                state[first + i + j] = 0
+            pindex = first + i + j
+            if fresh:
+                meta.build(obj.oid, pindex, blk + j)  # frees the previous copy
+                if state is not None:
+                    state[pindex] = 0
+            elif state is not None and state[pindex]:
+                state[pindex] = RESERVED_WRITTEN  # the reserved block now holds data
     if chain.errors:
         vm.counters.write_errors += len(chain.errors)
         policy_bad = vm.swap_pager.marks_bad
+        in_place = {blk for _, blk, _, fresh in runs if not fresh}
         for request, err in chain.errors:
+            if request.blk in in_place:
+                # Still the page's block: its contents are now undefined, as a
+                # disk's after a failed write; the caller gets the error.
+                continue
             if policy_bad(err):
                 space.mark_bad(request.blk, request.npages)
                 vm.counters.bad_blocks_marked += request.npages
             else:
                 space.free(request.blk, request.npages)
-        raise chain.errors[0][1]
+        # vm_pager_chain_iodone: each failed child overwrites the parent's
+        # error, so the one raised is the last to complete.
+        raise chain.errors[-1][1]

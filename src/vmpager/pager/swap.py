@@ -5,8 +5,11 @@ allocates blocks over the swap devices. An anonymous object has no swap
 until its first pageout (OBJT_DEFAULT becoming OBJT_SWAP).
 
 - ``put_pages``: assign the largest run of blocks the cluster allows,
-  halving on failure down to four pages, then FAIL the rest; a run never
-  crosses a stripe or device. Synchronous unless the caller is the page
+  halving on failure down to single blocks (FreeBSD's 2002
+  ``swap_pager_putpages`` stops at four pages, which starves pageout on
+  fragmented swap); with not one block free, FAIL the pages tried and go on
+  with the rest from full size, as the reference does; a run never crosses
+  a stripe or device. Synchronous unless the caller is the page
   daemon; asynchronous writes are bounded by ``swap_async_max``. Pages stay
   dirty until their write completes: completion marks them clean; a failed
   write leaves them dirty, reactivates them and disposes of the blocks as
@@ -49,15 +52,11 @@ log = logging.getLogger("vmpager.swap")
 RESERVED_UNWRITTEN = 1
 RESERVED_WRITTEN = 2
 
-#: Smallest run putpages keeps halving towards before it gives up on a chunk.
-_MIN_HALVING_NPAGES = 4
-
-
-def _halving_floor(npages: int) -> int:
-    """The last size the seed's halving loop tries for a request of ``npages``."""
-    while npages > _MIN_HALVING_NPAGES:
-        npages >>= 1
-    return max(npages, 1)
+#: Smallest run a pageout halves towards. FreeBSD ``swap_pager_putpages``
+#: (2002) stops halving at 4 pages and fails those; here the halving goes on
+#: down to single blocks, so that swap fragmented into free runs shorter than
+#: 4 still takes pageouts (else they are refused while most of swap is free).
+MIN_PAGEOUT_RUN = 1
 
 
 class SwapPager:
@@ -74,6 +73,8 @@ class SwapPager:
         #: yet given back to the swap space (``flush_stale``).
         self._stale: list[int] = []
         self._stale_batch = max(vm.config.swap_free_batch_nblocks, 1)
+        #: Pager-map tokens of asynchronous writes in flight, by request id.
+        self._async_maps: dict[int, int] = {}
 
     # -- block bookkeeping ------------------------------------------------
 
@@ -302,11 +303,13 @@ class SwapPager:
                     n = next(
                         (k for k in range(1, n) if self._reserved_run(obj, pages, i + k, 1)), n
                     )
-                    got = self.space.alloc(n, min_count=_halving_floor(n))
+                    got = self.space.alloc(n, min_count=MIN_PAGEOUT_RUN)
             else:
-                got = self.space.alloc(n, min_count=_halving_floor(n))
+                got = self.space.alloc(n, min_count=MIN_PAGEOUT_RUN)
             if got is None:
-                # No run even at the smallest size: these pages stay dirty.
+                # Not one free block: these pages stay dirty; as
+                # swap_pager_putpages, fail them and go on with the rest
+                # from full size (a free may have come meanwhile).
                 self._refuse(pages[i : i + n])
                 i += n
                 continue
@@ -346,7 +349,7 @@ class SwapPager:
         count = len(pages)
         while i < count:
             n = min(count - i, cluster_max)
-            got = self.space.alloc(n, min_count=_halving_floor(n))
+            got = self.space.alloc(n, min_count=MIN_PAGEOUT_RUN)
             if got is None:
                 self._refuse(pages[i : i + n])
                 i += n
@@ -363,13 +366,49 @@ class SwapPager:
 
     def _refuse(self, pages: Sequence[Page]) -> None:
         """No swap for ``pages``: they stay dirty and go back to the active queue."""
+        self._drop_cluster(pages)
+        self._vm.counters.pageout_fail_pages += len(pages)
+
+    def _drop_cluster(
+        self, pages: Sequence[Page], blk: int | None = None, *, mark_bad: bool = False
+    ) -> None:
+        """Give up on writing ``pages``: NetBSD's ``uvm_pager_dropcluster`` (``uvm_pager.c``
+        1.48) with ``PGO_REALLOCSWAP``, for every page of a failed or refused transfer.
+
+        Each page stops being written, stays dirty (its data is only in its
+        frame), goes back to the active queue, and its waiters are woken.
+        ``blk``: the first block of the transfer, whose blocks the pages
+        lose (REALLOCSWAP): given back to the swap space, or with
+        ``mark_bad`` marked bad (never handed out again); a reserved block
+        without ``mark_bad`` is kept for the next try. ``blk=None``: no
+        blocks were assigned (swap refused the pages).
+
+        The reference's ``PG_RELEASED`` case (the object was destroyed while
+        the cluster was busy) cannot arise: discarding or closing an object
+        waits for its pages being written (``VM._drop_pages``), so every
+        page here still belongs to a live object. Lock held.
+        """
         vm = self._vm
-        for page in pages:
+        meta = self.meta
+        activate = vm.queues.activate
+        for j, page in enumerate(pages):
+            if blk is not None:
+                oid = page.obj.oid
+                assert meta.lookup(oid, page.pindex) == blk + j
+                state = page.obj.reserve_state
+                if mark_bad:
+                    meta.pop(oid, page.pindex)
+                    if state is not None:
+                        state[page.pindex] = 0  # the reservation dies with its bad block
+                elif state is None or not state[page.pindex]:
+                    meta.free(oid, page.pindex)
             page.writing = False
-            vm.queues.activate(page)
-            if page.wanted:
-                page.wanted = False
-        vm.counters.pageout_fail_pages += len(pages)
+            page.dirty = True
+            activate(page)
+            page.wanted = False
+        if blk is not None and mark_bad:
+            self.space.mark_bad(blk, len(pages))
+            vm.counters.bad_blocks_marked += len(pages)
         vm._cond.notify_all()
 
     def _start_write(self, chunk: list[Page], blk: int, *, sync: bool) -> list[PagerResult]:
@@ -386,6 +425,9 @@ class SwapPager:
         vm.counters.note_cluster(n)
         if not sync:
             vm.inflight.acquire(kind)  # waits while swap_async_max writes are out
+            # The mapping is held until the completion (uvm_aio_aiodone maps
+            # out): asynchronous pageouts are what the daemon's window is for.
+            self._async_maps[id(request)] = vm.pagermap.map_in(n, daemon=True)
             vm.engine.submit(request)
             return [PagerResult.PEND] * n
         vm.inflight.acquire(kind)
@@ -399,13 +441,13 @@ class SwapPager:
 
     def _write_done(self, request: IORequest) -> None:
         """Completion of an asynchronous write (engine -> VM, lock held)."""
+        self._vm.pagermap.map_out(self._async_maps.pop(id(request)))
         self._vm.inflight.release(request.kind)
         self._finish_write(request)
 
     def _finish_write(self, request: IORequest) -> list[PagerResult]:
         vm = self._vm
         err = request.error
-        queues = vm.queues
         if err is None:
             for page in request.pages:
                 page.writing = False
@@ -427,26 +469,7 @@ class SwapPager:
             err,
             "transient" if transient else ("blocks marked bad" if mark_bad else "hard"),
         )
-        for j, page in enumerate(request.pages):
-            oid = page.obj.oid
-            assert self.meta.lookup(oid, page.pindex) == request.blk + j
-            state = page.obj.reserve_state
-            if mark_bad:
-                self.meta.pop(oid, page.pindex)
-                if state is not None:
-                    state[page.pindex] = 0  # the reservation dies with its bad block
-            elif state is not None and state[page.pindex]:
-                pass  # keep the reserved block for the next try
-            else:
-                self.meta.free(oid, page.pindex)
-            page.writing = False
-            page.dirty = True
-            queues.activate(page)
-            page.wanted = False
-        if mark_bad:
-            self.space.mark_bad(request.blk, len(request.pages))
-            vm.counters.bad_blocks_marked += len(request.pages)
-        vm._cond.notify_all()
+        self._drop_cluster(request.pages, request.blk, mark_bad=mark_bad)
         result = PagerResult.AGAIN if transient else PagerResult.ERROR
         return [result] * len(request.pages)
 
@@ -512,7 +535,7 @@ class SwapPager:
     def reserve(self, obj: VMObject, start: int, npages: int) -> bool:
         """Assign swap blocks to pages ``[start, start + npages)`` that have none.
 
-        The seed's swap_pager_reserve: largest runs first (up to the cluster
+        FreeBSD's swap_pager_reserve (2002): largest runs first (up to the cluster
         size), halving on failure; all or nothing: on failure every block
         taken here is given back and False is returned. Reserved blocks hold
         no data until the page is first written out: they read as before

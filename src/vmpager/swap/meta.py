@@ -4,7 +4,7 @@ This is FreeBSD's ``struct swblock`` hash and the ``swp_pager_meta_build``,
 ``swp_pager_meta_free``, ``swp_pager_meta_free_all`` and ``swp_pager_meta_ctl``
 routines, plus the metadata half of ``swap_pager_copy``. It maps
 ``(object id, page index)`` to a swap block number. Storage is grouped in
-chunks of ``SWAP_META_PAGES`` (16) consecutive page indexes, like the seed's
+chunks of ``SWAP_META_PAGES`` (16) consecutive page indexes, like FreeBSD 2002's
 ``swblock``; a chunk exists only while at least one of its pages has a block,
 and is released as soon as its last block goes.
 
@@ -31,7 +31,7 @@ structure. Blocks of one operation that are consecutive numbers are returned
 in one call.
 
 Locking: the structure is not thread-safe; the caller holds the VM lock for
-every call, as the seed runs these routines under Giant at splvm.
+every call, as FreeBSD 2002 runs these routines under Giant at splvm.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ __all__ = ["SWAPBLK_NONE", "SWAP_META_PAGES", "MetaStatistics", "SwapMeta"]
 
 #: The block value that means "this page has no swap block".
 SWAPBLK_NONE: Final = -1
-#: Pages per metadata chunk (the seed's SWAP_META_PAGES).
+#: Pages per metadata chunk (FreeBSD 2002's SWAP_META_PAGES).
 SWAP_META_PAGES: Final = 16
 
 _CHUNK_SHIFT: Final = 4
@@ -234,8 +234,8 @@ class SwapMeta:
         """Assign ``blk`` to page ``pindex`` of object ``oid`` (swp_pager_meta_build).
 
         A block the page had before is freed through ``free_blocks``.
-        ``blk == SWAPBLK_NONE`` removes and frees the page's block, like the
-        seed. Assigning the block the page already has is a ``ValueError``
+        ``blk == SWAPBLK_NONE`` removes and frees the page's block, like
+        FreeBSD 2002. Assigning the block the page already has is a ``ValueError``
         (freeing it would leave a free block assigned). O(1).
         """
         if type(oid) is not int or oid >> _VALUE_BITS:

@@ -3,15 +3,15 @@
 Swap blocks have global numbers; ``locate`` turns one into a device and a
 block on that device. Two layouts:
 
-``"stripe"`` (the seed's): devices are interleaved in stripes of
+``"stripe"`` (FreeBSD ``swap_pager.c`` 2002's): devices are interleaved in stripes of
 ``stripe_blocks`` blocks (dmmax). Global stripe ``s`` belongs to device
 ``s % max_devices`` at device stripe ``s // max_devices`` (BLK2DEVIDX), and
 one blist allocates for all devices, so consecutive allocations spread over
 the devices. Inside the blist each stripe is followed by one guard block
 that is never free: a run the blist hands out can never cross a stripe,
-where the seed had to cut runs at the boundary after the fact. Stripes of
+where FreeBSD 2002 had to cut runs at the boundary after the fact. Stripes of
 absent devices, and the blocks past the end of a device in its last stripe,
-are kept allocated, so only blocks that exist are ever free. Unlike the seed
+are kept allocated, so only blocks that exist are ever free. Unlike FreeBSD 2002
 no stripe is skipped at the start of a device: there is no disk label to
 protect.
 
@@ -32,9 +32,12 @@ total`` always holds.
 The "almost full" hysteresis of ``swp_sizecheck``: when free blocks drop
 below ``low_water`` the space becomes almost full and logs one warning
 (logger ``vmpager.swap``); when they rise above ``high_water`` it clears (an
-info message). A failed allocation sets ``full`` (and almost full, with one
-warning per failure streak); ``full`` clears at the next allocation or free
-that leaves at least ``low_water`` blocks free, as in the seed.
+info message). Every failed attempt of an allocation, an intermediate size of a halving
+request too, sets ``full`` (and almost full), as FreeBSD's
+``swp_pager_getswapspace`` (2002) does; an allocation that fails at every
+size logs one warning per failure streak; ``full`` clears at the next
+allocation or free that leaves at least ``low_water`` blocks free
+(``swp_sizecheck``).
 
 Concurrency: the caller holds the VM lock for everything except ``locate``,
 ``run_limit``, ``read``, ``write`` and ``discard``, which may run in I/O
@@ -269,6 +272,25 @@ class SwapSpace:
     def avail(self) -> int:
         """Same as ``free_blocks``."""
         return self._free
+
+    def describe_free(self) -> str:
+        """For messages: "swap has F of T blocks free (largest free run R), U used, B bad"."""
+        return (
+            f"swap has {self._free} of {self.total_blocks} blocks free (largest free run "
+            f"{self.largest_free_run()}), {self._used} used, {self._bad} bad"
+        )
+
+    def largest_free_run(self) -> int:
+        """Length of the longest run one allocation could take now (0 when none is free).
+
+        Runs never cross a stripe or device; blocks of draining devices do not
+        count. For messages and tests: O(free runs).
+        """
+        if self._layout == "stripe":
+            blists = [] if self._blist is None else [self._blist]
+        else:
+            blists = [s.blist for s in self._slots if s is not None and not s.draining and s.blist]
+        return max((length for b in blists for _, length in b.free_runs()), default=0)
 
     def devices(self) -> list[tuple[int, BlockDevice]]:
         """``(index, device)`` of every device present (draining ones too), by index."""
@@ -588,6 +610,7 @@ class SwapSpace:
                 )
             count = min(count, self._stripe)
         self._alloc_calls += 1
+        was_full = self._full
         size, most = count, count
         while True:
             got = (
@@ -597,15 +620,25 @@ class SwapSpace:
             )
             if got is not None:
                 break
+            # swp_pager_getswapspace (FreeBSD swap_pager.c 2002): every failed
+            # attempt, the intermediate ones of a halving request too, marks
+            # the space full and almost full; the next allocation or free that
+            # leaves low_water blocks free clears ``full`` (swp_sizecheck).
+            if not self._full:
+                self._full_events += 1
+            self._full = True
+            self._almost_full = True
             if size <= floor:
                 self._alloc_failures += 1
-                if not self._full:
-                    self._full_events += 1
-                    log.warning(
-                        "swap space full: no run of %d blocks (%d blocks free)", floor, self._free
-                    )
-                self._full = True
-                self._almost_full = True
+                if was_full:
+                    return None  # one warning per failure streak
+                log.warning(
+                    "swap space full: no free run of %d blocks (%d blocks free, largest free "
+                    "run %d)",
+                    floor,
+                    self._free,
+                    self.largest_free_run(),
+                )
                 return None
             # As swp_pager_getswapspace: take anything shorter than what failed.
             most = size - 1

@@ -29,8 +29,9 @@ def small_vm(
 
     The page daemon thread is off unless ``daemon_thread=True`` is passed, so
     paging happens deterministically in the faulting thread; read-around,
-    pageout clusters and swap frees follow the seed (``sequential_readahead``
-    and ``pageout_batching`` off, ``swap_free_batch_nblocks=1``) unless asked.
+    pageout clusters and swap frees follow the reference sources (FreeBSD
+    2002, NetBSD 1.48: ``sequential_readahead`` and ``pageout_batching`` off,
+    ``swap_free_batch_nblocks=1``) unless asked.
     With ``faulty`` every device is wrapped in a ``FaultyDevice`` (no faults until told).
     """
     sizes = [swap_nblocks] if isinstance(swap_nblocks, int) else swap_nblocks
@@ -40,7 +41,7 @@ def small_vm(
         if faulty:
             dev = FaultyDevice(dev, seed=i)
         devices.append(dev)
-    # The seed's policies unless a test asks for the throughput ones.
+    # The reference sources' policies unless a test asks for the throughput ones.
     base = replace(
         VMConfig(),
         daemon_thread=False,

@@ -9,9 +9,9 @@ __all__ = ["VMConfig", "WriteErrorPolicy"]
 
 
 class WriteErrorPolicy(enum.Enum):
-    """What a failed swap write means (the seeds and their descendants differ).
+    """What a failed swap write means (the reference sources and their descendants differ).
 
-    - ``SEED``: NetBSD 1.48 / OpenBSD: EAGAIN is transient (drop the cluster,
+    - ``NETBSD_1_48``: NetBSD ``uvm_pager.c`` 1.48 / OpenBSD: EAGAIN is transient (drop the cluster,
       retry the one page; the blocks go back to the free pool); any other error
       marks the blocks bad, and the page stays dirty and resident.
     - ``NETBSD``: modern NetBSD: ENOMEM is transient, everything else marks bad.
@@ -19,43 +19,59 @@ class WriteErrorPolicy(enum.Enum):
       and the blocks are freed for a later try.
     """
 
-    SEED = "seed"
+    NETBSD_1_48 = "netbsd-1.48"
+    #: The former name of ``NETBSD_1_48``, kept so that existing code still works.
+    SEED = "netbsd-1.48"
+
+    @classmethod
+    def _missing_(cls, value: object) -> WriteErrorPolicy | None:
+        # "seed" was the value of NETBSD_1_48 before it named its source.
+        return cls.NETBSD_1_48 if value == "seed" else None
+
     NETBSD = "netbsd"
     FREEBSD = "freebsd"
 
 
 @dataclass(frozen=True, slots=True)
 class VMConfig:
-    """Knobs of one VM. Defaults follow the seeds where they have a value.
+    """Knobs of one VM. Defaults follow the reference sources (NetBSD
+    ``uvm_pager.c`` 1.48, FreeBSD ``swap_pager.c`` 2002) where they have a value.
 
     Frame counts are derived from the memory budget by ``VM``; the fields here
     are the policy around them.
     """
 
     #: Largest pageout cluster, in pages (MAX_PAGEOUT_CLUSTER / nsw_cluster_max).
-    #: The seed has 16; 64 pages (256 KiB with 4 KiB pages) is where a disk's
+    #: FreeBSD 2002 has 16; 64 pages (256 KiB with 4 KiB pages) is where a disk's
     #: writes reach its sequential bandwidth, and what batched pageout fills.
     cluster_max_npages: int = 64
-    #: Read-around window on each side of a faulting page (SWB_NPAGES / 2). For
-    #: anonymous memory it is the first read-ahead window of a sequential stream.
+    #: Read-around window on each side of a faulting page. FreeBSD 2002's
+    #: swap_pager_haspage gives at most SWB_NPAGES / 2 - 1 = 7 (7 selects it);
+    #: 8 keeps read-around and read-ahead windows powers of two (8 doubling to
+    #: ``readahead_max_npages``). For anonymous memory it is the first
+    #: read-ahead window of a sequential stream.
     readaround_npages: int = 8
     #: Anonymous memory reads ahead only for sequential faults (the window
     #: grows to ``readahead_max_npages``; random faults read their page alone)
-    #: and a stream at full speed gives up the pages it left behind. False: the
-    #: seed's fixed read-around of ``readaround_npages`` on each side.
+    #: and a stream at full speed gives up the pages it left behind. False:
+    #: FreeBSD 2002's fixed read-around of ``readaround_npages`` on each side.
     sequential_readahead: bool = True
     #: Largest read-ahead window of a sequential stream of faults on anonymous
     #: memory (VM_FAULT_READ_AHEAD_MAX).
     readahead_max_npages: int = 128
     #: The page daemon writes the dirty anonymous pages it finds together, in
     #: pageout order, up to ``cluster_max_npages`` per write whatever objects
-    #: and offsets they have. False: the seed's clusters of neighbours in one
+    #: and offsets they have. False: FreeBSD 2002's clusters of neighbours in one
     #: object only.
     pageout_batching: bool = True
+    #: Pageout clusters take idle dirty neighbours from any queue (NetBSD's
+    #: PGO_DOACTCLUST). False: a cluster stops at the first active neighbour,
+    #: as ``uvm_mk_pcluster`` called by the page daemon without that flag.
+    pageout_cluster_active: bool = True
     #: The swap blocks of pages made dirty (their copies went stale) are given
     #: back to the swap space in sorted batches of this many, one free per run
     #: of neighbours, and before any allocation or report of swap use; 1 gives
-    #: each back at once, as the seed does.
+    #: each back at once, as FreeBSD 2002 does.
     swap_free_batch_nblocks: int = 256
     #: Asynchronous swap writes in flight at once (swap_async_max).
     swap_async_max: int = 4
@@ -72,7 +88,7 @@ class VMConfig:
     pager_map_npages: int = 1024
     pager_map_reserve_npages: int = 64
     #: What a failed swap write means.
-    write_error_policy: WriteErrorPolicy = WriteErrorPolicy.SEED
+    write_error_policy: WriteErrorPolicy = WriteErrorPolicy.NETBSD_1_48
     #: Run the page daemon in its own thread; when False, a thread that needs a
     #: frame runs the pageout scan itself with synchronous I/O (deterministic).
     daemon_thread: bool = True

@@ -138,7 +138,14 @@ class PageDaemon:
                     self._launder_batch(batch, asynchronous, result)
                     batch = []
                 continue
-            outcome = pager_put(pager, obj, page, sync=not asynchronous, max_npages=max_npages)
+            outcome = pager_put(
+                pager,
+                obj,
+                page,
+                sync=not asynchronous,
+                max_npages=max_npages,
+                active=vm.config.pageout_cluster_active,
+            )
             if outcome.result is PagerResult.PEND:
                 result.laundered_pages += outcome.cluster_npages
             elif outcome.result is PagerResult.OK:

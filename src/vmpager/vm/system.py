@@ -1,7 +1,7 @@
 """The VM: frames, objects, pagers, the page daemon and the I/O engine in one place.
 
-``VM`` is the public entry point. It owns one lock (the seeds' "Giant"
-lock) that guards every piece of VM state: objects, pages, queues, swap
+``VM`` is the public entry point. It owns one lock (the "Giant" lock of
+FreeBSD 2002 and NetBSD 1.48) that guards every piece of VM state: objects, pages, queues, swap
 metadata and the swap allocator. Device transfers run with the lock
 released while the pages involved are busy; a single condition variable
 carries every wake-up (page no longer busy, frame freed, I/O slot free,
@@ -79,7 +79,7 @@ class VM:
     see ``vmpager.devices.url``), opened and checked here.
     ``page_size``: a power of two >= 4096.
     ``layout``: "per_device" (round-robin over devices) or "stripe" (the
-    seed's interleave). ``engine``: the asynchronous I/O engine (tests pass a
+    FreeBSD 2002 interleave). ``engine``: the asynchronous I/O engine (tests pass a
     ``HeldEngine``). ``replicas``: for URL swap devices without a
     ``replicas`` parameter, the replicas each page-out must reach before the
     page counts as clean (see docs/far-memory.md).
@@ -607,10 +607,7 @@ class VM:
                 self._reservation_failed(end - first)
 
     def _reservation_failed(self, npages: int) -> None:
-        stats = self.space.statistics()
-        raise SwapExhausted(
-            f"cannot reserve swap for {npages} pages: {stats.free} of {stats.total} blocks free"
-        )
+        raise SwapExhausted(f"cannot reserve swap for {npages} pages: {self.space.describe_free()}")
 
     # -- services for the fault path, the pagers and the daemon (lock held) -----------
 
@@ -784,10 +781,14 @@ class VM:
     def _exhausted(self) -> None:
         self.swap_pager.flush_stale()
         self.counters.swap_exhausted += 1
-        stats = self.space.statistics()
+        if self.space.free_blocks:
+            # Swap has room but the pageouts still failed (write errors, or
+            # every dirty page busy): say so rather than "full".
+            what = "is full of dirty pages that could not be written"
+        else:
+            what = "and swap are full of data"
         raise SwapExhausted(
-            f"memory ({self.frames.nframes} frames) and swap ({stats.total} blocks, "
-            f"{stats.used} used, {stats.bad} bad) are full of data"
+            f"memory ({self.frames.nframes} frames) {what}: {self.space.describe_free()}"
         )
 
     def _daemon_needed(self) -> bool:
