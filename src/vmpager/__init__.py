@@ -7,6 +7,7 @@ pagers move pages to swap devices and back.
 
 from vmpager.devices import BlockDevice, FaultyDevice, FileDevice, MemoryDevice
 from vmpager.errors import DeviceError, InvariantViolation, ObjectClosed, SwapExhausted, VmError
+from vmpager.mapped.memmap import memmap
 from vmpager.pager.vnode import FileShrunkError
 from vmpager.vm.config import VMConfig, WriteErrorPolicy
 from vmpager.vm.object import VMObject
@@ -29,5 +30,6 @@ __all__ = [
     "VMStatistics",
     "VmError",
     "WriteErrorPolicy",
+    "memmap",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,14 @@ page faults through userfaultfd; see docs/mapped.md. ``VM.array`` and
 """
 
 from vmpager.mapped.client import MappedObject, PagerDied, PagerProcess
+from vmpager.mapped.memmap import flush, memmap
 from vmpager.mapped.uffd import UserfaultfdUnavailable
 
-__all__ = ["MappedObject", "PagerDied", "PagerProcess", "UserfaultfdUnavailable"]
+__all__ = [
+    "MappedObject",
+    "PagerDied",
+    "PagerProcess",
+    "UserfaultfdUnavailable",
+    "flush",
+    "memmap",
+]

@@ -92,7 +92,7 @@ class SharedRegion:
         self.uffd = uffd
         self.memfd = memfd
         self.base = client_base
-        self.size = obj.size
+        self.size = obj.npages << vm._page_shift  # file objects: size is the file's
         self.ps = vm.page_size
         self._shift = vm._page_shift
         self.arena = vm.frames.array.ctypes.data
@@ -114,15 +114,23 @@ class SharedRegion:
         self._protected = 0
         self._written = 0
         self._reads = 0
+        #: A flush of the file is writing its pages: faults wait (``fault``).
+        self.flushing = False
         self.closed = False
 
     # -- faults ------------------------------------------------------------
 
     def fault(self, fault: U.Fault) -> None:
         """Resolve one client fault in this region. VM lock held; may wait for I/O."""
+        while self.flushing:
+            self.vm._cond.wait()
         pindex = (fault.address - self.base) >> self._shift
         addr = self.base + (pindex << self._shift)
         counts = self.counts
+        if (fault.write or fault.wp) and not getattr(self.obj, "writable", True):
+            raise PermissionError(
+                f"write to a read-only file mapping ({getattr(self.obj, 'path', '?')}, mode 'r')"
+            )
         if fault.wp:
             counts["wp_faults"] += 1
             self._written += 1
@@ -139,7 +147,8 @@ class SharedRegion:
             return
         soft = pindex in self.obj.pages
         counts["soft_faults" if soft else "faults"] += 1
-        write = likely = fault.write or 2 * self._written > self._protected
+        likely = fault.write or 2 * self._written > self._protected
+        write = likely = likely and getattr(self.obj, "writable", True)
         if not fault.write:
             # Read-modify-write programs (a[i] += 1) fault twice per page: a read,
             # then a write-protect fault. When most read-mapped pages are written

@@ -89,6 +89,9 @@ class PagerProcess:
         self._regions: dict[int, _Region] = {}  # by base address
         self._dead: str | None = None
         self._closed = False
+        #: Stop the pager when the last mapping goes (``memmap``: the file is then
+        #: flushed as the pager's VM closes).
+        self.close_when_unmapped = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock = ours
         env = dict(os.environ)
@@ -270,8 +273,15 @@ class PagerProcess:
 
     # -- mappings ------------------------------------------------------------
 
+    def map_file(self, path: str, mode: str = "r+", *, private: bool = False) -> MappedObject:
+        """The pager VM's object of the file at ``path`` (``VM.map_file``: the vnode
+        pager, O_DIRECT, one object per file), to ``map()``. ``mode`` "r" or "r+";
+        ``private=True``: copy-on-write, changes go to swap, never to the file."""
+        oid, npages, nbytes = self._call(("map_file", os.fspath(path), mode, private))
+        return MappedObject(self, oid, npages, nbytes)
+
     def _map(self, obj: MappedObject) -> memoryview:
-        size = obj.size
+        size = obj.npages * self.page_size  # a file's last page is mapped whole
         fd = U.memfd(f"vmpager-{obj.oid}", size)
         try:
             base = U.map_shared(fd, size)
@@ -300,6 +310,18 @@ class PagerProcess:
                 self._call(("unmap", region.obj.oid))
             except (PagerDied, ObjectClosed, OSError):
                 pass
+            if self.close_when_unmapped and not self._regions:
+                self.close()
+
+
+def object_of(array: object) -> MappedObject:
+    """The mapped object under ``array``, whichever pager process maps it."""
+    for pager in list(_live):
+        try:
+            return pager.object_of(array)
+        except ValueError:
+            continue
+    raise ValueError("array is not in the memory of a mapped object")
 
 
 class _Region:
@@ -383,6 +405,10 @@ class MappedObject:
 
     def reserve(self, offset: int = 0, length: int | None = None) -> None:
         self._forward("reserve", offset, length)
+
+    def flush(self) -> None:
+        """File objects: write their dirty pages to the file now."""
+        self._forward("flush")
 
     def clone(self) -> MappedObject:
         """A copy-on-write snapshot (an object of the same pager, not mapped yet)."""

@@ -27,6 +27,7 @@ message's header (SCM_RIGHTS).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import pickle
 import select
@@ -58,6 +59,7 @@ OBJECT_CALLS = frozenset(
         "read_pages",
         "write_pages",
         "reserve",
+        "flush",
     }
 )
 #: VM methods the client may call.
@@ -78,7 +80,12 @@ class PagerServer:
     def __init__(self, sock: socket.socket, settings: dict[str, Any]) -> None:
         self.sock = sock
         self.send_lock = threading.Lock()
-        config = settings.get("config") or VMConfig()
+        # Pageout clusters must not take neighbours from the active queue: an
+        # active page of a mapped object may be writable by the client, and a
+        # write of it would mark it clean while the client goes on writing.
+        config = dataclasses.replace(
+            settings.get("config") or VMConfig(), pageout_cluster_active=False
+        )
         page_size = settings.get("page_size", 4096)
         swap = settings.get("swap")
         self.faulty: FaultyDevice | None = None
@@ -136,6 +143,11 @@ class PagerServer:
             obj = vm.allocate(request[1])
             self.objects[obj.oid] = obj
             return obj.oid, obj.npages, obj.size
+        if op == "map_file":
+            _, path, mode, private = request
+            fobj = vm.map_file(path, mode, private=private)
+            self.objects[fobj.oid] = fobj
+            return fobj.oid, fobj.npages, fobj.size
         if op == "map":
             _, oid, base = request
             return self._map(self.objects[oid], fds[0], base)
@@ -146,6 +158,9 @@ class PagerServer:
             _, oid, name, args = request
             if name not in OBJECT_CALLS:
                 raise ValueError(f"{name!r} is not a method of a mapped object")
+            if name == "flush":
+                self._flush(self.objects[oid])
+                return None
             return getattr(self.objects[oid], name)(*args)
         if op == "clone":
             return self._clone(self.objects[request[1]])
@@ -206,6 +221,26 @@ class PagerServer:
             copy = shadow.clone(vm, obj)
         self.objects[copy.oid] = copy
         return copy.oid, copy.npages, copy.size
+
+    def _flush(self, obj: VMObject) -> None:
+        """Write a file object's dirty pages: with its mapping detached and its faults
+        held until done (a page the client could write must not be cleaned)."""
+        flush = getattr(obj, "flush", None)
+        if flush is None:
+            raise TypeError(f"VM object {obj.oid} is not a file: there is nothing to flush")
+        vm = self.vm
+        region = self.regions.get(obj.oid)
+        with vm._cond:
+            if region is not None:
+                region.flushing = True
+                region.unbind_all()
+        try:
+            flush()
+        finally:
+            with vm._cond:
+                if region is not None:
+                    region.flushing = False
+                    vm._cond.notify_all()
 
     def _close(self, oid: int) -> None:
         obj = self.objects.pop(oid, None)
