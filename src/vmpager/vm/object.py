@@ -270,10 +270,12 @@ class VMObject:
 
     def map(self) -> memoryview:
         """Objects of a VM live in its process and cannot be mapped (mapped objects are
-        paged by the VM's pager process: ``vm.array(...)``, ``vm.mapped.allocate(size)``)."""
+        paged by the VM's pager process: ``vm.array(...)``, ``vm.mapped.allocate(size)``,
+        ``vm.mapped.map_file(path)``)."""
         raise TypeError(
             f"VM object {self.oid} cannot be mapped: create mapped objects with "
-            "vm.array(shape, dtype) or vm.mapped.allocate(size) (see docs/mapped.md)"
+            "vm.array(shape, dtype), vm.mapped.allocate(size) or vm.mapped.map_file(path) "
+            "(see docs/mapped.md)"
         )
 
     def clone(self) -> VMObject:
