@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import json
 import os
+import ssl
 import sys
 import tempfile
 import time
@@ -393,6 +394,36 @@ def _parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _serve_tls(args: argparse.Namespace, host: str | None) -> ssl.SSLContext | None:
+    """The TLS context ``serve`` asks for; refuses a plain listener beyond loopback.
+
+    ``host`` is None for a unix socket (never beyond this machine).
+    """
+    from vmpager.nbd.tls import is_loopback, server_context
+
+    mode = args.tls or ("require" if args.tls_creds else "off")
+    if mode == "require" and not args.tls_creds:
+        raise ValueError("--tls require needs --tls-creds DIR")
+    if args.tls_verify_client and mode != "require":
+        raise ValueError("--tls-verify-client needs TLS (--tls-creds DIR)")
+    if mode == "off" and host is not None and not is_loopback(host):
+        if not args.insecure:
+            raise ValueError(
+                f"--listen {host} reaches beyond this machine: give --tls-creds DIR, "
+                "or --insecure to serve the disks unencrypted to anyone who can connect"
+            )
+        print(
+            f"warning: serving without TLS on {host}: anyone who can reach the port "
+            "can read and write the disks",
+            file=sys.stderr,
+            flush=True,
+        )
+    if mode == "off":
+        return None
+    with blame("--tls-creds"):
+        return server_context(args.tls_creds, verify_client=args.tls_verify_client)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -404,6 +435,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     memory = parse_size(args.memory, "--memory", minimum=16 * 4096)
     host, port = _parse_listen(args.listen)
     _check_swap_specs(args.swap)
+    tls = _serve_tls(args, None if args.unix else host)
     with blame("--swap"):
         vm = VM(memory=memory, swap=args.swap or None)
     with vm:
@@ -411,6 +443,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         kwargs: dict[str, Any] = (
             {"unix_path": args.unix} if args.unix else {"host": host, "port": port}
         )
+        kwargs["tls"] = tls
         server = NbdServer(backends, **kwargs)
         with blame("--unix" if args.unix else f"--listen {args.listen}"):
             server.start()
@@ -666,6 +699,27 @@ def build_parser() -> argparse.ArgumentParser:
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT (default loopback)")
     where.add_argument("--unix", metavar="PATH", help="serve on a unix socket instead")
+    serve.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="TLS credentials in qemu's layout (ca-cert.pem, server-cert.pem, server-key.pem)",
+    )
+    serve.add_argument(
+        "--tls",
+        choices=("require", "off"),
+        default=None,
+        help="require: only STARTTLS before the upgrade (default with --tls-creds); off: no TLS",
+    )
+    serve.add_argument(
+        "--tls-verify-client",
+        action="store_true",
+        help="require client certificates signed by ca-cert.pem",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond loopback without TLS (prints a warning)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     stress = sub.add_parser(

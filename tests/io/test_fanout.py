@@ -99,3 +99,37 @@ def test_runs_from_several_threads_take_turns() -> None:
 def test_bad_thread_count(bad: object) -> None:
     with pytest.raises(ValueError, match="nthreads must be an int in"):
         Fanout(bad)  # type: ignore[arg-type]
+
+
+def test_submitted_calls_all_run_before_close_returns() -> None:
+    fanout = Fanout(3)
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def record(item: int) -> None:
+        with lock:
+            done.append(item)
+
+    for i in range(50):
+        fanout.submit(record, i)
+    fanout.run(record, list(range(100, 110)))  # a run shares the helpers with the calls
+    fanout.close()
+    assert sorted(done) == [*range(50), *range(100, 110)]
+    assert fanout.calls_submitted == 50 and fanout.calls_failed == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        fanout.submit(record, 1)
+
+
+def test_a_submitted_call_that_raises_is_counted_and_the_helpers_go_on() -> None:
+    fanout = Fanout(1)  # one thread for runs still gets one helper for calls
+    seen: list[int] = []
+
+    def boom(item: int) -> None:
+        if item == 0:
+            raise ValueError("boom")
+        seen.append(item)
+
+    fanout.submit(boom, 0)
+    fanout.submit(boom, 1)
+    fanout.close()
+    assert seen == [1] and fanout.calls_failed == 1

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 
 from vmpager.nbd import NbdServer
 from vmpager.nbd.vmdisk import VMObjectBackend
-from vmpager.testing.nbd import require_client, run_client
+from vmpager.testing.nbd import require_client, run_client, serve_command
 from vmpager.testing.worlds import small_vm
 
 pytestmark = pytest.mark.clients
@@ -91,29 +89,8 @@ def test_vmpager_serve_cli_with_nbdinfo_and_nbdcopy(tmp_path: Path) -> None:
     require_client("nbdinfo")
     require_client("nbdcopy")
     sock = tmp_path / "nbd.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vmpager",
-            "serve",
-            "--size",
-            "32M",
-            "--memory",
-            "4M",
-            "--name",
-            "d0",
-            "--export",
-            "d1:8M",
-            "--unix",
-            str(sock),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
+    args = ["--size", "32M", "--memory", "4M", "--name", "d0", "--export", "d1:8M"]
+    with serve_command([*args, "--unix", str(sock)]) as (line, _stderr):
         assert "serving 'd0'" in line, line
         uri = f"nbd+unix:///d0?socket={sock}"
         info = run_client(["nbdinfo", "--json", uri]).stdout
@@ -126,7 +103,3 @@ def test_vmpager_serve_cli_with_nbdinfo_and_nbdcopy(tmp_path: Path) -> None:
         back = tmp_path / "out.bin"
         run_client(["nbdcopy", uri, str(back)])
         assert back.read_bytes() == src.read_bytes()
-    finally:
-        proc.terminate()
-        _out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from vmpager.pager.vnode import PrivateFileObject, VnodeObject
+from vmpager.pager.file_object import PrivateFileObject, VnodeObject
 from vmpager.testing.worlds import PAGE, small_vm
 
 

@@ -16,7 +16,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from vmpager.pager.vnode import VnodeObject
+from vmpager.pager.file_object import VnodeObject
 from vmpager.testing.worlds import PAGE, small_vm
 from vmpager.vm.system import VM
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
 
 from vmpager import DeviceError, ObjectClosed
-from vmpager.pager.vnode import FileShrunkError, VnodeObject
+from vmpager.pager.file_object import VnodeObject
+from vmpager.pager.vnode import FileShrunkError
 from vmpager.testing.worlds import PAGE, small_vm
 
 
@@ -414,6 +416,10 @@ def test_asynchronous_read_ahead_keeps_windows_in_flight(tmp_path: Path) -> None
         stats = vm.vnode_pager.statistics()
         # Most pages came in asynchronously, ahead of the reader.
         assert stats.async_pageins > 0 and stats.async_pagein_pages > stats.pagein_pages // 2
+        # On the VM's fan-out helpers: the pager starts no threads of its own.
+        assert vm.fanout.calls_submitted >= stats.async_pageins
+        assert vm.fanout.calls_failed == 0
+        assert not [t for t in threading.enumerate() if "vnode" in t.name]
         # Closing with windows in flight waits for them.
         obj.close()
         obj = vm.map_file(path)
@@ -422,3 +428,18 @@ def test_asynchronous_read_ahead_keeps_windows_in_flight(tmp_path: Path) -> None
         obj.close()
         assert vm.statistics().resident_npages == 0
         vm.check()
+
+
+def test_read_ahead_after_the_fan_out_closed_drops_the_window(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    data = make_file(path, 64 * PAGE)
+    vm, _ = small_vm(nframes=96, readaround_npages=4, free_target_nframes=40)
+    with vm:
+        vm.vnode_pager.async_readahead_windows = 2
+        obj = vm.map_file(path)
+        vm.fanout.close()  # as during VM.close: no helper takes new calls
+        for pindex in range(64):
+            assert obj.read(pindex * PAGE, PAGE) == data[pindex * PAGE : (pindex + 1) * PAGE]
+            vm.check()
+        assert vm.fanout.calls_submitted == 0
+        obj.close()

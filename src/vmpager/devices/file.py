@@ -14,7 +14,6 @@ the GIL, so several threads may use disjoint ranges at once.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -24,26 +23,22 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
 from vmpager.devices._request import DeviceCounters, as_byte_views, check_block_size, check_range
 from vmpager.devices.protocol import DeviceStatistics, ReadableBuffer, WritableBuffer
 from vmpager.errors import DeviceError
+from vmpager.io.vectored import drop_cache, libc_function, preadv_all, pwritev_all
 from vmpager.units import check_int, format_size
 
 __all__ = ["FileDevice"]
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 # linux/falloc.h
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 # linux/fs.h: BLKDISCARD = _IO(0x12, 119), BLKGETSIZE64 = _IOR(0x12, 114, size_t)
 _BLKDISCARD = 0x1277
-# sync_file_range flags
-_SYNC_FILE_RANGE_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
 #: errnos meaning "this file cannot discard": discard is advisory, so they are ignored.
 _DISCARD_UNSUPPORTED = frozenset(
@@ -51,31 +46,9 @@ _DISCARD_UNSUPPORTED = frozenset(
 )
 
 
-def _load_libc() -> Any:
-    path = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(path, use_errno=True)
-    except OSError:
-        return None
-
-
-_libc = _load_libc()
-
-
-def _libc_function(name: str, argtypes: list[Any]) -> Any:
-    function = getattr(_libc, name, None) if _libc is not None else None
-    if function is not None:
-        function.argtypes = argtypes
-        function.restype = ctypes.c_int
-    return function
-
-
-# ctypes releases the GIL around these calls, as os.preadv does.
-_fallocate = _libc_function(
+# ctypes releases the GIL around the call, as os.preadv does.
+_fallocate = libc_function(
     "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-)
-_sync_file_range = _libc_function(
-    "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 )
 
 
@@ -84,18 +57,6 @@ def _address(view: memoryview) -> int:
     if not view.readonly:
         return ctypes.addressof(ctypes.c_char.from_buffer(view))
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
-
-
-def _advance(views: list[memoryview], nbytes: int) -> list[memoryview]:
-    """The buffers still to transfer after ``nbytes`` of ``views`` were done."""
-    index = 0
-    while index < len(views) and nbytes >= views[index].nbytes:
-        nbytes -= views[index].nbytes
-        index += 1
-    rest = views[index:]
-    if rest and nbytes:
-        rest[0] = rest[0][nbytes:]
-    return rest
 
 
 class _Bounce:
@@ -428,18 +389,16 @@ class FileDevice:
         self, fd: int, iov: list[memoryview], offset: int, blk: int, *, write: bool
     ) -> None:
         """One preadv/pwritev, repeated only for short transfers or past IOV_MAX."""
-        rest = iov
-        while rest:
-            chunk = rest[:_IOV_MAX]
-            try:
-                done = os.pwritev(fd, chunk, offset) if write else os.preadv(fd, chunk, offset)
-            except OSError as error:
-                raise DeviceError(error.errno or errno.EIO, self._name, blk) from error
-            if done == 0:
-                detail = "no progress" if write else "unexpected end of file"
-                raise DeviceError(errno.EIO, self._name, blk, detail)
-            offset += done
-            rest = _advance(rest, done)
+        try:
+            if write:
+                pwritev_all(fd, iov, offset)
+                return
+            nbytes = sum(view.nbytes for view in iov)
+            done = preadv_all(fd, iov, offset, nbytes)
+        except OSError as error:
+            raise DeviceError(error.errno or errno.EIO, self._name, blk) from error
+        if done < nbytes:
+            raise DeviceError(errno.EIO, self._name, blk, "unexpected end of file")
 
     def _drop_cache(self, fd: int, offset: int, nbytes: int, blk: int, *, written: bool) -> None:
         """Cached mode: get the range out of the page cache.
@@ -448,14 +407,7 @@ class FileDevice:
         first written back and waited for.
         """
         try:
-            if written:
-                if _sync_file_range is not None:
-                    if _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_ALL) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, os.strerror(err))
-                else:  # pragma: no cover - every Linux libc has sync_file_range
-                    os.fdatasync(fd)
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            drop_cache(fd, offset, nbytes, written=written)
         except OSError as error:
             raise DeviceError(error.errno or errno.EIO, self._name, blk) from error
 

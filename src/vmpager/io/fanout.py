@@ -10,17 +10,26 @@ calling thread and up to ``nthreads - 1`` helper threads, each taking items
 from one shared position; it returns when every call has returned. The
 helpers are started on first use and live until ``close()``. Cost: one
 wake-up per helper per ``run`` call, not per item.
+
+``submit(fn, item)`` hands one call to the same helpers and returns at once
+(the vnode pager's asynchronous read-ahead): no other thread pool is needed
+for transfers nobody waits for. A helper takes a ``run`` before queued
+calls, so a ``run`` waits at most for the calls helpers are already in.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Fanout"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class _Job(Generic[T]):
@@ -74,6 +83,10 @@ class Fanout:
         self._wanted = 0  # helpers still to join the current job
         self._closed = False
         self._running = threading.Lock()  # one run at a time
+        self._spawn = threading.Lock()  # guards _threads while helpers start
+        self._calls: deque[tuple[Callable[[Any], None], Any]] = deque()
+        self._submitted = 0
+        self._failed_calls = 0
 
     def run(self, fn: Callable[[T], None], items: Sequence[T], *, width: int | None = None) -> None:
         """Call ``fn`` on every item, at most ``width`` (default and at most
@@ -104,7 +117,39 @@ class Fanout:
             if job.error is not None:
                 raise job.error
 
+    def submit(self, fn: Callable[[T], None], item: T) -> None:
+        """Call ``fn(item)`` on a helper thread later; returns at once.
+
+        Calls run in submission order on up to ``max(1, nthreads - 1)``
+        helpers. ``fn`` must not raise: an exception is logged and dropped
+        (nobody waits for the call), so ``fn`` reports its own errors. Calls
+        submitted before ``close()`` still run. ``RuntimeError`` after close.
+        """
+        with self._work:
+            if self._closed:
+                raise RuntimeError("fanout is closed")
+            self._calls.append((fn, item))
+            self._submitted += 1
+            wanted = min(len(self._calls), max(1, self.nthreads - 1))
+            self._work.notify()
+        if len(self._threads) < wanted:
+            self._start_helpers(wanted)
+
+    @property
+    def calls_submitted(self) -> int:
+        """Calls handed to ``submit`` since creation."""
+        return self._submitted
+
+    @property
+    def calls_failed(self) -> int:
+        """Submitted calls that raised (logged and dropped)."""
+        return self._failed_calls
+
     def _start_helpers(self, count: int) -> None:
+        with self._spawn:
+            self._start_helpers_locked(count)
+
+    def _start_helpers_locked(self, count: int) -> None:
         while len(self._threads) < count:
             t = threading.Thread(
                 target=self._helper, name=f"{self._name}-{len(self._threads)}", daemon=True
@@ -115,21 +160,37 @@ class Fanout:
     def _helper(self) -> None:
         seen = 0
         while True:
+            call = None
             with self._work:
-                while not self._closed and (
-                    self._job is None or self._generation == seen or self._wanted <= 0
+                while (
+                    not self._closed
+                    and not self._calls
+                    and (self._job is None or self._generation == seen or self._wanted <= 0)
                 ):
                     self._work.wait()
-                if self._closed:
-                    return
                 job = self._job
-                seen = self._generation
-                self._wanted -= 1
-            assert job is not None
-            job.work()
+                if job is not None and self._generation != seen and self._wanted > 0:
+                    seen = self._generation
+                    self._wanted -= 1
+                elif self._calls:
+                    job = None
+                    call = self._calls.popleft()
+                else:  # closed, and nothing left to do
+                    return
+            if call is None:
+                assert job is not None
+                job.work()
+                continue
+            fn, item = call
+            try:
+                fn(item)
+            except BaseException:
+                self._failed_calls += 1
+                log.exception("%s: a submitted call raised", self._name)
 
     def close(self) -> None:
-        """Stop the helper threads (after the run in progress). Idempotent."""
+        """Stop the helper threads (after the run in progress and the submitted
+        calls). Idempotent."""
         with self._running, self._work:
             self._closed = True
             self._work.notify_all()

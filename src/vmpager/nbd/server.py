@@ -1,10 +1,10 @@
 """An NBD server: exports ``Backend`` objects over TCP (loopback by default) or a unix socket.
 
-It speaks the fixed-newstyle handshake (EXPORT_NAME, ABORT, LIST, INFO, GO,
-STRUCTURED_REPLY, LIST/SET_META_CONTEXT for ``base:allocation``) and every
-transmission command of the base protocol (READ, WRITE, FLUSH, TRIM,
-WRITE_ZEROES with NO_HOLE/FAST_ZERO, CACHE, BLOCK_STATUS, DISC, FUA on
-all of them), with simple or structured replies.
+The protocol (handshake, options, request parsing and checks, reply
+layout) is ``vmpager.nbd.connection.NbdConnection``, which does no I/O; this
+module owns the sockets, the threads, TLS upgrades and the backend calls,
+in one loop per connection that feeds received bytes to the protocol and
+acts on its events.
 
 Concurrency: one thread per connection, plus one accepting thread. A
 connection thread parses pipelined requests out of one preallocated receive
@@ -22,7 +22,8 @@ threads and share the backend, which is why ``NBD_FLAG_CAN_MULTI_CONN`` is
 honest: FLUSH flushes the one shared backend.
 
 Robustness: a client that breaks the protocol (bad magic, a write payload
-over the maximum, unknown client flags) is disconnected; a bad request that
+over the maximum, unknown client flags, bytes sent ahead of a TLS upgrade)
+is disconnected; a bad request that
 can be answered (unknown command or flag, range past the end, a backend
 error) gets an error reply and the connection goes on. Nothing is allocated
 from a client-supplied length before it is checked against the maximum
@@ -31,73 +32,49 @@ payload, and a write is acknowledged only after ``Backend.write`` returned.
 
 from __future__ import annotations
 
-import array
 import concurrent.futures
 import contextlib
-import io
 import itertools
 import logging
 import os
 import socket
+import ssl
 import stat
-import struct
-import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, cast
+from typing import Final
 
 from vmpager.errors import InvariantViolation, SwapExhausted
 from vmpager.nbd import protocol as p
 from vmpager.nbd.backend import Backend
+from vmpager.nbd.connection import (
+    MAX_STRING_BYTES,
+    Aborted,
+    Disconnect,
+    ExportInfo,
+    Invalid,
+    NbdConnection,
+    NbdProtocolError,
+    OptionReplied,
+    Ready,
+    RequestTuple,
+    StartTls,
+    data_chunk_header,
+    ok_reply,
+)
 from vmpager.units import check_int
 
 __all__ = ["NbdServer", "NbdServerStatistics"]
 
 log = logging.getLogger(__name__)
 
-#: Bytes of receive buffer per connection: many pipelined small requests per recv.
-RECV_BUFFER_BYTES: Final = 256 * 1024
-#: Write payloads up to this size are received into the receive buffer itself.
-INLINE_PAYLOAD_BYTES: Final = 128 * 1024
-#: A connection keeps a spare buffer for larger payloads up to this size.
-SPARE_PAYLOAD_BYTES: Final = 8 * 1024 * 1024
 #: Replies are sent once this many buffers or bytes are gathered.
 SEND_BATCH_BUFFERS: Final = 256
 SEND_BATCH_BYTES: Final = 1024 * 1024
-#: Option data longer than this is a denial of service: the connection is dropped.
-MAX_OPTION_BYTES: Final = 64 * 1024
-#: Longest export name or metadata-context query, per the specification's string rule.
-MAX_STRING_BYTES: Final = 4096
-#: Most block-status descriptors in one reply chunk (the specification's limit).
-MAX_DESCRIPTORS: Final = 1 << 20
-#: Metadata context id given to ``base:allocation``.
-BASE_ALLOCATION_ID: Final = 1
-
-_EMPTY = b""
-_ZEROES_124 = bytes(124)
-
-_ALLOWED_FLAGS: Final[dict[int, int]] = {
-    p.NBD_CMD_READ: p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_DF,
-    p.NBD_CMD_WRITE: p.NBD_CMD_FLAG_FUA,
-    p.NBD_CMD_DISC: p.NBD_CMD_FLAG_FUA,
-    p.NBD_CMD_FLUSH: p.NBD_CMD_FLAG_FUA,
-    p.NBD_CMD_TRIM: p.NBD_CMD_FLAG_FUA,
-    p.NBD_CMD_CACHE: p.NBD_CMD_FLAG_FUA,
-    p.NBD_CMD_WRITE_ZEROES: (
-        p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_NO_HOLE | p.NBD_CMD_FLAG_FAST_ZERO
-    ),
-    p.NBD_CMD_BLOCK_STATUS: p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_REQ_ONE,
-}
-
-
-_WRITE_FLAGS: Final = _ALLOWED_FLAGS[p.NBD_CMD_WRITE]
-_READ_FLAGS: Final = _ALLOWED_FLAGS[p.NBD_CMD_READ]
-_pack_simple = p.SIMPLE_REPLY.pack
-_pack_data_header = p.CHUNK_OFFSET_DATA_HEADER.pack
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +86,7 @@ class NbdServerStatistics:
     connections_refused: int
     handshakes_completed: int
     protocol_errors: int
+    tls_sessions: int
     reads: int
     writes: int
     flushes: int
@@ -134,6 +112,7 @@ class _Counters:
         "handshakes_completed",
         "protocol_errors",
         "reads",
+        "tls_sessions",
         "trims",
         "write_zeroes",
         "writes",
@@ -148,6 +127,7 @@ class _Counters:
     handshakes_completed: int
     protocol_errors: int
     reads: int
+    tls_sessions: int
     trims: int
     write_zeroes: int
     writes: int
@@ -159,14 +139,6 @@ class _Counters:
     def add(self, other: _Counters) -> None:
         for name in self.__slots__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-class _Disconnect(Exception):
-    """The client went away (or must be dropped); the connection ends."""
-
-
-class _ProtocolError(_Disconnect):
-    """The client broke a MUST of the protocol; the connection is dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +174,11 @@ class NbdServer:
     whose calls block on device I/O (and release the GIL) serves up to N
     requests of one client at once, replying as each finishes.
 
+    ``tls`` (a server-side ``ssl.SSLContext``, see ``vmpager.nbd.tls``)
+    makes every connection TLS-only: options other than STARTTLS and ABORT
+    are refused with ``NBD_REP_ERR_TLS_REQD`` until the upgrade, as the
+    protocol's FORCEDTLS mode says; without it STARTTLS is refused.
+
     ``start()`` binds and returns at once; ``serve_forever()`` blocks until
     ``close()``; the server is a context manager. The server never closes
     its backends.
@@ -222,6 +199,7 @@ class NbdServer:
         max_connections: int = 64,
         handshake_timeout_s: float = 30.0,
         workers_per_connection: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not isinstance(exports, Mapping) or not exports:
             raise ValueError("exports must be a non-empty mapping of export name to backend")
@@ -253,6 +231,13 @@ class NbdServer:
             )
             self._exports[name] = _Export(name, backend, description, size_bytes, preferred)
         self._default_name = next(iter(self._exports))
+        self._export_infos = [
+            ExportInfo(e.name, e.size_bytes, e.description, e.preferred_block_bytes)
+            for e in self._exports.values()
+        ]
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise TypeError(f"tls must be an ssl.SSLContext or None, got {type(tls).__name__}")
+        self._tls_context = tls
         largest_block = max(e.preferred_block_bytes for e in self._exports.values())
         self._max_payload = check_int(
             max_payload_bytes, "max_payload_bytes", minimum=largest_block, maximum=p.MAX_U32
@@ -407,17 +392,19 @@ class NbdServer:
         """The NBD URI of ``export`` (default: the default export), e.g. ``nbd://127.0.0.1:1/x``.
 
         Unix sockets give ``nbd+unix:///x?socket=/path``; qemu, libnbd and
-        fio all accept both forms.
+        fio all accept both forms. A TLS-only server gives libnbd's ``nbds``
+        and ``nbds+unix`` schemes (qemu takes TLS from ``tls-creds`` instead).
         """
         name = self._default_name if export is None else export
         quoted = urllib.parse.quote(name, safe="")
         address = self.address
+        scheme = "nbd" if self._tls_context is None else "nbds"
         if isinstance(address, str):
-            return f"nbd+unix:///{quoted}?socket={urllib.parse.quote(address, safe='/')}"
+            return f"{scheme}+unix:///{quoted}?socket={urllib.parse.quote(address, safe='/')}"
         host, port = address
         if ":" in host:
             host = f"[{host}]"
-        return f"nbd://{host}:{port}/{quoted}"
+        return f"{scheme}://{host}:{port}/{quoted}"
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -434,6 +421,7 @@ class NbdServer:
                 connections_refused=self._refused,
                 handshakes_completed=total.handshakes_completed,
                 protocol_errors=total.protocol_errors,
+                tls_sessions=total.tls_sessions,
                 reads=total.reads,
                 writes=total.writes,
                 flushes=total.flushes,
@@ -507,29 +495,6 @@ class NbdServer:
             if self._connections.pop(connection.cid, None) is not None:
                 self._retired.add(connection.snapshot_counters())
 
-    def _lookup(self, name: str) -> _Export | None:
-        export = self._exports.get(name)
-        if export is None and name == "":
-            export = self._exports[self._default_name]
-        return export
-
-    def _transmission_flags(self, structured: bool) -> int:
-        flags = (
-            p.NBD_FLAG_HAS_FLAGS
-            | p.NBD_FLAG_SEND_FLUSH
-            | p.NBD_FLAG_SEND_FUA
-            | p.NBD_FLAG_SEND_CACHE
-        )
-        if self._read_only:
-            flags |= p.NBD_FLAG_READ_ONLY
-        else:
-            flags |= p.NBD_FLAG_SEND_TRIM | p.NBD_FLAG_SEND_WRITE_ZEROES | p.NBD_FLAG_SEND_FAST_ZERO
-        if self._multi_conn:
-            flags |= p.NBD_FLAG_CAN_MULTI_CONN
-        if structured:
-            flags |= p.NBD_FLAG_SEND_DF
-        return flags
-
 
 def _error_from_exception(exc: BaseException) -> int:
     if isinstance(exc, SwapExhausted):
@@ -541,8 +506,19 @@ def _error_from_exception(exc: BaseException) -> int:
     return p.NBD_EIO
 
 
+_Buffer = bytes | bytearray | memoryview
+_CMD_READ: Final = p.NBD_CMD_READ
+_CMD_WRITE: Final = p.NBD_CMD_WRITE
+_FLAG_FUA: Final = p.NBD_CMD_FLAG_FUA
+
+
 class _Connection:
-    """One client: the handshake, then the request loop, in the connection's own thread."""
+    """One client: its socket, its thread (and workers) and the backend calls.
+
+    The protocol itself is an ``NbdConnection``; this class only moves bytes
+    between it and the socket and runs the requests it yields, in one loop
+    (``_serve``) for the handshake and transmission alike.
+    """
 
     def __init__(self, server: NbdServer, cid: int, sock: socket.socket, peer: object) -> None:
         self.server = server
@@ -556,18 +532,21 @@ class _Connection:
         )
         self._shutdown_lock = threading.Lock()
         self._socket_closed = False
-        # Negotiated state.
-        self.structured = False
-        self.no_zeroes = False
-        self.meta_export: str | None = None  # export whose base:allocation was selected
+        self.protocol = NbdConnection(
+            server._export_infos,
+            read_only=server._read_only,
+            multi_conn=server._multi_conn,
+            max_payload_bytes=server._max_payload,
+            tls="off" if server._tls_context is None else "require",
+        )
         self.export: _Export | None = None
-        self.block_status_ok = False
         # Reply batching.
-        self._pending: list[bytes | bytearray | memoryview] = []
+        self._pending: list[_Buffer] = []
         self._pending_bytes = 0
-        self._spare = bytearray()
-        # Set by the pooled request loop: replies are then sent under the lock, and
-        # each worker thread counts into its own counters (listed in all_counters).
+        # sendmsg gathers buffers without copying; an SSL socket has no sendmsg.
+        self._gather = True
+        # Set when requests run in worker threads: replies are then sent under the lock,
+        # and each worker thread counts into its own counters (listed in all_counters).
         self._send_lock: threading.Lock | None = None
         self._local: threading.local | None = None
         self._counters_lock = threading.Lock()
@@ -615,18 +594,15 @@ class _Connection:
             if self.sock.family != socket.AF_UNIX:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.settimeout(self.server._handshake_timeout_s)
-            if self._handshake():
-                self.sock.settimeout(None)
-                self.counters.handshakes_completed += 1
-                self._transmission()
-        except _ProtocolError as exc:
+            self._serve()
+        except NbdProtocolError as exc:
             self.counters.protocol_errors += 1
             # Replies to the requests before the bad one still go out.
             with contextlib.suppress(OSError):
                 self._send_pending()
             log.warning("NBD client %s dropped: %s", self.peer, exc)
-        except _Disconnect:
-            pass
+        except ssl.SSLError as exc:
+            log.warning("NBD client %s: TLS failed: %s", self.peer, exc)
         except (TimeoutError, ConnectionError) as exc:
             log.info("NBD client %s: connection ended: %s", self.peer, exc)
         except OSError as exc:
@@ -637,33 +613,19 @@ class _Connection:
             self._close_socket()
             self.server._retire(self)
 
-    def _recv_exact(self, nbytes: int) -> bytes:
-        if nbytes == 0:
-            return _EMPTY
-        chunks = []
-        remaining = nbytes
-        while remaining:
-            chunk = self.sock.recv(min(remaining, 65536))
-            if not chunk:
-                raise _Disconnect("client closed the connection")
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def _recv_exact_into(self, view: memoryview) -> None:
-        while len(view):
-            n = self.sock.recv_into(view)
-            if n == 0:
-                raise _Disconnect("client closed the connection in the middle of a request")
-            view = view[n:]
-
     def _send_pending(self) -> None:
         buffers = self._pending
         if not buffers:
             return
         sock = self.sock
+        if not self._gather:
+            sock.sendall(b"".join(buffers))
+            buffers.clear()
         while buffers:
             sent = sock.sendmsg(buffers)
+            if sent == sum(map(len, buffers)):
+                buffers.clear()  # the usual case: everything went out
+                break
             # Drop what went out; a partially sent buffer is re-sliced.
             index = 0
             while index < len(buffers) and sent >= len(buffers[index]):
@@ -675,7 +637,7 @@ class _Connection:
                 buffers[0] = memoryview(buffers[0])[sent:]
         self._pending_bytes = 0
 
-    def _queue(self, *buffers: bytes | bytearray | memoryview) -> None:
+    def _queue(self, *buffers: _Buffer) -> None:
         """Queue one whole reply; with worker threads, send it at once under the send lock."""
         send_lock = self._send_lock
         if send_lock is not None:
@@ -689,335 +651,41 @@ class _Connection:
         if len(self._pending) >= SEND_BATCH_BUFFERS or self._pending_bytes >= SEND_BATCH_BYTES:
             self._send_pending()
 
-    # -- handshake ----------------------------------------------------------------------------
+    def _start_tls(self) -> None:
+        """Send the STARTTLS ACK, then run the TLS handshake on the socket (server side)."""
+        context = self.server._tls_context
+        assert context is not None
+        self.sock.sendall(self.protocol.data_to_send())
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        self._gather = False
+        self.protocol.tls_started()
+        self.counters.tls_sessions += 1
 
-    def _option_reply(self, option: int, reply: int, data: bytes = _EMPTY) -> None:
-        self.sock.sendall(
-            p.OPTION_REPLY_HEADER.pack(p.OPTION_REPLY_MAGIC, option, reply, len(data)) + data
-        )
+    # -- the request loop ---------------------------------------------------------------------
 
-    def _option_error(self, option: int, reply: int, message: str) -> None:
-        self._option_reply(option, reply, message.encode()[:MAX_STRING_BYTES])
+    def _serve(self) -> None:
+        """Handshake and transmission until DISC, EOF or a protocol error: the one loop.
 
-    def _handshake(self) -> bool:
-        """Negotiate; True when transmission begins, False when the client aborted."""
-        server = self.server
-        self.sock.sendall(
-            p.HANDSHAKE.pack(
-                p.NBDMAGIC, p.IHAVEOPT, p.NBD_FLAG_FIXED_NEWSTYLE | p.NBD_FLAG_NO_ZEROES
-            )
-        )
-        (client_flags,) = p.CLIENT_FLAGS.unpack(self._recv_exact(p.CLIENT_FLAGS.size))
-        if client_flags & ~(p.NBD_FLAG_C_FIXED_NEWSTYLE | p.NBD_FLAG_C_NO_ZEROES):
-            raise _ProtocolError(f"unknown client flags {client_flags:#x}")
-        self.no_zeroes = bool(client_flags & p.NBD_FLAG_C_NO_ZEROES)
-        while True:
-            magic, option, length = p.OPTION_HEADER.unpack(self._recv_exact(p.OPTION_HEADER.size))
-            if magic != p.IHAVEOPT:
-                raise _ProtocolError(f"bad option magic {magic:#x}")
-            if length > MAX_OPTION_BYTES:
-                raise _ProtocolError(
-                    f"option {option} carries {length} bytes (> {MAX_OPTION_BYTES})"
-                )
-            data = self._recv_exact(length)
-            if option == p.NBD_OPT_EXPORT_NAME:
-                name = self._decode(data)
-                export = None if name is None else server._lookup(name)
-                if export is None:
-                    # EXPORT_NAME has no error reply: the specification says to hang up.
-                    raise _Disconnect(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
-                self._enter(export)
-                reply = p.EXPORT_NAME_REPLY.pack(
-                    export.size_bytes, server._transmission_flags(self.structured)
-                )
-                self.sock.sendall(reply if self.no_zeroes else reply + _ZEROES_124)
-                return True
-            if option == p.NBD_OPT_ABORT:
-                with contextlib.suppress(OSError):
-                    self._option_reply(option, p.NBD_REP_ACK)
-                return False
-            if option == p.NBD_OPT_LIST:
-                if data:
-                    self._option_error(option, p.NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
-                    continue
-                for export in server._exports.values():
-                    encoded = export.name.encode()
-                    # Text after the name is a description for people (the spec allows it).
-                    payload = (
-                        struct.pack(">I", len(encoded)) + encoded + export.description.encode()
-                    )
-                    self._option_reply(option, p.NBD_REP_SERVER, payload)
-                self._option_reply(option, p.NBD_REP_ACK)
-            elif option in (p.NBD_OPT_INFO, p.NBD_OPT_GO):
-                if self._info(option, data):
-                    return True
-            elif option == p.NBD_OPT_STRUCTURED_REPLY:
-                if data:
-                    self._option_error(
-                        option, p.NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"
-                    )
-                    continue
-                self.structured = True
-                self._option_reply(option, p.NBD_REP_ACK)
-            elif option in (p.NBD_OPT_LIST_META_CONTEXT, p.NBD_OPT_SET_META_CONTEXT):
-                self._meta_context(option, data)
-            else:
-                name = p.OPTION_NAMES.get(option, str(option))
-                self._option_error(option, p.NBD_REP_ERR_UNSUP, f"option {name} not supported")
-
-    @staticmethod
-    def _decode(data: bytes) -> str | None:
-        try:
-            text = data.decode()
-        except UnicodeDecodeError:
-            return None
-        return None if "\0" in text else text
-
-    def _info(self, option: int, data: bytes) -> bool:
-        """NBD_OPT_INFO / NBD_OPT_GO; True when GO succeeded."""
-        server = self.server
-        if len(data) < 6:
-            self._option_error(option, p.NBD_REP_ERR_INVALID, "option data shorter than 6 bytes")
-            return False
-        (name_len,) = struct.unpack_from(">I", data, 0)
-        if name_len > len(data) - 6:
-            self._option_error(option, p.NBD_REP_ERR_INVALID, "name length exceeds option data")
-            return False
-        (nrequests,) = struct.unpack_from(">H", data, 4 + name_len)
-        if len(data) != 6 + name_len + 2 * nrequests:
-            self._option_error(
-                option, p.NBD_REP_ERR_INVALID, "option length does not match information requests"
-            )
-            return False
-        requests = set(struct.unpack_from(f">{nrequests}H", data, 6 + name_len))
-        name = self._decode(data[4 : 4 + name_len])
-        if name is None:
-            self._option_error(option, p.NBD_REP_ERR_INVALID, "export name is not valid UTF-8")
-            return False
-        export = server._lookup(name)
-        if export is None:
-            self._option_error(option, p.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-            return False
-        flags = server._transmission_flags(self.structured)
-        self._option_reply(
-            option, p.NBD_REP_INFO, p.INFO_EXPORT.pack(p.NBD_INFO_EXPORT, export.size_bytes, flags)
-        )
-        if p.NBD_INFO_NAME in requests:
-            payload = struct.pack(">H", p.NBD_INFO_NAME) + export.name.encode()
-            self._option_reply(option, p.NBD_REP_INFO, payload)
-        if p.NBD_INFO_DESCRIPTION in requests and export.description:
-            payload = struct.pack(">H", p.NBD_INFO_DESCRIPTION) + export.description.encode()
-            self._option_reply(option, p.NBD_REP_INFO, payload)
-        # Sent unasked too: the values are the protocol defaults (minimum 1), so a client
-        # that did not ask loses nothing by ignoring them.
-        self._option_reply(
-            option,
-            p.NBD_REP_INFO,
-            p.INFO_BLOCK_SIZE.pack(
-                p.NBD_INFO_BLOCK_SIZE, 1, export.preferred_block_bytes, server._max_payload
-            ),
-        )
-        self._option_reply(option, p.NBD_REP_ACK)
-        if option == p.NBD_OPT_GO:
-            self._enter(export)
-            return True
-        return False
-
-    def _meta_context(self, option: int, data: bytes) -> None:
-        server = self.server
-        setting = option == p.NBD_OPT_SET_META_CONTEXT
-        if setting:
-            self.meta_export = None  # a SET replaces the selection even when it fails
-            if not self.structured:
-                self._option_error(
-                    option, p.NBD_REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first"
-                )
-                return
-        parsed = self._parse_meta_request(data)
-        if parsed is None:
-            self._option_error(option, p.NBD_REP_ERR_INVALID, "malformed metadata context request")
-            return
-        name, queries = parsed
-        export = server._lookup(name)
-        if export is None:
-            self._option_error(option, p.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-            return
-        if setting:
-            selected = p.BASE_ALLOCATION in queries
-        else:
-            selected = not queries or any(q in ("base:", p.BASE_ALLOCATION) for q in queries)
-        if selected:
-            context_id = BASE_ALLOCATION_ID if setting else 0
-            payload = struct.pack(">I", context_id) + p.BASE_ALLOCATION.encode()
-            self._option_reply(option, p.NBD_REP_META_CONTEXT, payload)
-            if setting:
-                self.meta_export = export.name
-        self._option_reply(option, p.NBD_REP_ACK)
-
-    def _parse_meta_request(self, data: bytes) -> tuple[str, list[str]] | None:
-        """Export name and query strings, or None when the request is malformed."""
-        try:
-            (name_len,) = struct.unpack_from(">I", data, 0)
-            pos = 4 + name_len
-            if pos + 4 > len(data) or name_len > MAX_STRING_BYTES:
-                return None
-            name = self._decode(data[4:pos])
-            (nqueries,) = struct.unpack_from(">I", data, pos)
-            pos += 4
-            queries: list[str] = []
-            for _ in range(nqueries):
-                (query_len,) = struct.unpack_from(">I", data, pos)
-                pos += 4
-                if query_len > MAX_STRING_BYTES or pos + query_len > len(data):
-                    return None
-                query = self._decode(data[pos : pos + query_len])
-                if query is None or ":" not in query:
-                    return None
-                queries.append(query)
-                pos += query_len
-        except struct.error:
-            return None
-        if pos != len(data) or name is None:
-            return None
-        return name, queries
-
-    def _enter(self, export: _Export) -> None:
-        self.export = export
-        self.block_status_ok = self.structured and self.meta_export == export.name
-
-    # -- transmission -------------------------------------------------------------------------
-
-    def _error(self, cookie: int, error: int, message: str) -> None:
-        """Queue an error reply (an ERROR chunk when structured replies were negotiated)."""
-        self._counters().error_replies += 1
-        if self.structured:
-            text = message.encode()[:MAX_STRING_BYTES]
-            payload = struct.pack(">IH", error, len(text)) + text
-            self._queue(
-                p.CHUNK_HEADER.pack(
-                    p.STRUCTURED_REPLY_MAGIC,
-                    p.NBD_REPLY_FLAG_DONE,
-                    p.NBD_REPLY_TYPE_ERROR,
-                    cookie,
-                    len(payload),
-                ),
-                payload,
-            )
-        else:
-            self._queue(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, error, cookie))
-
-    def _transmission(self) -> None:
-        """Serve requests until NBD_CMD_DISC, EOF or a protocol error."""
-        workers = self.server._workers_per_connection
-        if workers:
-            self._transmission_pooled(workers)
-        else:
-            self._transmission_inline()
-
-    def _transmission_inline(self) -> None:
-        """The request loop that runs every request in this thread, in order."""
-        export = self.export
-        assert export is not None
-        backend = export.backend
-        size = export.size_bytes
-        max_payload = self.server._max_payload
-        sock = self.sock
-        unpack_request = p.REQUEST.unpack_from
-        request_size = p.REQUEST.size
-        pending = self._pending
-        request_magic = p.REQUEST_MAGIC
-        cmd_read = p.NBD_CMD_READ
-        cmd_write = p.NBD_CMD_WRITE
-        do_read = self._read
-        do_write = self._write
-
-        buf = bytearray(RECV_BUFFER_BYTES)
-        view = memoryview(buf)
-        start = end = 0
-        while True:
-            if end - start < request_size:
-                # About to wait for the client: everything answered so far goes out first.
-                if pending:
-                    self._send_pending()
-                if start:
-                    buf[: end - start] = buf[start:end]
-                    end -= start
-                    start = 0
-                n = sock.recv_into(view[end:])
-                if n == 0:
-                    raise _Disconnect("client closed the connection")
-                end += n
-                continue
-            magic, flags, command, cookie, offset, length = unpack_request(buf, start)
-            if magic != request_magic:
-                raise _ProtocolError(f"bad request magic {magic:#x}")
-            start += request_size
-
-            if command == cmd_write:
-                if length > max_payload:
-                    raise _ProtocolError(f"write payload {length} exceeds maximum {max_payload}")
-                have = end - start
-                if have >= length:
-                    data = view[start : start + length]
-                    start += length
-                elif length <= INLINE_PAYLOAD_BYTES:
-                    if pending:
-                        self._send_pending()
-                    buf[:have] = buf[start:end]
-                    start, end = 0, have
-                    while end < length:
-                        n = sock.recv_into(view[end:])
-                        if n == 0:
-                            raise _Disconnect("client closed the connection inside a write")
-                        end += n
-                    data = view[:length]
-                    start = length
-                else:
-                    if pending:
-                        self._send_pending()
-                    data = self._payload_buffer(length)
-                    data[:have] = view[start:end]
-                    start = end = 0
-                    self._recv_exact_into(data[have:])
-                do_write(backend, size, flags, cookie, offset, length, data)
-                del data
-            elif command == cmd_read:
-                do_read(backend, size, flags, cookie, offset, length)
-            elif command == p.NBD_CMD_DISC:
-                self._send_pending()
-                raise _Disconnect("client sent NBD_CMD_DISC")
-            else:
-                self._other_command(backend, size, flags, command, cookie, offset, length)
-
-    def _transmission_pooled(self, workers: int) -> None:
-        """The request loop that hands requests to ``workers`` threads of this connection.
-
-        Replies are sent as requests finish (out of order); at most
+        Requests run here in order (replies gathered and sent before the
+        thread waits for the client), or, with ``workers_per_connection``, in
+        that many worker threads that reply as each finishes; at most
         ``4 * workers`` requests are in flight, so memory stays bounded. On
-        DISC, EOF or a protocol error, the requests in flight finish and are
+        DISC, EOF or a protocol error, requests in flight finish and are
         answered before the connection closes.
         """
-        export = self.export
-        assert export is not None
-        backend = export.backend
-        size = export.size_bytes
-        max_payload = self.server._max_payload
-        self._send_lock = threading.Lock()
-        self._local = threading.local()
-        slots = threading.BoundedSemaphore(4 * workers)
-        reader = cast(io.BufferedReader, self.sock.makefile("rb", buffering=RECV_BUFFER_BYTES))
-        header = bytearray(p.REQUEST.size)
+        protocol = self.protocol
+        workers = self.server._workers_per_connection
+        pool: concurrent.futures.ThreadPoolExecutor | None = None
+        slots = threading.BoundedSemaphore(4 * max(workers, 1))
+        run: Callable[[RequestTuple], None] = self._reject_request
+        queue = self._queue
+        error_reply = protocol.error_reply
+        next_events = protocol.next_events
+        pending = self._pending
 
-        def run(
-            flags: int, command: int, cookie: int, offset: int, length: int, data: bytearray
-        ) -> None:
+        def run_in_worker(request: RequestTuple) -> None:
             try:
-                if command == p.NBD_CMD_WRITE:
-                    self._write(backend, size, flags, cookie, offset, length, data)
-                elif command == p.NBD_CMD_READ:
-                    self._read(backend, size, flags, cookie, offset, length)
-                else:
-                    self._other_command(backend, size, flags, command, cookie, offset, length)
+                run(request)
             except OSError as exc:
                 log.info("NBD client %s: reply not sent: %s", self.peer, exc)
                 self.shutdown(socket.SHUT_RDWR)
@@ -1027,92 +695,140 @@ class _Connection:
             finally:
                 slots.release()
 
-        with (
-            concurrent.futures.ThreadPoolExecutor(
-                workers, thread_name_prefix=f"vmpager-nbd-conn-{self.cid}-worker"
-            ) as pool,
-            reader,
-        ):
+        try:
             while True:
-                if reader.readinto(header) != len(header):
-                    raise _Disconnect("client closed the connection")
-                magic, flags, command, cookie, offset, length = p.REQUEST.unpack(header)
-                if magic != p.REQUEST_MAGIC:
-                    raise _ProtocolError(f"bad request magic {magic:#x}")
-                data = bytearray()
-                if command == p.NBD_CMD_WRITE:
-                    if length > max_payload:
-                        raise _ProtocolError(
-                            f"write payload {length} exceeds maximum {max_payload}"
-                        )
-                    data = bytearray(length)
-                    if reader.readinto(data) != length:
-                        raise _Disconnect("client closed the connection inside a write")
-                elif command == p.NBD_CMD_DISC:
-                    raise _Disconnect("client sent NBD_CMD_DISC")
-                slots.acquire()
-                pool.submit(run, flags, command, cookie, offset, length, data)
+                events = next_events()
+                if not events:
+                    # About to wait for the client: everything answered so far goes out first.
+                    if self.export is None:
+                        self.sock.sendall(protocol.data_to_send())
+                    elif pending and pool is None:
+                        self._send_pending()
+                    n = self.sock.recv_into(protocol.receive_buffer())
+                    protocol.received(n)
+                    continue
+                for event in events:
+                    if type(event) is tuple:
+                        # A request, the one event that is a plain tuple (mypy cannot
+                        # narrow a union of tuple subclasses by ``type(...) is tuple``).
+                        request: RequestTuple = event  # type: ignore[assignment]
+                        if pool is None:
+                            run(request)
+                        else:
+                            command, flags, cookie, offset, length, data = request
+                            if data:
+                                # The payload view is only valid until the next receive.
+                                request = (command, flags, cookie, offset, length, bytes(data))
+                            slots.acquire()
+                            pool.submit(run_in_worker, request)
+                    elif type(event) is Invalid:
+                        self._counters().error_replies += 1
+                        queue(*error_reply(event.cookie, event.error, event.message))
+                    elif type(event) is OptionReplied:
+                        continue
+                    elif type(event) is Ready:
+                        self.sock.sendall(protocol.data_to_send())
+                        self.export = self.server._exports[event.export.name]
+                        self.sock.settimeout(None)
+                        self.counters.handshakes_completed += 1
+                        if workers:
+                            self._send_lock = threading.Lock()
+                            self._local = threading.local()
+                            pool = concurrent.futures.ThreadPoolExecutor(
+                                workers, thread_name_prefix=f"vmpager-nbd-conn-{self.cid}-worker"
+                            )
+                        run = self._runner(self.export, pooled=pool is not None)
+                    elif type(event) is StartTls:
+                        self._start_tls()
+                    elif type(event) is Aborted:
+                        with contextlib.suppress(OSError):
+                            self.sock.sendall(protocol.data_to_send())
+                        return
+                    elif type(event) is Disconnect:
+                        if event.clean:
+                            log.debug("NBD client %s: %s", self.peer, event.reason)
+                        elif self.export is None:
+                            log.info("NBD client %s: %s", self.peer, event.reason)
+                        if pool is None:
+                            self._send_pending()
+                        return
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
-    def _write(
-        self,
-        backend: Backend,
-        size: int,
-        flags: int,
-        cookie: int,
-        offset: int,
-        length: int,
-        data: bytearray | memoryview,
-    ) -> None:
-        """NBD_CMD_WRITE whose payload has been received into ``data``."""
-        bad_flags = flags & ~_WRITE_FLAGS
-        if bad_flags:
-            self._error(cookie, p.NBD_EINVAL, f"unsupported flags {bad_flags:#x}")
-        elif self.server._read_only:
-            self._error(cookie, p.NBD_EPERM, "export is read-only")
-        elif offset + length > size:
-            self._error(cookie, p.NBD_ENOSPC, f"write past the end ({size} bytes)")
-        else:
-            try:
-                if length:
-                    backend.write(offset, data, fua=bool(flags & p.NBD_CMD_FLAG_FUA))
-            except Exception as exc:
-                self._backend_error(cookie, exc, "write", offset, length)
-            else:
-                counters = self._counters()
+    def _runner(self, export: _Export, *, pooled: bool) -> Callable[[RequestTuple], None]:
+        """The function that calls the backend for one valid request and queues its reply.
+
+        A closure over what stays fixed for the connection (backend,
+        negotiated reply kind, whether workers share it), because this is
+        the per-request path: plain reads and writes are done here, and
+        without workers their replies are appended to the pending list
+        directly; everything else goes to ``_other_command``.
+        """
+        backend = export.backend
+        protocol = self.protocol
+        structured = protocol.structured
+        sparse_read_bytes = self.server._sparse_read_bytes
+        # Reads from this length on may be answered with holes (the general path).
+        sparse_min = (1 << 64) if sparse_read_bytes is None or not structured else sparse_read_bytes
+        queue = self._queue
+        counters_of = self._counters
+        backend_error = self._backend_error
+        other_command = self._other_command
+        read_into = backend.read_into
+        write = backend.write
+        pending = self._pending
+        own_counters = self.counters
+
+        def run(request: RequestTuple) -> None:
+            command, flags, cookie, offset, length, data = request
+            if command == _CMD_WRITE:
+                try:
+                    if length:
+                        write(offset, data, fua=bool(flags & _FLAG_FUA))
+                except Exception as exc:
+                    backend_error(cookie, exc, "write", offset, length)
+                    return
+                counters = counters_of() if pooled else own_counters
                 counters.writes += 1
                 counters.bytes_written += length
-                self._queue(_pack_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+                if pooled:
+                    queue(ok_reply(cookie))
+                    return
+                pending.append(ok_reply(cookie))
+            elif command == _CMD_READ and 0 < length < sparse_min:
+                out = bytearray(length)
+                try:
+                    read_into(offset, memoryview(out))
+                except Exception as exc:
+                    backend_error(cookie, exc, "read", offset, length)
+                    return
+                counters = counters_of() if pooled else own_counters
+                counters.reads += 1
+                counters.bytes_read += length
+                if structured:
+                    header = data_chunk_header(cookie, length + 8, offset)
+                else:
+                    header = ok_reply(cookie)
+                if pooled:
+                    queue(header, out)
+                    return
+                pending.append(header)
+                pending.append(out)
+                self._pending_bytes += length
+            else:
+                other_command(backend, request)
+                return
+            if len(pending) >= SEND_BATCH_BUFFERS or self._pending_bytes >= SEND_BATCH_BYTES:
+                self._send_pending()
 
-    def _read(
-        self, backend: Backend, size: int, flags: int, cookie: int, offset: int, length: int
-    ) -> None:
-        """NBD_CMD_READ: a simple reply, one data chunk, or data and hole chunks."""
-        structured = self.structured
-        bad_flags = flags & ~_READ_FLAGS
-        if bad_flags or (flags & p.NBD_CMD_FLAG_DF and not structured):
-            self._error(cookie, p.NBD_EINVAL, f"unsupported flags {flags:#x}")
-            return
-        if offset + length > size:
-            self._error(cookie, p.NBD_EINVAL, f"read past the end ({size} bytes)")
-            return
-        max_payload = self.server._max_payload
-        if length > max_payload:
-            error = p.NBD_EOVERFLOW if structured else p.NBD_EINVAL
-            self._error(cookie, error, f"read length {length} > maximum {max_payload}")
-            return
-        if structured:
-            if length == 0:
-                self._counters().reads += 1
-                self._queue(self._none_chunk(cookie))
-                return
-            sparse_read_bytes = self.server._sparse_read_bytes
-            if (
-                sparse_read_bytes is not None
-                and length >= sparse_read_bytes
-                and not flags & p.NBD_CMD_FLAG_DF
-            ):
-                self._sparse_read(backend, cookie, offset, length)
-                return
+        return run
+
+    def _reject_request(self, request: RequestTuple) -> None:
+        raise AssertionError(f"request {request} before the handshake ended")
+
+    def _whole_read(self, backend: Backend, cookie: int, offset: int, length: int) -> None:
+        """A long structured read the client asked not to split (DF): one data chunk."""
         out = bytearray(length)
         try:
             backend.read_into(offset, memoryview(out))
@@ -1122,33 +838,36 @@ class _Connection:
         counters = self._counters()
         counters.reads += 1
         counters.bytes_read += length
-        if structured:
-            self._queue(
-                _pack_data_header(
-                    p.STRUCTURED_REPLY_MAGIC,
-                    p.NBD_REPLY_FLAG_DONE,
-                    p.NBD_REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    length + 8,
-                    offset,
-                ),
-                out,
-            )
-        else:
-            self._queue(_pack_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie), out)
+        self._queue(*self.protocol.read_reply(cookie, offset, out))
 
-    def _payload_buffer(self, length: int) -> memoryview:
-        """A buffer for a write payload too big for the receive buffer (reused when small)."""
-        if length > SPARE_PAYLOAD_BYTES:
-            return memoryview(bytearray(length))
-        if len(self._spare) < length:
-            self._spare = bytearray(max(length, INLINE_PAYLOAD_BYTES * 2))
-        return memoryview(self._spare)[:length]
+    def _sparse_read(self, backend: Backend, cookie: int, offset: int, length: int) -> None:
+        """A structured read that sends zero extents as OFFSET_HOLE chunks.
 
-    def _none_chunk(self, cookie: int) -> bytes:
-        return p.CHUNK_HEADER.pack(
-            p.STRUCTURED_REPLY_MAGIC, p.NBD_REPLY_FLAG_DONE, p.NBD_REPLY_TYPE_NONE, cookie, 0
-        )
+        Everything is read before anything is queued, so the last chunk can
+        carry DONE (no error can follow it) and a failure sends only an error.
+        """
+        protocol = self.protocol
+        try:
+            segments: list[tuple[int, int, bytearray | None]] = []
+            for position, nbytes, is_zero in protocol.sparse_segments(
+                offset, length, backend.extents(offset, length)
+            ):
+                data = None
+                if not is_zero:
+                    data = bytearray(nbytes)
+                    backend.read_into(position, memoryview(data))
+                segments.append((position, nbytes, data))
+        except Exception as exc:
+            self._backend_error(cookie, exc, "read", offset, length)
+            return
+        counters = self._counters()
+        counters.reads += 1
+        counters.bytes_read += length
+        self._queue(*protocol.sparse_read_reply(cookie, segments))
+
+    def _error(self, cookie: int, error: int, message: str) -> None:
+        self._counters().error_replies += 1
+        self._queue(*self.protocol.error_reply(cookie, error, message))
 
     def _backend_error(
         self, cookie: int, exc: Exception, what: str, offset: int, length: int
@@ -1164,176 +883,54 @@ class _Connection:
             )
         self._error(cookie, error, f"{what} failed: {exc}")
 
-    def _sparse_read(self, backend: Backend, cookie: int, offset: int, length: int) -> None:
-        """A structured read that sends zero extents as OFFSET_HOLE chunks.
-
-        Everything is read before anything is queued, so the last chunk can
-        carry DONE (no error can follow it) and a failure sends only an error.
-        """
-        end = offset + length
-        segments: list[list[int]] = []  # [position, nbytes, is_zero]
-        buffers: list[bytes | bytearray] = []
-        try:
-            position = offset
-            for extent_length, extent_flags in backend.extents(offset, length):
-                nbytes = min(extent_length, end - position)
-                if nbytes <= 0:
-                    break
-                is_zero = 1 if extent_flags & p.NBD_STATE_ZERO else 0
-                if segments and segments[-1][2] == is_zero:
-                    segments[-1][1] += nbytes
-                else:
-                    segments.append([position, nbytes, is_zero])
-                position += nbytes
-            if position < end:
-                if segments and not segments[-1][2]:
-                    segments[-1][1] += end - position
-                else:
-                    segments.append([position, end - position, 0])
-            last = len(segments) - 1
-            for index, (position, nbytes, is_zero) in enumerate(segments):
-                chunk_flags = p.NBD_REPLY_FLAG_DONE if index == last else 0
-                if is_zero:
-                    buffers.append(
-                        p.CHUNK_OFFSET_HOLE.pack(
-                            p.STRUCTURED_REPLY_MAGIC,
-                            chunk_flags,
-                            p.NBD_REPLY_TYPE_OFFSET_HOLE,
-                            cookie,
-                            12,
-                            position,
-                            nbytes,
-                        )
-                    )
-                else:
-                    data = bytearray(nbytes)
-                    backend.read_into(position, memoryview(data))
-                    buffers.append(
-                        p.CHUNK_OFFSET_DATA_HEADER.pack(
-                            p.STRUCTURED_REPLY_MAGIC,
-                            chunk_flags,
-                            p.NBD_REPLY_TYPE_OFFSET_DATA,
-                            cookie,
-                            nbytes + 8,
-                            position,
-                        )
-                    )
-                    buffers.append(data)
-        except Exception as exc:
-            self._backend_error(cookie, exc, "read", offset, length)
-            return
+    def _other_command(self, backend: Backend, request: RequestTuple) -> None:
+        """Empty and sparse reads, FLUSH, TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS
+        (already checked by the protocol)."""
+        command, flags, cookie, offset, length, _ = request
         counters = self._counters()
-        counters.reads += 1
-        counters.bytes_read += length
-        self._queue(*buffers)
-
-    def _other_command(
-        self,
-        backend: Backend,
-        size: int,
-        flags: int,
-        command: int,
-        cookie: int,
-        offset: int,
-        length: int,
-    ) -> None:
-        """Everything but READ, WRITE and DISC (which the request loop handles inline)."""
-        counters = self._counters()
-        allowed = _ALLOWED_FLAGS.get(command)
-        if allowed is None:
-            self._error(cookie, p.NBD_EINVAL, f"unknown command {command}")
-            return
-        bad_flags = flags & ~allowed
-        if bad_flags:
-            self._error(cookie, p.NBD_EINVAL, f"unsupported flags {bad_flags:#x}")
+        if command == p.NBD_CMD_READ:
+            if length == 0:
+                counters.reads += 1
+                if self.protocol.structured:
+                    self._queue(self.protocol.empty_read_reply(cookie))
+                else:
+                    self._queue(ok_reply(cookie))
+            elif flags & p.NBD_CMD_FLAG_DF:
+                self._whole_read(backend, cookie, offset, length)
+            else:
+                self._sparse_read(backend, cookie, offset, length)
             return
         fua = bool(flags & p.NBD_CMD_FLAG_FUA)
         name = p.COMMAND_NAMES[command]
         try:
             if command == p.NBD_CMD_FLUSH:
-                if offset or length:
-                    self._error(cookie, p.NBD_EINVAL, "flush offset and length must be zero")
-                    return
                 backend.flush()
                 counters.flushes += 1
-            elif command in (p.NBD_CMD_TRIM, p.NBD_CMD_WRITE_ZEROES):
-                if self.server._read_only:
-                    self._error(cookie, p.NBD_EPERM, "export is read-only")
+            elif command == p.NBD_CMD_TRIM:
+                if length:
+                    backend.trim(offset, length, fua=fua)
+                counters.trims += 1
+            elif command == p.NBD_CMD_WRITE_ZEROES:
+                if flags & p.NBD_CMD_FLAG_FAST_ZERO and not backend.fast_zero:
+                    self._error(cookie, p.NBD_ENOTSUP, "zeroing is not faster than writing")
                     return
-                if offset + length > size:
-                    error = p.NBD_EINVAL if command == p.NBD_CMD_TRIM else p.NBD_ENOSPC
-                    self._error(cookie, error, f"{name} past the end ({size} bytes)")
-                    return
-                if command == p.NBD_CMD_TRIM:
-                    if length:
-                        backend.trim(offset, length, fua=fua)
-                    counters.trims += 1
-                else:
-                    if flags & p.NBD_CMD_FLAG_FAST_ZERO and not backend.fast_zero:
-                        self._error(cookie, p.NBD_ENOTSUP, "zeroing is not faster than writing")
-                        return
-                    if length:
-                        backend.write_zeroes(
-                            offset,
-                            length,
-                            may_trim=not flags & p.NBD_CMD_FLAG_NO_HOLE,
-                            fua=fua,
-                        )
-                    counters.write_zeroes += 1
+                if length:
+                    backend.write_zeroes(
+                        offset, length, may_trim=not flags & p.NBD_CMD_FLAG_NO_HOLE, fua=fua
+                    )
+                counters.write_zeroes += 1
             elif command == p.NBD_CMD_CACHE:
-                if offset + length > size:
-                    self._error(cookie, p.NBD_EINVAL, f"cache past the end ({size} bytes)")
-                    return
                 if length:
                     backend.cache(offset, length)
                 counters.caches += 1
             else:  # NBD_CMD_BLOCK_STATUS
-                self._block_status(backend, size, flags, cookie, offset, length)
+                reply = self.protocol.block_status_reply(
+                    cookie, flags, length, backend.extents(offset, length)
+                )
+                counters.block_status += 1
+                self._queue(*reply)
                 return
         except Exception as exc:
             self._backend_error(cookie, exc, name, offset, length)
             return
-        self._queue(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie))
-
-    def _block_status(
-        self, backend: Backend, size: int, flags: int, cookie: int, offset: int, length: int
-    ) -> None:
-        if not self.block_status_ok:
-            self._error(cookie, p.NBD_EINVAL, "no metadata context was selected for this export")
-            return
-        if length == 0 or offset + length > size:
-            self._error(cookie, p.NBD_EINVAL, f"block status range outside [0, {size})")
-            return
-        extents = backend.extents(offset, length)
-        descriptors = array.array("I")
-        remaining = length
-        for extent_length, extent_flags in extents:
-            extent_length = min(extent_length, remaining)
-            if extent_length <= 0:
-                break
-            if len(descriptors) >= 2 and descriptors[-1] == extent_flags:
-                descriptors[-2] += extent_length
-            else:
-                if len(descriptors) >= 2 * MAX_DESCRIPTORS:
-                    break
-                descriptors.append(extent_length)
-                descriptors.append(extent_flags)
-            remaining -= extent_length
-        if not descriptors:
-            raise ValueError("backend returned no extents")
-        if flags & p.NBD_CMD_FLAG_REQ_ONE:
-            del descriptors[2:]
-        if sys.byteorder == "little":
-            descriptors.byteswap()
-        payload = struct.pack(">I", BASE_ALLOCATION_ID) + descriptors.tobytes()
-        self._counters().block_status += 1
-        self._queue(
-            p.CHUNK_HEADER.pack(
-                p.STRUCTURED_REPLY_MAGIC,
-                p.NBD_REPLY_FLAG_DONE,
-                p.NBD_REPLY_TYPE_BLOCK_STATUS,
-                cookie,
-                len(payload),
-            ),
-            payload,
-        )
+        self._queue(ok_reply(cookie))

@@ -1,5 +1,9 @@
 """The vnode pager: regular files as VM objects (uvm_vnodeops, FreeBSD vnode_pager.c).
 
+This module holds the pager operations (page-in, read-ahead, write-back,
+resize, the cache of file objects) and ``map_file``; the objects themselves
+are in ``pager/file_object.py`` and the vectored transfers in ``io/vectored.py``.
+
 ``map_file(vm, path)`` returns a ``VnodeObject``: the pages of the file,
 cached in the VM's frames and paged by the page daemon like any other
 object, except that their backing store is the file itself:
@@ -10,8 +14,9 @@ object, except that their backing store is the file itself:
   window (vm_fault's read-ahead), from the VM's read-around window up to
   ``readahead_max_npages``; a random fault reads one page. In a VM with a
   page daemon thread, a sequential fault also puts the next two windows in
-  flight asynchronously (worker threads); the reader reaching a window
-  issues the next one, so transfers overlap with the reader's work;
+  flight asynchronously (on the VM's fan-out helpers: ``Fanout.submit``);
+  the reader reaching a window issues the next one, so transfers overlap
+  with the reader's work;
 - the partial last page reads as zeros past end of file, and its tail is
   never written: every transfer is clipped to the object's size;
 - dirty pages go back to the file in clusters through ``pager_put`` (the
@@ -51,26 +56,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import stat
-import threading
-from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from vmpager.errors import TRANSIENT_ERRNOS, DeviceError, ObjectClosed
+from vmpager.errors import TRANSIENT_ERRNOS, DeviceError
 from vmpager.io.request import IOKind
+from vmpager.io.vectored import drop_cache, preadv_all, pwritev_all
+from vmpager.pager.file_object import PrivateFileObject, VnodeObject, unlocked
 from vmpager.pager.protocol import PagerResult
 from vmpager.pager.put import pager_put
-from vmpager.units import check_int
-from vmpager.vm.fault import hold_page
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import Page
 
 if TYPE_CHECKING:
-    from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
     from vmpager.vm.system import VM
 
 __all__ = [
@@ -84,18 +84,10 @@ __all__ = [
 
 log = logging.getLogger("vmpager.vnode")
 
-#: Largest file size an object may grow to (the largest off_t).
-MAX_FILE_BYTES = (1 << 63) - 1
-#: Buffers one preadv/pwritev call may take.
-_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
 #: Default ceiling of sequential read-ahead, in pages (256 KiB of 4 KiB pages).
 READAHEAD_MAX_NPAGES = 64
 #: Asynchronous read-ahead windows kept in flight ahead of a sequential reader.
 ASYNC_READAHEAD_WINDOWS = 2
-#: Seconds an idle read-ahead worker thread waits for work before it exits.
-_WORKER_IDLE_SECONDS = 2.0
-#: Chunk size of the zero writes that implement ``discard``.
-_DISCARD_CHUNK_BYTES = 1 << 20
 
 
 class FileShrunkError(DeviceError):
@@ -143,69 +135,11 @@ class VnodePagerStatistics:
     shrink_errors: int
 
 
-@contextmanager
-def _unlocked(vm: VM) -> Iterator[None]:
-    """Release the VM lock for a transfer; the pages involved must be busy or writing."""
-    vm._lock.release()
+def _advise_dropped(fd: int, offset: int, nbytes: int) -> None:
+    """Drop a range we now hold in frames from the kernel's cache (advice only)."""
     try:
-        yield
-    finally:
-        vm._lock.acquire()
-
-
-def _advance(buffers: list[memoryview], nbytes: int) -> None:
-    """Drop the first ``nbytes`` of ``buffers`` (after a partial transfer)."""
-    while nbytes and buffers:
-        head = buffers[0]
-        if nbytes >= head.nbytes:
-            nbytes -= head.nbytes
-            buffers.pop(0)
-        else:
-            buffers[0] = head[nbytes:]
-            nbytes = 0
-
-
-def _preadv_all(fd: int, buffers: list[memoryview], offset: int, nbytes: int) -> int:
-    """Fill ``buffers`` (``nbytes`` in all) from ``offset``; returns the bytes read
-    (fewer only at end of file)."""
-    if len(buffers) <= _IOV_MAX:
-        done = os.preadv(fd, buffers, offset)
-        if done == nbytes or done == 0:
-            return done  # the usual case: one call
-        pending = list(buffers)
-        _advance(pending, done)
-    else:
-        pending = list(buffers)
-        done = 0
-    while pending:
-        n = os.preadv(fd, pending[:_IOV_MAX], offset + done)
-        if n == 0:
-            break
-        done += n
-        _advance(pending, n)
-    return done
-
-
-def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> int:
-    """Write ``buffers`` at ``offset``, resuming after partial writes; returns the bytes."""
-    pending = list(buffers)
-    done = 0
-    while pending:
-        n = os.pwritev(fd, pending[:_IOV_MAX], offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        done += n
-        _advance(pending, n)
-    return done
-
-
-def _drop_cache(fd: int, offset: int, nbytes: int) -> None:
-    """Advise the kernel to drop its cached copy of a range we now hold in frames."""
-    if nbytes <= 0:
-        return  # a length of 0 would mean "to the end of the file"
-    try:
-        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
-    except OSError:  # advice only; some file systems refuse it
+        drop_cache(fd, offset, nbytes)
+    except OSError:  # some file systems refuse the advice
         pass
 
 
@@ -230,310 +164,6 @@ class _AsyncRead:
     token: int
 
 
-class _FileMapping(VMObject):
-    """What both kinds of file mapping share: byte size, writability, the path."""
-
-    def __init__(
-        self, vm: VM, npages: int, kind: str, path: str, size_bytes: int, writable: bool
-    ) -> None:
-        super().__init__(vm, 0, npages, kind)
-        self.path = path
-        #: The object's size in bytes (not rounded to pages).
-        self.size_bytes = size_bytes
-        #: Writes allowed (mode "r+").
-        self.writable = writable
-
-    @property
-    def size(self) -> int:
-        """Size in bytes: the file's size, not rounded up to whole pages."""
-        return self.size_bytes
-
-    def _refuse_write(self) -> None:
-        if not self.writable:
-            raise PermissionError(
-                errno.EACCES, f"{self.path} is mapped read-only (mode 'r'); map it with mode 'r+'"
-            )
-
-    def __repr__(self) -> str:
-        state = " closed" if self.closed else ""
-        mode = "r+" if self.writable else "r"
-        return (
-            f"<{type(self).__name__} {self.oid} {self.path!r} {mode} {self.size_bytes} bytes, "
-            f"{len(self.pages)} resident, {self.refcount} refs{state}>"
-        )
-
-
-class VnodeObject(_FileMapping):
-    """The shared VM object of one file (kind "vnode"); one per (st_dev, st_ino).
-
-    Reads and writes are checked against the current size under the VM
-    lock, so a concurrent ``truncate`` never leaves a page outside the
-    object. ``refcount`` counts the maps (and private shadows) using it.
-    """
-
-    def __init__(
-        self,
-        vm: VM,
-        pager: VnodePager,
-        path: str,
-        fd: int,
-        key: tuple[int, int],
-        size_bytes: int,
-        writable: bool,
-    ) -> None:
-        npages = -(-size_bytes // vm.page_size)
-        super().__init__(vm, npages, "vnode", path, size_bytes, writable)
-        self._pager = pager
-        self.fd = fd
-        #: (st_dev, st_ino): the cache key.
-        self.key = key
-        #: Descriptors replaced by a read-write one; closed with the object
-        #: (a transfer started before the upgrade may still use them).
-        self._retired_fds: list[int] = []
-        #: The page after the last one read: a fault there is sequential.
-        self.next_read_pindex = 0
-        #: The current sequential read-ahead window, in pages (0: none yet).
-        self.readahead_npages = 0
-        #: Asynchronous read-ahead: first pages of the windows issued and not
-        #: yet reached by the reader; touching the first one issues the next
-        #: window, which starts at ``ra_next_pindex``.
-        self.ra_starts: deque[int] = deque()
-        self.ra_trigger_pindex = -1
-        self.ra_next_pindex = 0
-        #: Asynchronous reads in flight (closing waits for them).
-        self.async_reads = 0
-        #: The error of the last failed write-back (for ``flush`` to raise).
-        self._write_error: DeviceError | None = None
-        #: During a flush: the pages whose write-back failed (not tried again).
-        self._flush_failed: set[int] | None = None
-
-    # -- data ---------------------------------------------------------------------
-
-    def _hold(self, pindex: int, write: bool, overwrite: bool) -> Page:
-        """``hold_page`` that fails cleanly when the object shrank while it waited."""
-        vm = self._vm
-        if self.closed:
-            raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
-        if pindex >= self.npages:
-            raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
-        page = hold_page(vm, self, pindex, write, overwrite)
-        if pindex >= self.npages or self.closed:
-            # Truncated or closed while the fault path waited: the page it
-            # made lies outside the object now; forget it.
-            vm._free_page(page)
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
-            raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
-        if pindex == self.ra_trigger_pindex:
-            self._pager.readahead_reached(self)
-        return page
-
-    def _check_span(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size_bytes:
-            self._check_range(offset, length)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Return ``length`` bytes at ``offset``; the range must lie inside the file.
-
-        Raises ``ValueError`` outside the object, ``FileShrunkError`` when the
-        file lost the bytes to someone else, ``DeviceError`` on a read error.
-        """
-        if type(offset) is not int or type(length) is not int:
-            offset = check_int(offset, "offset")
-            length = check_int(length, "length")
-        vm = self._vm
-        ps = vm.page_size
-        pindex, off = divmod(offset, ps)
-        if length > 0 and off + length <= ps:
-            with vm._cond:
-                if self.closed:
-                    raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
-                self._check_span(offset, length)
-                page = self.pages.get(pindex)
-                if page is None or page.busy or page.prefetched:
-                    page = self._hold(pindex, False, False)
-                else:
-                    page.referenced = True
-                    vm.counters.hits += 1
-                start = page.frame * ps + off
-                return vm.frames.view[start : start + length].tobytes()
-        self._check_span(offset, length)
-        out = bytearray(length)
-        self._copy_out(offset, memoryview(out))
-        return bytes(out)
-
-    def readinto(self, offset: int, buffer: WritableBuffer) -> int:
-        """Fill ``buffer`` with the bytes at ``offset``; returns its length."""
-        view = memoryview(buffer).cast("B")
-        if view.readonly:
-            raise TypeError("buffer must be writable")
-        offset = check_int(offset, "offset")
-        self._copy_out(offset, view)
-        return view.nbytes
-
-    def _copy_out(self, offset: int, view: memoryview) -> None:
-        vm = self._vm
-        ps = vm.page_size
-        length = view.nbytes
-        pos = 0
-        with vm._cond:
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
-            self._check_span(offset, length)
-            fview = vm.frames.view
-            while pos < length:
-                pindex, off = divmod(offset + pos, ps)
-                n = min(ps - off, length - pos)
-                page = self._hold(pindex, False, False)
-                start = page.frame * ps + off
-                view[pos : pos + n] = fview[start : start + n]
-                pos += n
-
-    def write(self, offset: int, data: ReadableBuffer) -> int:
-        """Store ``data`` at ``offset``; a write past the end extends the file first.
-
-        The gap between the old end and ``offset`` reads as zeros. Raises
-        ``PermissionError`` for a read-only mapping. Returns the bytes written.
-        """
-        if isinstance(cast(object, data), str):
-            raise TypeError("data must be bytes-like, not str")
-        view = memoryview(data).cast("B")
-        offset = check_int(offset, "offset", maximum=MAX_FILE_BYTES - view.nbytes)
-        self._refuse_write()
-        vm = self._vm
-        ps = vm.page_size
-        length = view.nbytes
-        pos = 0
-        with vm._cond:
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
-            if offset + length > self.size_bytes:
-                self._pager.resize(self, offset + length)
-            fview = vm.frames.view
-            while pos < length:
-                pindex, off = divmod(offset + pos, ps)
-                n = min(ps - off, length - pos)
-                # A whole page, or the whole valid part of the last page, is
-                # an overwrite: no need to read the old contents.
-                valid = min(ps, self.size_bytes - pindex * ps)
-                page = self._hold(pindex, True, off == 0 and n >= valid)
-                start = page.frame * ps + off
-                fview[start : start + n] = view[pos : pos + n]
-                if n < ps and off + n >= valid and valid < ps:
-                    # An overwrite of the last page's valid part: keep its tail zero.
-                    vm.frames.view[start + n : page.frame * ps + ps] = bytes(ps - off - n)
-                pos += n
-        return length
-
-    def discard(self, offset: int, length: int) -> None:
-        """Make a range read as zeros: zeros are written (and flushed later) to the file."""
-        offset, length = self._check_range(offset, length)
-        self._refuse_write()
-        zeros = bytes(min(length, _DISCARD_CHUNK_BYTES))
-        pos = 0
-        while pos < length:
-            n = min(length - pos, len(zeros))
-            self.write(offset + pos, memoryview(zeros)[:n])
-            pos += n
-
-    # -- file operations ------------------------------------------------------------
-
-    def flush(self, *, durable: bool = False) -> None:
-        """Write every dirty page back to the file (msync); blocks until done.
-
-        ``durable=True`` also waits for the file system to put the data on
-        stable storage (fdatasync). Raises the first write error (a
-        ``DeviceError`` naming the file); the pages that failed stay dirty
-        and the next flush or pageout tries again.
-        """
-        vm = self._vm
-        with vm._cond:
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
-            error = self._pager.flush(self)
-            if error is None and durable:
-                fd = self.fd
-                try:
-                    with _unlocked(vm):
-                        os.fdatasync(fd)
-                except OSError as exc:
-                    error = DeviceError(exc.errno or errno.EIO, self.path, 0, "fdatasync")
-        if error is not None:
-            raise error
-
-    def truncate(self, size: int) -> None:
-        """Set the file's (and object's) size to ``size`` bytes.
-
-        Shrinking forgets the pages past the new end, dirty or not (their
-        data is cut off with the file); growing adds zeros. Raises
-        ``PermissionError`` for a read-only mapping.
-        """
-        size = check_int(size, "size", maximum=MAX_FILE_BYTES)
-        self._refuse_write()
-        with self._vm._cond:
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
-            self._pager.resize(self, size)
-
-    def close(self) -> None:
-        """Flush and drop this map; the object closes with its last reference.
-
-        A write error during the flush is raised and the map stays open, so
-        no data is dropped silently.
-        """
-        vm = self._vm
-        with vm._cond:
-            if self.closed:
-                return
-            error = self._pager.flush(self)
-            if error is not None:
-                raise error
-            self.refcount -= 1
-            if self.refcount == 0:
-                vm._destroy_object(self)
-                vm._cond.notify_all()
-
-    def clone(self) -> VMObject:
-        """Not for files: map the file with ``private=True`` for a copy-on-write view."""
-        raise TypeError(
-            f"{self.path}: a file object cannot be cloned; use vm.map_file(path, private=True)"
-        )
-
-    def _before_close(self) -> None:
-        # The VM's own close and _close_object come here with the lock held.
-        # Errors cannot be raised from here without aborting the VM's close:
-        # they are logged (close() above raises them).
-        self._pager.wait_async(self)
-        error = self._pager.flush(self)
-        if error is not None:
-            log.error("closing %s: dirty pages could not be written back: %s", self.path, error)
-
-
-class PrivateFileObject(_FileMapping):
-    """A copy-on-write map of a file: an anonymous shadow over its ``VnodeObject``.
-
-    Pages not yet written come from the shared file object (``backing``);
-    a write copies the page up into this object, whose pages are anonymous
-    memory: paged to swap, never written to the file. The size is fixed at
-    map time; pages past the end of a file truncated since read as zeros.
-    """
-
-    def __init__(self, vm: VM, vnode: VnodeObject, writable: bool) -> None:
-        super().__init__(vm, vnode.npages, "anonymous", vnode.path, vnode.size_bytes, writable)
-        self.backing = vnode
-        self.backing_offset = 0
-
-    def write(self, offset: int, data: ReadableBuffer) -> int:
-        """Store ``data`` in the private copy; raises ``PermissionError`` in mode "r"."""
-        self._refuse_write()
-        return super().write(offset, data)
-
-    def discard(self, offset: int, length: int) -> None:
-        """Make a range of the private copy read as zeros (the file is untouched)."""
-        self._refuse_write()
-        super().discard(offset, length)
-
-
 class VnodePager:
     """The pager of kind "vnode": one per VM, with the cache of file objects.
 
@@ -550,9 +180,6 @@ class VnodePager:
         #: Read-ahead windows kept in flight asynchronously; 0 turns it off.
         #: Off in VMs without a daemon thread, which stay deterministic.
         self.async_readahead_windows = ASYNC_READAHEAD_WINDOWS if vm.config.daemon_thread else 0
-        self._jobs: queue.SimpleQueue[_AsyncRead] = queue.SimpleQueue()
-        self._njobs = 0
-        self._workers: list[threading.Thread] = []
         self._async_pageins = 0
         self._async_pagein_pages = 0
         self._pageins = 0
@@ -776,12 +403,12 @@ class VnodePager:
         lock.release()  # the pages are busy: nobody else touches them
         try:
             try:
-                got = _preadv_all(fd, views, offset, expected)
+                got = preadv_all(fd, views, offset, expected)
                 if got < expected:
                     file_size = os.fstat(fd).st_size
             except OSError as exc:
                 error = DeviceError(exc.errno or errno.EIO, vobj.path, first + got // ps)
-            _drop_cache(fd, offset, got)
+            _advise_dropped(fd, offset, got)
         finally:
             lock.acquire()
             vm.pagermap.map_out(token)
@@ -895,38 +522,30 @@ class VnodePager:
         if tail < ps:
             views[-1] = views[-1][:tail]
             expected -= ps - tail
-        self._jobs.put(_AsyncRead(obj, pages, views, start * ps, expected, obj.fd, token))
-        self._njobs += 1
-        if len(self._workers) < self.async_readahead_windows:
-            worker = threading.Thread(target=self._work, name="vmpager-vnode-ra", daemon=True)
-            self._workers.append(worker)
-            worker.start()
+        # The transfer runs on a fan-out helper (the VM's I/O threads for
+        # reads nobody waits for); its read slot bounds how many are queued.
+        job = _AsyncRead(obj, pages, views, start * ps, expected, obj.fd, token)
+        try:
+            vm.fanout.submit(self._read_window, job)
+        except RuntimeError:  # the VM is closing: drop the window, the pages stay readable
+            self._async_done(job, -1)
+            return False
         return True
 
-    def _work(self) -> None:
-        """A read-ahead worker: transfers without the lock, completes with it."""
-        vm = self._vm
-        me = threading.current_thread()
-        while True:
-            try:
-                job = self._jobs.get(timeout=_WORKER_IDLE_SECONDS)
-            except queue.Empty:
-                with vm._cond:
-                    if self._njobs == 0:  # submissions happen under the lock
-                        self._workers.remove(me)
-                        return
-                continue
-            got = -1
-            try:
-                got = _preadv_all(job.fd, job.views, job.offset, job.expected)
-                _drop_cache(job.fd, job.offset, got)
-            except OSError as exc:
-                log.info("vnode_pager: read-ahead of %s failed: %s", job.obj.path, exc)
-            except BaseException:  # never leave pages busy
-                log.exception("vnode_pager: read-ahead of %s", job.obj.path)
-            with vm._cond:
-                self._njobs -= 1
-                self._async_done(job, got)
+    def _read_window(self, job: _AsyncRead) -> None:
+        """One read-ahead transfer, on a fan-out helper: read without the lock,
+        complete with it. Never raises (nobody waits for it) and never leaves
+        the pages busy."""
+        got = -1
+        try:
+            got = preadv_all(job.fd, job.views, job.offset, job.expected)
+            _advise_dropped(job.fd, job.offset, got)
+        except OSError as exc:
+            log.info("vnode_pager: read-ahead of %s failed: %s", job.obj.path, exc)
+        except BaseException:
+            log.exception("vnode_pager: read-ahead of %s", job.obj.path)
+        with self._vm._cond:
+            self._async_done(job, got)
 
     def _async_done(self, job: _AsyncRead, got: int) -> None:
         """Completion of a read-ahead (lock held): whole pages become clean and
@@ -989,7 +608,7 @@ class VnodePager:
         vm.inflight.acquire(IOKind.WRITE_SYNC)
         token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
         try:
-            with _unlocked(vm):
+            with unlocked(vm):
                 try:
                     file_size = os.fstat(fd).st_size
                     if file_size < offset + nbytes:
@@ -997,8 +616,8 @@ class VnodePager:
                             vobj.path, max(first, file_size // ps), file_size, size
                         )
                     else:
-                        _pwritev_all(fd, views, offset)
-                        _drop_cache(fd, offset, nbytes)
+                        pwritev_all(fd, views, offset)
+                        _advise_dropped(fd, offset, nbytes)
                 except OSError as exc:
                     error = DeviceError(exc.errno or errno.EIO, vobj.path, first, "write-back")
         finally:

@@ -5,16 +5,22 @@ install, when a client program (qemu-io, nbdinfo, fio...) is missing;
 ``run_client`` runs one with a time limit and fails with its output when it
 exits non-zero. ``RawNbdClient`` speaks the protocol byte by byte over a
 socket so tests can send exactly what they want, including garbage.
+``make_tls_credentials`` writes a certificate authority, a server and a
+client certificate in qemu's and libnbd's directory layouts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import struct
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vmpager.nbd import protocol as p
 
@@ -23,8 +29,11 @@ __all__ = [
     "Chunk",
     "RawNbdClient",
     "Reply",
+    "TlsCredentials",
+    "make_tls_credentials",
     "require_client",
     "run_client",
+    "serve_command",
 ]
 
 #: Debian package that ships each client program the tests use.
@@ -63,6 +72,150 @@ def run_client(
             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
         )
     return result
+
+
+@contextlib.contextmanager
+def serve_command(args: Sequence[str]) -> Iterator[tuple[str, list[str]]]:
+    """Run ``python -m vmpager serve ARGS`` until the block ends.
+
+    Yields the first line it prints (the first export's URL) and a list that,
+    once the block ends, holds what the command wrote to stderr. The command
+    is stopped with SIGTERM and must exit 0; a failure shows its stderr.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmpager", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr: list[str] = []
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        yield line, stderr
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+        stderr.append(err)
+    if proc.returncode != 0:
+        raise AssertionError(f"vmpager serve exited {proc.returncode}: {err}")
+
+
+@dataclass(frozen=True)
+class TlsCredentials:
+    """Directories written by ``make_tls_credentials``.
+
+    ``server``: ca-cert.pem, server-cert.pem, server-key.pem (``--tls-creds``).
+    ``client``: ca-cert.pem, client-cert.pem, client-key.pem (qemu's
+    ``tls-creds-x509,endpoint=client`` and libnbd's ``tls-certificates``).
+    ``client_no_cert``: ca-cert.pem only (a client that presents no certificate).
+    """
+
+    server: Path
+    client: Path
+    client_no_cert: Path
+
+
+def make_tls_credentials(
+    directory: Path, *, hostnames: Sequence[str] = ("localhost", "127.0.0.1")
+) -> TlsCredentials:
+    """A fresh CA and a server and client certificate it signed, under ``directory``.
+
+    The server certificate names ``hostnames`` (DNS names, or IP addresses)
+    as subject alternative names. Keys are ECDSA P-256; certificates are
+    valid from an hour ago for a day. Calling it twice gives two unrelated CAs.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def pem_cert(cert: x509.Certificate) -> bytes:
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name(f"vmpager test CA {os.urandom(4).hex()}")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def issue(
+        common: str, usage: x509.ObjectIdentifier, sans: Sequence[str]
+    ) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            entries: list[x509.GeneralName] = []
+            for host in sans:
+                try:
+                    entries.append(x509.IPAddress(ipaddress.ip_address(host)))
+                except ValueError:
+                    entries.append(x509.DNSName(host))
+            builder = builder.add_extension(x509.SubjectAlternativeName(entries), critical=False)
+        return pem_cert(builder.sign(ca_key, hashes.SHA256())), pem_key(key)
+
+    server_cert, server_key = issue(hostnames[0], ExtendedKeyUsageOID.SERVER_AUTH, hostnames)
+    client_cert, client_key = issue("vmpager test client", ExtendedKeyUsageOID.CLIENT_AUTH, ())
+    creds = TlsCredentials(directory / "server", directory / "client", directory / "client-nocert")
+    files = {
+        creds.server: {"server-cert.pem": server_cert, "server-key.pem": server_key},
+        creds.client: {"client-cert.pem": client_cert, "client-key.pem": client_key},
+        creds.client_no_cert: {},
+    }
+    for folder, extra in files.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "ca-cert.pem").write_bytes(pem_cert(ca_cert))
+        for filename, content in extra.items():
+            (folder / filename).write_bytes(content)
+            if filename.endswith("-key.pem"):
+                (folder / filename).chmod(0o600)
+    return creds
 
 
 @dataclass

@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -472,27 +472,47 @@ class VM:
     def _write(self, obj: VMObject, offset: int, view: memoryview) -> None:
         self._copy(obj, offset, view, write=True)
 
-    def _copy(self, obj: VMObject, offset: int, view: memoryview, *, write: bool) -> None:
+    def _copy(
+        self,
+        obj: VMObject,
+        offset: int,
+        view: memoryview,
+        *,
+        write: bool,
+        hold: Callable[[int, bool, bool], Page] | None = None,
+    ) -> None:
         """Copy between ``view`` and the object's pages, faulting each page in.
 
-        Each page is held (``hold_page``) and copied under the VM lock, so no
-        page changes or leaves memory while it is copied. A write that covers
-        a whole page does not read the page's old contents.
+        Each page is held (``hold_page``, or ``hold(pindex, write,
+        overwrite)``, which file objects give to notice truncation) and
+        copied under the VM lock, so no page changes or leaves memory while
+        it is copied. A write that covers a page's whole valid part (an
+        object's ``size`` may end inside its last page) does not read the
+        page's old contents, and keeps the bytes past the end zero.
         """
         ps = self.page_size
         length = view.nbytes
         fview = self.frames.view
         pos = 0
         with self._cond:
+            size = obj.size
             while pos < length:
                 if obj.closed:
                     raise ObjectClosed(f"VM object {obj.oid} is closed")
                 pindex, off = divmod(offset + pos, ps)
                 n = min(ps - off, length - pos)
-                page = hold_page(self, obj, pindex, write, write and n == ps)
+                valid = min(ps, size - pindex * ps)
+                overwrite = write and off == 0 and n >= valid
+                if hold is None:
+                    page = hold_page(self, obj, pindex, write, overwrite)
+                else:
+                    page = hold(pindex, write, overwrite)
                 start = page.frame * ps + off
                 if write:
                     fview[start : start + n] = view[pos : pos + n]
+                    if valid < ps and off + n >= valid:
+                        # The last page of an object that ends inside it: zeros past the end.
+                        fview[start + n : page.frame * ps + ps] = bytes(ps - off - n)
                 else:
                     view[pos : pos + n] = fview[start : start + n]
                 pos += n
