@@ -56,6 +56,12 @@ from vmpager.vm.queues import PageQueues
 from vmpager.vm.stats import Counters, VMStatistics
 
 if TYPE_CHECKING:
+    import os
+    from typing import Any
+
+    from numpy.typing import DTypeLike, NDArray
+
+    from vmpager.mapped.client import MappedObject, PagerProcess
     from vmpager.pager.protocol import Pager
 
 __all__ = ["VM", "ScrubReport"]
@@ -200,6 +206,7 @@ class VM:
         self._swap_replicas = (
             None if replicas is None else check_int(replicas, "replicas", minimum=0, maximum=16)
         )
+        self._mapped: PagerProcess | None = None  # transparent paging, started on demand
         self._closed = False
         try:
             self._open_swap(swap)
@@ -415,6 +422,52 @@ class VM:
         from vmpager.pager.device import map_device
 
         return map_device(self, buffer)
+
+    # -- transparent paging (mapped/): objects as plain memory ----------------------
+
+    @property
+    def mapped(self) -> PagerProcess:
+        """The pager process of this VM's mapped objects, started on first use.
+
+        It runs a VM with this one's memory budget, page size and config and
+        its own embedded swap; see docs/mapped.md. Raises
+        ``UserfaultfdUnavailable`` (saying how to enable it) when
+        userfaultfd cannot be used here.
+        """
+        with self._cond:
+            self._check_vm_open()
+            pager = self._mapped
+        if pager is not None:
+            return pager
+        from vmpager.mapped.client import PagerProcess
+
+        started = PagerProcess(
+            self.frames.nframes * self.page_size, None, self.page_size, config=self.config
+        )
+        with self._cond:
+            if self._mapped is None:
+                self._mapped = started
+                return started
+            pager = self._mapped
+        started.close()  # another thread started one first
+        return pager
+
+    def array(
+        self, shape: int | tuple[int, ...], dtype: DTypeLike = "float64", *, order: str = "C"
+    ) -> NDArray[Any]:
+        """A zero-filled ``numpy.ndarray`` whose memory is a new mapped object.
+
+        Any code may index, slice, sort it or hand it to a C library; its
+        pages are paged by the pager process (``mapped``) within the memory
+        budget. ``object_of(array)`` gives the object (read, write, discard,
+        clone). The array stays usable while any view of it lives and the VM
+        is open; see docs/mapped.md for fork, errors and close.
+        """
+        return self.mapped.array(shape, dtype, order=order)
+
+    def object_of(self, array: object) -> MappedObject:
+        """The mapped object whose memory ``array`` lies in (``ValueError`` if none)."""
+        return self.mapped.object_of(array)
 
     def objects(self) -> list[VMObject]:
         with self._cond:
@@ -832,9 +885,11 @@ class VM:
 
     def _free_page(self, page: Page) -> None:
         """Forget a resident page and free its frame (its data must be elsewhere)."""
+        obj = page.obj
+        if obj.storage is not None:  # mapped objects: vm/storage.py
+            obj.storage.freeing(page)
         if page.queue != QUEUE_NONE:
             self.queues.remove(page)
-        obj = page.obj
         del obj.pages[page.pindex]
         self.frames.free(page.frame)
         if page.wanted:
@@ -1113,6 +1168,8 @@ class VM:
         owner: dict[int, Page] = {}
         queued = 0
         for obj in self._objects.values():
+            if obj.storage is not None:  # mapped objects: vm/storage.py
+                problems += obj.storage.check(obj)
             for pindex, page in obj.pages.items():
                 where = f"page {obj.oid}:{pindex}"
                 if page.obj is not obj or page.pindex != pindex:
@@ -1190,6 +1247,9 @@ class VM:
         with self._cond:
             if self._closed:
                 return
+            mapped, self._mapped = self._mapped, None
+        if mapped is not None:
+            mapped.close()  # the pager process of mapped objects
         with self._cond:
             for obj in list(self._objects.values()):
                 obj._before_close()  # file objects write their dirty pages back
