@@ -14,6 +14,7 @@ from vmpager.errors import (
     SwapExhausted,
     VmError,
 )
+from vmpager.mapped.memmap import memmap
 from vmpager.pager.vnode import FileShrunkError
 from vmpager.tiers.tier import TierStatistics
 from vmpager.vm.config import VMConfig, WriteErrorPolicy
@@ -40,5 +41,6 @@ __all__ = [
     "VMStatistics",
     "VmError",
     "WriteErrorPolicy",
+    "memmap",
 ]
 __version__ = "0.1.0"

@@ -199,18 +199,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         console.note(
             "  (the 2 GiB standard workload of the published numbers: vmpager run --standard)"
         )
+    # --mapped: the access loop indexes a numpy array whose pages a pager
+    # process serves (vmpager.mapped); same report and verification.
+    runner: Any = run_pattern
+    mapped_errors: Any = contextlib.nullcontext
+    if args.mapped:
+        from vmpager.mapped.run import run_mapped_pattern
+
+        runner = run_mapped_pattern
+        mapped_errors = lambda: blame(  # noqa: E731
+            "--mapped",
+            "userfaultfd is not permitted: run as root or set vm.unprivileged_userfaultfd=1",
+        )
     with console:
         for pattern in patterns:
-            report = run_pattern(
-                pattern,
-                size=size,
-                memory=memory,
-                swap=args.swap or None,
-                accesses=None if pattern == "seq" else accesses,
-                verify=not args.no_verify,
-                console=console,
-                tiers=_tier_kwargs(args),
-            )
+            extra: dict[str, Any] = {} if args.mapped else {"tiers": _tier_kwargs(args)}
+            with mapped_errors():
+                report = runner(
+                    pattern,
+                    size=size,
+                    memory=memory,
+                    swap=args.swap or None,
+                    accesses=None if pattern == "seq" else accesses,
+                    verify=not args.no_verify,
+                    console=console,
+                    **extra,
+                )
             reports.append(report)
             if not args.json:
                 _print_report(report)
@@ -781,6 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="accesses for random/zipf (default: 125,000 quick, else 1,000,000)",
     )
     run.add_argument("--no-verify", action="store_true", help="skip the final verification")
+    run.add_argument(
+        "--mapped",
+        action="store_true",
+        help="access a mapped numpy array (a[i] += 1; userfaultfd) instead of read/write calls",
+    )
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_tier_args(run)
     run.set_defaults(func=_cmd_run)

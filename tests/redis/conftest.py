@@ -50,8 +50,17 @@ def second_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisClusterProcesses]:
+def _cluster_processes() -> Iterator[RedisClusterProcesses]:
     _require_binaries()
     cluster = RedisClusterProcesses(masters=3, replicas=1)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(_cluster_processes: RedisClusterProcesses) -> RedisClusterProcesses:
+    """The session's cluster, settled: every live node ok and every replica linked
+    (a test that killed a server, or a failover on a loaded machine, may have left
+    it moving)."""
+    _cluster_processes.wait_until_ok()
+    return _cluster_processes

@@ -38,6 +38,8 @@ def problems(kernel: Kernel) -> list[str]:
     owner: dict[int, Page] = {}
     queued = 0
     for obj in kernel.objects.values():
+        if obj.storage is not None:  # mapped objects: vm/storage.py
+            found += obj.storage.check(obj)
         for pindex, page in obj.pages.items():
             where = f"page {obj.oid}:{pindex}"
             if page.obj is not obj or page.pindex != pindex:

@@ -297,7 +297,11 @@ class Kernel:
             self.check_open()
             if obj.closed:
                 raise ObjectClosed(f"VM object {obj.oid} is closed")
-            return shadow.clone(self, obj)
+            return self.clone_locked(obj)
+
+    def clone_locked(self, obj: VMObject) -> VMObject:
+        """``clone`` for a caller that holds the lock (and has checked ``obj`` is open)."""
+        return shadow.clone(self, obj)
 
     def strategy(
         self, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
@@ -600,9 +604,11 @@ class Kernel:
 
     def free_page(self, page: Page) -> None:
         """Forget a resident page and free its frame (its data must be elsewhere)."""
+        obj = page.obj
+        if obj.storage is not None:  # mapped objects: vm/storage.py
+            obj.storage.freeing(page)
         if page.queue != QUEUE_NONE:
             self.queues.remove(page)
-        obj = page.obj
         del obj.pages[page.pindex]
         self.frames.free(page.frame)
         if page.wanted:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
     from vmpager.vm.kernel import Kernel
     from vmpager.vm.page import Page
+    from vmpager.vm.storage import PageStorage
 
 __all__ = [
     "NOT_RESERVED",
@@ -94,6 +95,8 @@ class VMObject:
         #: page after the last one paged in, and the current read-ahead window.
         self.readahead_next = 0
         self.readahead_npages = 0
+        #: Shared page storage (mapped objects; see vm/storage.py), else None.
+        self.storage: PageStorage | None = None
         self.closed = False
 
     # -- properties -----------------------------------------------------------
@@ -291,6 +294,16 @@ class VMObject:
         """Forget a range: it reads as zeros; whole pages give back frames and swap."""
         offset, length = self._check_range(offset, length)
         self._kernel.discard(self, offset, length)
+
+    def map(self) -> memoryview:
+        """Objects of a VM live in its process and cannot be mapped (mapped objects are
+        paged by the VM's pager process: ``vm.array(...)``, ``vm.mapped.allocate(size)``,
+        ``vm.mapped.map_file(path)``)."""
+        raise TypeError(
+            f"VM object {self.oid} cannot be mapped: create mapped objects with "
+            "vm.array(shape, dtype), vm.mapped.allocate(size) or vm.mapped.map_file(path) "
+            "(see docs/mapped.md)"
+        )
 
     def clone(self) -> VMObject:
         """A copy-on-write snapshot: from now on writes on either side are invisible

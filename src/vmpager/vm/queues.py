@@ -48,6 +48,10 @@ class PageQueues:
         q = page.queue
         if q == QUEUE_ACTIVE:
             del self.active[page]
+            storage = page.obj.storage
+            if storage is not None:  # mapped objects: vm/storage.py
+                page.queue = QUEUE_NONE
+                storage.leaving_active(page)
         elif q == QUEUE_INACTIVE:
             del self.inactive[page]
         elif q == QUEUE_WIRED:

@@ -36,9 +36,13 @@ from vmpager.vm.swapctl import SwapControl, SwapSpec
 
 if TYPE_CHECKING:
     import os
+    from typing import Any
+
+    from numpy.typing import DTypeLike, NDArray
 
     from vmpager.io.fanout import Fanout
     from vmpager.io.inflight import InflightLimits
+    from vmpager.mapped.client import MappedObject, PagerProcess
     from vmpager.swap.space import SwapSpace
     from vmpager.vm.frames import FramePool
     from vmpager.vm.pagermap import PagerMap
@@ -128,6 +132,7 @@ class VM:
         # Encrypted swap is unreadable once the VM's keys are gone: files the VM
         # creates for it go with the VM.
         remove_created = self.tier is not None and self.tier.encrypt
+        self._mapped: PagerProcess | None = None  # transparent paging, started on demand
         self._swapctl = SwapControl(kernel, replicas, remove_created=remove_created)
         try:
             self._swapctl.open_initial(swap)
@@ -267,6 +272,52 @@ class VM:
 
         return map_device(self.kernel, buffer)
 
+    # -- transparent paging (mapped/): objects as plain memory ----------------------
+
+    @property
+    def mapped(self) -> PagerProcess:
+        """The pager process of this VM's mapped objects, started on first use.
+
+        It runs a VM with this one's memory budget, page size and config and
+        its own embedded swap; see docs/mapped.md. Raises
+        ``UserfaultfdUnavailable`` (saying how to enable it) when
+        userfaultfd cannot be used here.
+        """
+        with self.kernel.cond:
+            self.kernel.check_open()
+            pager = self._mapped
+        if pager is not None:
+            return pager
+        from vmpager.mapped.client import PagerProcess
+
+        started = PagerProcess(
+            self.frames.nframes * self.page_size, None, self.page_size, config=self.config
+        )
+        with self.kernel.cond:
+            if self._mapped is None:
+                self._mapped = started
+                return started
+            pager = self._mapped
+        started.close()  # another thread started one first
+        return pager
+
+    def array(
+        self, shape: int | tuple[int, ...], dtype: DTypeLike = "float64", *, order: str = "C"
+    ) -> NDArray[Any]:
+        """A zero-filled ``numpy.ndarray`` whose memory is a new mapped object.
+
+        Any code may index, slice, sort it or hand it to a C library; its
+        pages are paged by the pager process (``mapped``) within the memory
+        budget. ``object_of(array)`` gives the object (read, write, discard,
+        clone). The array stays usable while any view of it lives and the VM
+        is open; see docs/mapped.md for fork, errors and close.
+        """
+        return self.mapped.array(shape, dtype, order=order)
+
+    def object_of(self, array: object) -> MappedObject:
+        """The mapped object whose memory ``array`` lies in (``ValueError`` if none)."""
+        return self.mapped.object_of(array)
+
     def objects(self) -> list[VMObject]:
         with self.kernel.cond:
             return list(self.kernel.objects.values())
@@ -352,6 +403,9 @@ class VM:
         with self.kernel.cond:
             if self.kernel.closed:
                 return
+            mapped, self._mapped = self._mapped, None
+        if mapped is not None:
+            mapped.close()  # the pager process of mapped objects
         with self.kernel.cond:
             for obj in list(self.kernel.objects.values()):
                 obj._before_close()  # file objects write their dirty pages back

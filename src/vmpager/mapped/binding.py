@@ -1,0 +1,360 @@
+"""A mapped object's pages, shared with the client: the pager process's side.
+
+One ``SharedRegion`` per mapped VM object. The client maps a memfd of the
+object's size (MAP_SHARED) and registered it with userfaultfd; the pager
+process holds the same memfd and userfaultfd. A page of the object is
+*bound* when memfd page ``p`` exists: then the VM frame holding the page is
+remapped onto that memfd page (``MAP_FIXED``), so the frame and the client's
+view are one physical page, counted once against the budget. Unbound pages
+live in ordinary frames and their memfd page is a hole: the client's access
+faults, and the pager answers.
+
+Binding (a fault on page ``p``): the VM makes the page resident (swap-in
+with read-ahead, zero-fill, copy-on-write), ``UFFDIO_COPY`` copies the frame
+into memfd page ``p`` and maps it in the client (write-protected while the
+VM page is clean, so the first write faults once and marks it dirty), then
+the frame is remapped onto memfd page ``p``. A bound page is always on the
+active queue.
+
+Unbinding (the page leaves the active queue, ``PageStorage.leaving_active``):
+write-protect the client's page, copy it into a spare anonymous page, move
+that page onto the frame with ``mremap`` (an atomic replacement: a reader
+of the frame sees the same bytes throughout), punch memfd page ``p`` (the
+client's mapping of it is zapped). The page stays resident in the VM, on the
+inactive queue: a client touch faults and binds it again cheaply (the BSD
+inactive queue's second chance), else the page daemon launders and frees it
+as any anonymous page. Freeing a bound page punches the hole and gives the
+frame fresh anonymous memory.
+
+The number of bound pages is capped (each may split the frame arena's
+mapping, and a process has at most ``vm.max_map_count`` mappings): past the
+cap the oldest bound page is deactivated.
+
+All methods run with the VM lock held.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from vmpager.mapped import uffd as U
+from vmpager.vm.page import QUEUE_ACTIVE
+
+if TYPE_CHECKING:
+    from vmpager.vm.kernel import Kernel
+    from vmpager.vm.object import VMObject
+    from vmpager.vm.page import Page
+
+__all__ = ["SharedRegion", "bound_page_limit"]
+
+#: Read-ahead of a sequential stream of client faults: first and largest window.
+_AHEAD_MIN = 8
+_AHEAD_MAX = 128
+_NSTREAMS = 8
+
+
+def bound_page_limit() -> int:
+    """How many pages may be bound at once in this process (mappings to spare)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            most = int(f.read())
+    except (OSError, ValueError):
+        most = 65530
+    return max(64, (most - 4096) // 2)
+
+
+def _clean(page: Page) -> bool:
+    """Must the client's first write fault? Yes while the page is clean, and while a
+    pageout of it is in flight: its completion marks it clean, so a write that
+    did not fault would be lost."""
+    return not page.dirty or page.writing
+
+
+class SharedRegion:
+    """The pager's half of one mapped object (implements ``vm.storage.PageStorage``)."""
+
+    def __init__(
+        self,
+        vm: Kernel,
+        obj: VMObject,
+        uffd: U.Userfaultfd,
+        memfd: int,
+        client_base: int,
+        limit: int,
+        counts: dict[str, int],
+    ) -> None:
+        self.vm = vm
+        self.obj = obj
+        self.uffd = uffd
+        self.memfd = memfd
+        self.base = client_base
+        self.size = obj.npages << vm.page_shift  # file objects: size is the file's
+        self.ps = vm.page_size
+        self._shift = vm.page_shift
+        self.arena = vm.frames.array.ctypes.data
+        #: A spare anonymous page for unbinding: its page moves onto a frame and it
+        #: stays mapped, empty (MREMAP_DONTUNMAP), so no other mapping can take
+        #: its place in the meantime.
+        self.scratch = U.reserve(self.ps)
+        #: pindex -> bound page, oldest binding first.
+        self.bound: OrderedDict[int, Page] = OrderedDict()
+        #: Bound pages the client may write without a fault (not write-protected).
+        self.writable: set[int] = set()
+        self.limit = limit
+        self.counts = counts
+        #: Expected next faults of the streams seen: page -> (direction, window).
+        self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        #: Read faults mapped write-protected, and how many of them were then
+        #: written (decayed counts): when most are, read faults map pages
+        #: writable and dirty at once, saving the second fault (see ``fault``).
+        self._protected = 0
+        self._written = 0
+        self._reads = 0
+        #: A flush of the file is writing its pages: faults wait (``fault``).
+        self.flushing = False
+        self.closed = False
+
+    # -- faults ------------------------------------------------------------
+
+    def fault(self, fault: U.Fault) -> None:
+        """Resolve one client fault in this region. VM lock held; may wait for I/O."""
+        while self.flushing:
+            self.vm.cond.wait()
+        pindex = (fault.address - self.base) >> self._shift
+        addr = self.base + (pindex << self._shift)
+        counts = self.counts
+        if (fault.write or fault.wp) and not getattr(self.obj, "writable", True):
+            raise PermissionError(
+                f"write to a read-only file mapping ({getattr(self.obj, 'path', '?')}, mode 'r')"
+            )
+        if fault.wp:
+            counts["wp_faults"] += 1
+            self._written += 1
+            page = self._hold(pindex, write=True)
+            if self.bound.get(pindex) is page:
+                self.uffd.writeprotect(addr, self.ps, False)  # and wake
+                self.writable.add(pindex)
+            else:
+                self._bind(page, wp=False)
+            return
+        if pindex in self.bound:  # another thread's fault bound it first
+            counts["spurious_faults"] += 1
+            self.uffd.wake(addr, self.ps)
+            return
+        soft = pindex in self.obj.pages
+        counts["soft_faults" if soft else "faults"] += 1
+        likely = fault.write or 2 * self._written > self._protected
+        write = likely = likely and getattr(self.obj, "writable", True)
+        if not fault.write:
+            # Read-modify-write programs (a[i] += 1) fault twice per page: a read,
+            # then a write-protect fault. When most read-mapped pages are written
+            # soon after, take the read as a write (the page is dirty at once,
+            # its swap copy freed): one fault instead of two.
+            # In that mode one read fault in 8 is still mapped protected: a probe
+            # that keeps the estimate current.
+            self._reads += 1
+            write = likely and self._reads % 8 != 0
+            if write:
+                counts["early_dirty"] += 1
+            else:
+                self._protected += 1
+                if self._protected >= 1024:
+                    self._protected //= 2
+                    self._written //= 2
+        page = self._hold(pindex, write=write)
+        if self.bound.get(pindex) is page:
+            self.uffd.wake(addr, self.ps)
+        else:
+            self._bind(page, wp=_clean(page))
+        self._read_ahead(pindex, likely)  # probes are single pages
+
+    def _hold(self, pindex: int, *, write: bool) -> Page:
+        page = self.vm.hold_page(self.obj, pindex, write=write, overwrite=False)
+        if page.obj is not self.obj:
+            # A clone's backing page: the client may only see pages of its own
+            # object (a frame shared with a clone must not be aliased), so copy it up.
+            page = self.vm.hold_page(self.obj, pindex, write=True, overwrite=False)
+        return page
+
+    def _read_ahead(self, pindex: int, write: bool) -> None:
+        """A fault where a stream was expected continues it: bind its next pages too.
+
+        Streams go up or down (a quicksort partition scans from both ends) and
+        several may be interleaved: the last ``_NSTREAMS`` expected pages are
+        remembered. A fault nobody expected starts two candidates (the page
+        after it and the page before it). The window doubles from
+        ``_AHEAD_MIN`` to ``_AHEAD_MAX`` pages; a falling stream's window is
+        paged in upwards, so the VM's own sequential read-ahead reads it in
+        large transfers.
+        """
+        streams = self._streams
+        entry = streams.pop(pindex, None)
+        if entry is None:
+            self._expect(pindex + 1, 1, 0)
+            self._expect(pindex - 1, -1, 0)
+            return
+        direction, window = entry
+        window = min(max(_AHEAD_MIN, 2 * window), _AHEAD_MAX)
+        if direction > 0:
+            first, end = pindex + 1, min(pindex + 1 + window, self.obj.npages)
+            self._expect(end, 1, window)
+        else:
+            first, end = max(pindex - window, 0), pindex
+            self._expect(first - 1, -1, window)
+        vm = self.vm
+        held: list[Page] = []
+        for q in range(first, end):
+            if q in self.bound:
+                continue
+            if vm.frames.free_nframes <= vm.free_min_nframes and q not in self.obj.pages:
+                break  # no frame to spare without waiting: stop here
+            held.append(self._hold(q, write=write))
+        # Holding may have released the lock (I/O): bind what is still there, idle
+        # and unbound, in runs of consecutive pages.
+        pages = self.obj.pages
+        run: list[Page] = []
+        for page in held:
+            ok = (
+                pages.get(page.pindex) is page
+                and not page.busy
+                and page.pindex not in self.bound
+                and page.obj is self.obj
+            )
+            if run and (not ok or page.pindex != run[-1].pindex + 1):
+                self._bind_run(run)
+                run = []
+            if ok:
+                run.append(page)
+        if run:
+            self._bind_run(run)
+
+    def _expect(self, pindex: int, direction: int, window: int) -> None:
+        if 0 <= pindex < self.obj.npages:
+            self._streams[pindex] = (direction, window)
+            if len(self._streams) > _NSTREAMS:
+                self._streams.popitem(last=False)
+
+    def _bind_run(self, run: list[Page]) -> None:
+        """Bind consecutive pages the client has not touched yet, without a copy ioctl
+        each: protect the clean ones (a write-protect marker on the empty entry),
+        write all the frames into the memfd in one ``pwritev``, alias each frame.
+        The client's first access then maps the page without a userfault (a write
+        to a protected page still faults once)."""
+        ps = self.ps
+        shift = self._shift
+        first = run[0].pindex
+        clean = [_clean(page) for page in run]
+        i = 0
+        while i < len(run):
+            # One call per stretch: protect the clean pages; clear the dirty ones'
+            # protection (a marker left where a protected page was punched would
+            # make the first write fault).
+            j = i
+            while j < len(run) and clean[j] == clean[i]:
+                j += 1
+            start, length = self.base + ((first + i) << shift), (j - i) * ps
+            self.uffd.writeprotect(start, length, clean[i], wake=False)
+            i = j
+        fview = self.vm.frames.view
+        buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
+        written = os.pwritev(self.memfd, buffers, first << shift)
+        if written != len(run) * ps:
+            raise OSError(f"short write to the memfd: {written} of {len(run) * ps} bytes")
+        for page, protected in zip(run, clean, strict=True):
+            U.map_fixed(self.arena + (page.frame << shift), ps, self.memfd, page.pindex << shift)
+            self._bound(page, writable=not protected)
+        self.counts["ahead_pages"] += len(run)
+
+    def _bind(self, page: Page, *, wp: bool) -> None:
+        pindex = page.pindex
+        offset = pindex << self._shift
+        frame_addr = self.arena + (page.frame << self._shift)
+        if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
+            raise AssertionError(f"memfd page {pindex} exists but is not bound")
+        U.map_fixed(frame_addr, self.ps, self.memfd, offset)
+        self._bound(page, writable=not wp)
+
+    def _bound(self, page: Page, *, writable: bool) -> None:
+        pindex = page.pindex
+        self.bound[pindex] = page
+        if writable:
+            self.writable.add(pindex)
+        else:
+            self.writable.discard(pindex)
+        page.referenced = True
+        self.vm.queues.activate(page)
+        if len(self.bound) > self.limit:
+            oldest = next(iter(self.bound.values()))
+            self.vm.queues.deactivate(oldest)  # leaving_active unbinds it
+
+    # -- PageStorage ------------------------------------------------------------------
+
+    def leaving_active(self, page: Page) -> None:
+        if self.bound.get(page.pindex) is not page:
+            return
+        offset = page.pindex << self._shift
+        frame_addr = self.arena + (page.frame << self._shift)
+        if page.pindex in self.writable:
+            try:
+                # No client write may land between the copy and the punch.
+                self.uffd.writeprotect(self.base + offset, self.ps, True)
+            except OSError:
+                pass  # the client unmapped the region or exited
+            self.writable.discard(page.pindex)
+        ctypes.memmove(self.scratch, frame_addr, self.ps)
+        U.mremap_fixed(self.scratch, self.ps, frame_addr, keep=True)
+        U.fallocate_punch(self.memfd, offset, self.ps)
+        del self.bound[page.pindex]
+        self.counts["unbinds"] += 1
+
+    def freeing(self, page: Page) -> None:
+        if self.bound.get(page.pindex) is not page:
+            return
+        offset = page.pindex << self._shift
+        U.fallocate_punch(self.memfd, offset, self.ps)
+        U.map_fixed(self.arena + (page.frame << self._shift), self.ps)
+        del self.bound[page.pindex]
+        self.writable.discard(page.pindex)
+
+    def check(self, obj: VMObject) -> list[str]:
+        problems = []
+        for pindex, page in self.bound.items():
+            if obj.pages.get(pindex) is not page:
+                problems.append(f"mapped page {obj.oid}:{pindex} is bound but not resident")
+            elif page.queue != QUEUE_ACTIVE:
+                problems.append(f"mapped page {obj.oid}:{pindex} is bound but not active")
+        if not self.closed:
+            allocated = U.allocated_bytes(self.memfd)
+            if allocated != len(self.bound) * self.ps:
+                problems.append(
+                    f"mapped object {obj.oid}: memfd holds {allocated} bytes, "
+                    f"{len(self.bound)} pages bound"
+                )
+        return problems
+
+    # -- end ------------------------------------------------------------
+
+    def unbind_all(self) -> None:
+        """Deactivate every bound page (before a clone, an unmap). VM lock held."""
+        for page in list(self.bound.values()):
+            self.vm.queues.deactivate(page)
+
+    def close(self) -> None:
+        """The client unmapped the region: detach every page, forget the memfd."""
+        if self.closed:
+            return
+        if not self.obj.closed:
+            self.unbind_all()
+        else:
+            for page in list(self.bound.values()):
+                self.freeing(page)
+        self.closed = True
+        self.obj.storage = None
+        os.close(self.memfd)
+        U.munmap(self.scratch, self.ps)
+
+    def allocated_bytes(self) -> int:
+        return 0 if self.closed else U.allocated_bytes(self.memfd)
