@@ -222,3 +222,24 @@ def test_real_process_prints_one_line(argv: list[str], status: int, needle: str)
     assert done.returncode == status, done.stderr
     assert done.stdout == ""
     _assert_one_line(done.stderr, needle)
+
+
+def test_mapped_run_without_userfaultfd_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``run --mapped`` where userfaultfd is refused: one line naming the option and the fix."""
+    from vmpager.mapped import uffd
+
+    def refuse(flags: int = 0) -> int:
+        raise uffd.UserfaultfdUnavailable(
+            "userfaultfd is unavailable (/dev/userfaultfd: Permission denied): "
+            + uffd._HOW_TO_ENABLE
+        )
+
+    monkeypatch.setattr(uffd, "_open_raw", refuse)
+    argv = ["run", "--mapped", "--size", "1M", "--memory", "256K", "--pattern", "seq"]
+    status, err = _status_and_err(argv, capsys)
+    assert status == 1
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "--mapped" in lines[0] and "vm.unprivileged_userfaultfd=1" in lines[0], lines[0]
