@@ -143,8 +143,10 @@ def test_frame_copies_from_generic_paths_are_dropped_by_direct_writes() -> None:
     vm, _ = small_vm(nframes=8, readaround_npages=0)
     with vm:
         dev = vm.map_device(memory)
-        with vm._cond:
-            page = hold_page(vm, dev, 1, False, False)  # what a shadow chain walk does
+        with vm.kernel.cond:
+            page = hold_page(
+                vm.kernel, dev, 1, write=False, overwrite=False
+            )  # what a shadow chain walk does
             assert bytes(vm.frames.frame_view(page.frame)) == b"a" * PAGE
         vm.check()  # the copy equals the memory
         dev.write(PAGE + 5, b"new")

@@ -323,7 +323,7 @@ def test_hard_write_error_keeps_pages_dirty_until_a_later_flush(
 ) -> None:
     path = tmp_path / "f"
     model = bytearray(make_file(path, 8 * PAGE))
-    vm, _ = small_vm(nframes=16)
+    vm, _ = small_vm(reference=True, nframes=16)
     with vm:
         obj = vm.map_file(path, "r+")
         for pindex in range(8):

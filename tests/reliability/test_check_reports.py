@@ -150,10 +150,10 @@ def block_owned_but_free(vm: VM, a: VMObject, b: VMObject) -> Undo:
 
 
 def blocks_of_a_gone_object(vm: VM, a: VMObject, b: VMObject) -> Undo:
-    del vm._objects[b.oid]
+    del vm.kernel.objects[b.oid]
 
     def undo() -> None:
-        vm._objects[b.oid] = b
+        vm.kernel.objects[b.oid] = b
 
     return undo
 

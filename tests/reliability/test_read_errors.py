@@ -96,7 +96,9 @@ def test_whole_page_write_replaces_an_unreadable_page() -> None:
 
 
 def test_transient_read_error_is_reported_then_reads_work() -> None:
-    vm, devices = small_vm(nframes=16, swap_nblocks=32, faulty=True, readaround_npages=2)
+    vm, devices = small_vm(
+        reference=True, nframes=16, swap_nblocks=32, faulty=True, readaround_npages=2
+    )
     with vm:
         obj = swapped(vm, 8)
         _, dblk = where(vm, obj, 3)

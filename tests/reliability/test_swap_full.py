@@ -46,7 +46,7 @@ def test_full_write_refused_then_everything_readable() -> None:
         stored = fill_until_full(obj)
         # Memory minus the read reserve, plus swap (blocks, maybe minus a
         # fragment the halving allocator could not use).
-        assert 16 <= stored <= 8 - vm._read_reserve + 16
+        assert 16 <= stored <= 8 - vm.kernel.read_reserve + 16
         stats = vm.statistics()
         assert stats.swap_exhausted == 1
         assert stats.swap_full
@@ -108,7 +108,7 @@ def test_write_fault_on_a_swapped_page_does_not_use_the_read_reserve() -> None:
             except SwapExhausted:
                 break
         dirty = sum(1 for page in obj.pages.values() if page.dirty)
-        assert dirty <= vm.frames.nframes - vm._read_reserve
+        assert dirty <= vm.frames.nframes - vm.kernel.read_reserve
         for p in range(stored):
             obj.read(p * PAGE, PAGE)
         vm.check()
@@ -149,7 +149,7 @@ def test_memory_only_vm_refuses_and_keeps_data() -> None:
     with VM(memory=8 * PAGE, swap=[]) as vm:
         obj = vm.allocate(32 * PAGE)
         stored = fill_until_full(obj)
-        assert stored == 8 - vm._read_reserve
+        assert stored == 8 - vm.kernel.read_reserve
         for p in range(stored):
             assert obj.read(p * PAGE, PAGE) == page_bytes(1 + p)
         # Reads of never-written pages still get (clean, droppable) frames.
@@ -250,7 +250,7 @@ def test_fragmented_free_swap_is_still_used() -> None:
         b = vm.allocate(16 * PAGE)
         stored = fill_until_full(b, 100)
         # Every free block, plus memory minus the read reserve.
-        assert stored == 8 + vm.frames.nframes - vm._read_reserve
+        assert stored == 8 + vm.frames.nframes - vm.kernel.read_reserve
         assert vm.statistics().swap_used_blocks == 16
         for p in range(stored):
             assert b.read(p * PAGE, PAGE) == page_bytes(100 + p)

@@ -76,7 +76,7 @@ class Runner:
         done = threading.Event()
         self._todo.put((action, box, done))
         world = self._world
-        cond = world.vm._cond
+        cond = world.vm.kernel.cond
         idle_polls = 0
         while not done.wait(0.0002):
             # The worker waits on the VM condition only for I/O (no other thread

@@ -87,7 +87,9 @@ def fill(obj: VMObject, first_tag: int = 1) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_sync_pageout_write_error(case: Expect) -> None:
-    vm, devices = small_vm(nframes=16, swap_nblocks=32, faulty=True, write_error_policy=case.policy)
+    vm, devices = small_vm(
+        reference=True, nframes=16, swap_nblocks=32, faulty=True, write_error_policy=case.policy
+    )
     dev = devices[0]
     with vm:
         obj = vm.allocate(8 * PAGE)
@@ -132,7 +134,9 @@ def test_sync_pageout_write_error(case: Expect) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_faulting_thread_pageout_write_error(case: Expect) -> None:
     """The write that needs a frame runs the scan itself; its write fails."""
-    vm, devices = small_vm(nframes=8, swap_nblocks=32, faulty=True, write_error_policy=case.policy)
+    vm, devices = small_vm(
+        reference=True, nframes=8, swap_nblocks=32, faulty=True, write_error_policy=case.policy
+    )
     dev = devices[0]
     with vm:
         obj = vm.allocate(16 * PAGE)
@@ -154,7 +158,9 @@ def test_faulting_thread_pageout_write_error(case: Expect) -> None:
 @pytest.mark.parametrize("order", ["fail_first", "fail_last"])
 def test_async_pageout_write_error(case: Expect, order: str) -> None:
     engine = HeldEngine()
-    vm, _ = small_vm(nframes=16, swap_nblocks=32, engine=engine, write_error_policy=case.policy)
+    vm, _ = small_vm(
+        reference=True, nframes=16, swap_nblocks=32, engine=engine, write_error_policy=case.policy
+    )
     with vm:
         obj = vm.allocate(8 * PAGE)
         fill(obj)
@@ -205,7 +211,9 @@ def test_async_pageout_write_error(case: Expect, order: str) -> None:
 
 @pytest.mark.parametrize("policy", [NETBSD_1_48, NETBSD])
 def test_bad_blocks_are_never_handed_out_again(policy: WriteErrorPolicy) -> None:
-    vm, devices = small_vm(nframes=8, swap_nblocks=24, faulty=True, write_error_policy=policy)
+    vm, devices = small_vm(
+        reference=True, nframes=8, swap_nblocks=24, faulty=True, write_error_policy=policy
+    )
     dev = devices[0]
     with vm:
         # Blocks 4..7 fail every write, for good.
@@ -241,7 +249,9 @@ def test_bad_blocks_are_never_handed_out_again(policy: WriteErrorPolicy) -> None
 
 def test_freebsd_policy_retries_the_same_blocks_later() -> None:
     """Never marked bad: once the fault clears, the blocks serve again."""
-    vm, devices = small_vm(nframes=8, swap_nblocks=8, faulty=True, write_error_policy=FREEBSD)
+    vm, devices = small_vm(
+        reference=True, nframes=8, swap_nblocks=8, faulty=True, write_error_policy=FREEBSD
+    )
     dev = devices[0]
     with vm:
         dev.fail_writes(range(8), errno.EIO, times=3)
@@ -260,7 +270,7 @@ def test_freebsd_policy_retries_the_same_blocks_later() -> None:
 
 def test_retried_page_after_transient_error_survives_repeated_failures() -> None:
     """A transient error on the cluster and on the single-page retry: nothing lost."""
-    vm, devices = small_vm(nframes=16, swap_nblocks=32, faulty=True)
+    vm, devices = small_vm(reference=True, nframes=16, swap_nblocks=32, faulty=True)
     dev = devices[0]
     with vm:
         obj = vm.allocate(8 * PAGE)
@@ -321,7 +331,12 @@ def test_random_write_errors_lose_nothing(seed: int) -> None:
     rng = random.Random(seed)
     engine = HeldEngine()
     vm, devices = small_vm(
-        nframes=8, swap_nblocks=[48, 48], faulty=True, engine=engine, layout="stripe"
+        reference=True,
+        nframes=8,
+        swap_nblocks=[48, 48],
+        faulty=True,
+        engine=engine,
+        layout="stripe",
     )
     model: dict[int, bytearray] = {}
     with vm:

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 
 from vmpager.io.engine import HeldEngine
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.put import pager_put
 from vmpager.testing.worlds import PAGE, small_vm
 from vmpager.vm.config import VMConfig
 from vmpager.vm.object import VMObject
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.put import pager_put
 from vmpager.vm.system import VM
 
 
@@ -50,7 +50,7 @@ def test_readaround_default_is_8_each_side_and_7_selects_freebsd() -> None:
     """swap_pager_haspage (2002) gives at most SWB_NPAGES/2 - 1 = 7 on each side."""
     assert VMConfig().readaround_npages == 8
     for window in (8, 7):
-        vm, _ = small_vm(nframes=64, swap_nblocks=64, readaround_npages=window)
+        vm, _ = small_vm(reference=True, nframes=64, swap_nblocks=64, readaround_npages=window)
         with vm:
             obj = vm.allocate(32 * PAGE)
             fill(obj)
@@ -66,7 +66,9 @@ def test_readaround_default_is_8_each_side_and_7_selects_freebsd() -> None:
 def test_failed_readaround_retries_the_requested_page_alone() -> None:
     """A bad block next to the page fails the read-around transfer; the page
     itself is read again alone and served (the reference returns the error)."""
-    vm, devices = small_vm(nframes=64, swap_nblocks=64, faulty=True, readaround_npages=8)
+    vm, devices = small_vm(
+        reference=True, nframes=64, swap_nblocks=64, faulty=True, readaround_npages=8
+    )
     with vm:
         obj = vm.allocate(32 * PAGE)
         fill(obj)
@@ -85,11 +87,11 @@ def test_failed_readaround_retries_the_requested_page_alone() -> None:
 def test_cluster_takes_active_neighbours_unless_switched_to_the_reference() -> None:
     assert VMConfig().pageout_cluster_active
     for active, expected in ((True, 4), (False, 1)):
-        vm, _ = small_vm(nframes=16, swap_nblocks=64)
+        vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=64)
         with vm:
             obj = vm.allocate(4 * PAGE)
             fill(obj)
-            with vm._cond:
+            with vm.kernel.cond:
                 for page in obj.pages.values():
                     vm.queues.activate(page)
                 center = obj.pages[1]
@@ -107,11 +109,11 @@ def test_cluster_takes_active_neighbours_unless_switched_to_the_reference() -> N
 
 def test_the_scan_follows_the_cluster_switch() -> None:
     for active, expected in ((True, 4), (False, 1)):
-        vm, _ = small_vm(nframes=16, swap_nblocks=64, pageout_cluster_active=active)
+        vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=64, pageout_cluster_active=active)
         with vm:
             obj = vm.allocate(4 * PAGE)
             fill(obj)
-            with vm._cond:
+            with vm.kernel.cond:
                 for page in obj.pages.values():
                     vm.queues.activate(page)
                     page.referenced = True
@@ -128,12 +130,12 @@ def test_the_scan_follows_the_cluster_switch() -> None:
 def test_transient_retry_of_the_centre_takes_a_fresh_block() -> None:
     """The failed transfer's blocks, the centre's too, are given back before the
     retry; the reference keeps the centre's slot."""
-    vm, devices = small_vm(nframes=16, swap_nblocks=64, faulty=True)
+    vm, devices = small_vm(reference=True, nframes=16, swap_nblocks=64, faulty=True)
     with vm:
         obj = vm.allocate(4 * PAGE)
         fill(obj)
         devices[0].fail_writes(range(4), errno.EAGAIN, times=1)
-        with vm._cond:
+        with vm.kernel.cond:
             outcome = pager_put(vm.swap_pager, obj, obj.pages[1], sync=True, max_npages=4)
         assert outcome.retried and outcome.result is PagerResult.OK
         assert outcome.cluster_npages == 4
@@ -148,13 +150,13 @@ def test_transient_retry_of_the_centre_takes_a_fresh_block() -> None:
 def test_refused_cluster_is_not_retried() -> None:
     """FAIL (no free block at all, after halving to single blocks) is final, as in
     the reference, which retries on EAGAIN only."""
-    vm, _ = small_vm(nframes=16, swap_nblocks=8)
+    vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=8)
     with vm:
         filler = vm.allocate(8 * PAGE)
         filler.strategy_write(0, bytes(8 * PAGE))
         obj = vm.allocate(4 * PAGE)
         fill(obj)
-        with vm._cond:
+        with vm.kernel.cond:
             outcome = pager_put(vm.swap_pager, obj, obj.pages[1], sync=True, max_npages=4)
         assert outcome.result is PagerResult.FAIL and not outcome.retried
         assert all(p.dirty and not p.writing for p in obj.pages.values())
@@ -164,7 +166,9 @@ def test_refused_cluster_is_not_retried() -> None:
 def test_hard_error_marks_only_the_failed_transfer_bad() -> None:
     """A cluster written as two transfers (free runs of 4): the blocks of the one
     that failed are marked bad, those of the one that succeeded keep good data."""
-    vm, devices = small_vm(nframes=32, swap_nblocks=16, faulty=True, cluster_max_npages=8)
+    vm, devices = small_vm(
+        reference=True, nframes=32, swap_nblocks=16, faulty=True, cluster_max_npages=8
+    )
     with vm:
         a = vm.allocate(16 * PAGE)
         fill(a, 1000)
@@ -174,7 +178,7 @@ def test_hard_error_marks_only_the_failed_transfer_bad() -> None:
         devices[0].fail_writes(range(8, 12), errno.EIO, times=1)
         b = vm.allocate(8 * PAGE)
         fill(b)
-        with vm._cond:
+        with vm.kernel.cond:
             outcome = pager_put(vm.swap_pager, b, b.pages[0], sync=True, max_npages=8)
         assert outcome.cluster_npages == 8 and outcome.result is PagerResult.OK
         stats = vm.statistics()
@@ -198,7 +202,12 @@ def test_new_swap_async_max_applies_at_once() -> None:
     only when enough writes have completed)."""
     engine = HeldEngine()
     vm, _ = small_vm(
-        nframes=16, swap_nblocks=64, engine=engine, cluster_max_npages=1, swap_async_max=2
+        reference=True,
+        nframes=16,
+        swap_nblocks=64,
+        engine=engine,
+        cluster_max_npages=1,
+        swap_async_max=2,
     )
     with vm:
         obj = vm.allocate(8 * PAGE)
@@ -229,7 +238,7 @@ def test_closing_an_object_waits_for_its_pages_being_written() -> None:
     """No PG_RELEASED: closing waits for the write in flight, then frees the
     pages and their blocks."""
     engine = HeldEngine()
-    vm, _ = small_vm(nframes=16, swap_nblocks=64, engine=engine)
+    vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=64, engine=engine)
     with vm:
         obj = vm.allocate(4 * PAGE)
         fill(obj)

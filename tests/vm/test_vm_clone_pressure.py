@@ -36,7 +36,7 @@ def test_write_to_a_clone_page_on_swap_with_one_frame_above_the_reserve(
         c = vm.allocate(8 * PAGE)
         # Dirty pages until exactly one frame above the read reserve is free.
         p = 0
-        while vm.statistics().free_nframes > vm._read_reserve + 1:
+        while vm.statistics().free_nframes > vm.kernel.read_reserve + 1:
             c.write(p * PAGE, page_bytes(100 + p))
             p += 1
         outcome: list[object] = []

@@ -20,12 +20,12 @@ import pytest
 from hypothesis import given, settings
 
 from vmpager.io.engine import HeldEngine
-from vmpager.pager.cluster import make_put_cluster
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.put import pager_put
 from vmpager.testing.worlds import PAGE, small_vm
+from vmpager.vm.cluster import make_put_cluster
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import QUEUE_INACTIVE, Page
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.put import pager_put
 from vmpager.vm.system import VM
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,7 +110,7 @@ def histogram_delta(before: tuple, after: tuple) -> dict[int, int]:
 
 
 def test_pageout_clusters_are_aligned_windows_written_contiguously() -> None:
-    vm, _ = small_vm(nframes=32, swap_nblocks=64, cluster_max_npages=4)
+    vm, _ = small_vm(reference=True, nframes=32, swap_nblocks=64, cluster_max_npages=4)
     with vm:
         obj = vm.allocate(10 * PAGE)
         for p in range(10):
@@ -128,7 +128,9 @@ def test_pageout_clusters_are_aligned_windows_written_contiguously() -> None:
 
 
 def test_pageout_cluster_stops_at_clean_and_absent_pages() -> None:
-    vm, _ = small_vm(nframes=32, swap_nblocks=64, cluster_max_npages=8, readaround_npages=0)
+    vm, _ = small_vm(
+        reference=True, nframes=32, swap_nblocks=64, cluster_max_npages=8, readaround_npages=0
+    )
     with vm:
         obj = vm.allocate(8 * PAGE)
         for p in range(8):
@@ -153,7 +155,9 @@ def test_pageout_cluster_stops_at_clean_and_absent_pages() -> None:
 
 def test_pageout_cluster_skips_pages_being_written() -> None:
     engine = HeldEngine()
-    vm, _ = small_vm(nframes=32, swap_nblocks=64, cluster_max_npages=8, engine=engine)
+    vm, _ = small_vm(
+        reference=True, nframes=32, swap_nblocks=64, cluster_max_npages=8, engine=engine
+    )
     with vm:
         obj = vm.allocate(8 * PAGE)
         for p in range(4):
@@ -163,7 +167,7 @@ def test_pageout_cluster_skips_pages_being_written() -> None:
         for p in range(4, 8):
             obj.write(p * PAGE, page_bytes(p))
         # Pages 0..3 are still being written: a cluster around 5 starts at 4.
-        with vm._cond:
+        with vm.kernel.cond:
             outcome = pager_put(vm.swap_pager, obj, obj.pages[5], sync=True, max_npages=8)
         assert outcome.result is PagerResult.OK
         assert outcome.cluster_npages == 4
@@ -181,7 +185,9 @@ def test_pageout_cluster_skips_pages_being_written() -> None:
 
 def swapped_world(npages: int = 48, window: int = 8, **kw: Any) -> tuple[VM, VMObject]:
     """Every page on swap, page p at block p (sequential clusters), nothing resident."""
-    vm, _ = small_vm(nframes=64, readaround_npages=window, cluster_max_npages=4, **kw)
+    vm, _ = small_vm(
+        reference=True, nframes=64, readaround_npages=window, cluster_max_npages=4, **kw
+    )
     obj = vm.allocate(npages * PAGE)
     for p in range(npages):
         obj.write(p * PAGE, page_bytes(p))
@@ -234,10 +240,10 @@ def test_readaround_stops_at_resident_pages() -> None:
         assert fault(vm, obj, 18) == set(range(14, 23))
         # Keep 18 and 23 resident; drop the rest (clean: their swap copies stay).
         assert fault(vm, obj, 27) == set(range(23, 32))
-        with vm._cond:
+        with vm.kernel.cond:
             for p in list(obj.pages):
                 if p not in (18, 23):
-                    vm._free_page(obj.pages[p])
+                    vm.kernel.free_page(obj.pages[p])
         assert set(obj.pages) == {18, 23}
         # Window 16..24 around 20: stops after 18 going back, before 23 going on.
         assert fault(vm, obj, 20) == {19, 20, 21, 22}
@@ -270,7 +276,9 @@ def test_readaround_never_crosses_a_stripe() -> None:
 
 
 def test_readaround_never_crosses_devices_in_the_per_device_layout() -> None:
-    vm, _ = small_vm(nframes=64, swap_nblocks=[8, 64], readaround_npages=8, cluster_max_npages=4)
+    vm, _ = small_vm(
+        reference=True, nframes=64, swap_nblocks=[8, 64], readaround_npages=8, cluster_max_npages=4
+    )
     with vm:
         obj = vm.allocate(16 * PAGE)
         for p in range(16):
@@ -287,7 +295,9 @@ def test_readaround_never_crosses_devices_in_the_per_device_layout() -> None:
 
 
 def test_no_readaround_when_frames_are_short() -> None:
-    vm, _ = small_vm(nframes=16, swap_nblocks=64, readaround_npages=8, cluster_max_npages=4)
+    vm, _ = small_vm(
+        reference=True, nframes=16, swap_nblocks=64, readaround_npages=8, cluster_max_npages=4
+    )
     with vm:
         obj = vm.allocate(16 * PAGE)
         for p in range(16):

@@ -28,13 +28,13 @@ def test_hot_pages_filling_memory_do_not_mean_swap_exhausted(rounds: int) -> Non
     vm, _ = small_vm(nframes=8, swap_nblocks=64)
     with vm:
         obj = vm.allocate(16 * PAGE)
-        writable = vm.frames.nframes - vm._read_reserve
+        writable = vm.frames.nframes - vm.kernel.read_reserve
         for p in range(writable):
             obj.write(p * PAGE, page_bytes(p))
         for _ in range(rounds):  # every page referenced again between scans
             for p in range(writable):
                 obj.read(p * PAGE, 8)
-            with vm._cond:
+            with vm.kernel.cond:
                 vm.daemon.scan(vm.frames.nframes, asynchronous=False)
         for p in range(writable):
             obj.read(p * PAGE, 8)
@@ -81,7 +81,7 @@ def test_a_pass_whose_writes_all_failed_is_retried(policy: WriteErrorPolicy, err
     dev = devices[0]
     with vm:
         obj = vm.allocate(16 * PAGE)
-        writable = vm.frames.nframes - vm._read_reserve
+        writable = vm.frames.nframes - vm.kernel.read_reserve
         for p in range(writable):
             obj.write(p * PAGE, page_bytes(p))
         dev.fail_writes(range(dev.nblocks), err, times=3)  # every write of one pass
@@ -110,7 +110,7 @@ def test_a_device_that_fails_every_write_ends_in_swap_exhausted() -> None:
             for p in range(16):
                 obj.write(p * PAGE, page_bytes(p))
                 written += 1
-        assert written == vm.frames.nframes - vm._read_reserve
+        assert written == vm.frames.nframes - vm.kernel.read_reserve
         assert vm.statistics().write_errors >= 2
         dev.clear_faults()
         for p in range(16):

@@ -57,7 +57,7 @@ def held_world(
     nframes: int = 16, npages: int = 8, **config: object
 ) -> tuple[VM, HeldEngine, VMObject]:
     engine = HeldEngine()
-    vm, _ = small_vm(nframes=nframes, swap_nblocks=64, engine=engine, **config)
+    vm, _ = small_vm(reference=True, nframes=nframes, swap_nblocks=64, engine=engine, **config)
     obj = vm.allocate(npages * PAGE)
     fill(obj)
     return vm, engine, obj
@@ -139,7 +139,7 @@ def test_writer_waits_for_the_write_in_flight() -> None:
 def test_completions_in_any_order_lose_nothing(seed: int) -> None:
     rng = random.Random(seed)
     engine = HeldEngine()
-    vm, _ = small_vm(nframes=24, swap_nblocks=96, engine=engine, swap_async_max=8)
+    vm, _ = small_vm(reference=True, nframes=24, swap_nblocks=96, engine=engine, swap_async_max=8)
     with vm:
         objs = [vm.allocate(6 * PAGE) for _ in range(3)]
         for i, obj in enumerate(objs):
@@ -196,7 +196,12 @@ def test_async_writes_in_flight_are_bounded_and_the_bound_changes_while_running(
     # A high free target puts every page on the inactive queue in one pass,
     # so the scan has more clusters to start than slots.
     vm, _ = small_vm(
-        nframes=32, swap_nblocks=128, engine=engine, swap_async_max=2, free_target_nframes=16
+        reference=True,
+        nframes=32,
+        swap_nblocks=128,
+        engine=engine,
+        swap_async_max=2,
+        free_target_nframes=16,
     )
     with vm:
         obj = vm.allocate(24 * PAGE)
@@ -247,7 +252,7 @@ def test_async_writes_in_flight_are_bounded_and_the_bound_changes_while_running(
 
 
 def test_swap_async_max_is_clamped_and_type_checked() -> None:
-    vm, _ = small_vm(nswbuf=32)
+    vm, _ = small_vm(reference=True, nswbuf=32)
     with vm:
         assert vm.set_swap_async_max(0) == 1
         assert vm.set_swap_async_max(-5) == 1
@@ -262,7 +267,7 @@ def test_swap_async_max_is_clamped_and_type_checked() -> None:
 
 
 def test_pager_map_reserve_keeps_the_daemon_paging_out() -> None:
-    vm, _ = small_vm(nframes=16, swap_nblocks=64)
+    vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=64)
     with vm:
         pmap = vm.pagermap
         swapped = vm.allocate(4 * PAGE)
@@ -274,7 +279,7 @@ def test_pager_map_reserve_keeps_the_daemon_paging_out() -> None:
         # Another user takes the whole general pool (the pager map is used
         # with the VM lock held).
         general = pmap.size_npages - pmap.reserve_npages
-        with vm._cond:
+        with vm.kernel.cond:
             token = pmap.try_map_in(general, daemon=False)
             assert token is not None
             assert pmap.try_map_in(1, daemon=False) is None
@@ -293,7 +298,7 @@ def test_pager_map_reserve_keeps_the_daemon_paging_out() -> None:
         assert vm.statistics().pageout_pages >= 12
         assert not any(p.dirty for p in dirty.pages.values())
         assert reader.is_alive() and not got
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(token)
         reader.join(10)
         assert got == [page_bytes(50)]
@@ -304,13 +309,13 @@ def test_pager_map_reserve_keeps_the_daemon_paging_out() -> None:
 
 
 def test_pageout_waits_for_the_reserve_only_when_it_is_spent_too() -> None:
-    vm, _ = small_vm(nframes=16, swap_nblocks=64)
+    vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=64)
     with vm:
         pmap = vm.pagermap
         obj = vm.allocate(8 * PAGE)
         fill(obj)
         general = pmap.size_npages - pmap.reserve_npages
-        with vm._cond:
+        with vm.kernel.cond:
             token = pmap.try_map_in(general, daemon=False)
             reserve = pmap.try_map_in(pmap.reserve_npages, daemon=True)
         assert token is not None and reserve is not None and reserve < 0
@@ -319,11 +324,11 @@ def test_pageout_waits_for_the_reserve_only_when_it_is_spent_too() -> None:
         thread.start()
         thread.join(0.3)
         assert not done.is_set(), "with the reserve spent too, pageout must wait"
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(reserve)
         thread.join(10)
         assert done.is_set()
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(token)
         for p in range(8):
             assert obj.read(p * PAGE, PAGE) == page_bytes(1 + p)
@@ -331,7 +336,7 @@ def test_pageout_waits_for_the_reserve_only_when_it_is_spent_too() -> None:
 
 
 def test_sync_pageout_lets_readers_copy_and_makes_writers_wait() -> None:
-    vm, devices = small_vm(nframes=16, swap_nblocks=64, faulty=True)
+    vm, devices = small_vm(reference=True, nframes=16, swap_nblocks=64, faulty=True)
     with vm:
         obj = vm.allocate(4 * PAGE)
         fill(obj)
@@ -363,7 +368,12 @@ def test_a_write_may_complete_while_the_pager_waits_to_start_the_next_part() -> 
     """
     engine = HeldEngine()
     vm, _ = small_vm(
-        nframes=16, swap_nblocks=32, engine=engine, cluster_max_npages=8, swap_async_max=1
+        reference=True,
+        nframes=16,
+        swap_nblocks=32,
+        engine=engine,
+        cluster_max_npages=8,
+        swap_async_max=1,
     )
     with vm:
         a = vm.allocate(32 * PAGE)
@@ -402,7 +412,7 @@ def test_a_write_may_complete_while_the_pager_waits_to_start_the_next_part() -> 
 def test_daemon_thread_pages_out_while_the_general_pager_map_is_spent() -> None:
     """With the daemon thread: new writes keep going (the daemon makes room) while
     page-ins, which need an ordinary mapping, wait for one."""
-    vm, _ = small_vm(nframes=16, swap_nblocks=128, daemon_thread=True)
+    vm, _ = small_vm(reference=True, nframes=16, swap_nblocks=128, daemon_thread=True)
     with vm:
         pmap = vm.pagermap
         swapped = vm.allocate(4 * PAGE)
@@ -410,7 +420,7 @@ def test_daemon_thread_pages_out_while_the_general_pager_map_is_spent() -> None:
         vm.pageout()
         vm.wait_idle()
         general = pmap.size_npages - pmap.reserve_npages
-        with vm._cond:
+        with vm.kernel.cond:
             token = pmap.try_map_in(general, daemon=False)
         assert token is not None
         got: list[bytes] = []
@@ -421,7 +431,7 @@ def test_daemon_thread_pages_out_while_the_general_pager_map_is_spent() -> None:
         fill(obj, 1)
         assert vm.statistics().pageout_pages >= 40
         assert reader.is_alive() and not got, "a page-in must wait for a mapping"
-        with vm._cond:
+        with vm.kernel.cond:
             pmap.map_out(token)
         reader.join(10)
         assert got == [page_bytes(50)]

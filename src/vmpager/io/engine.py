@@ -24,12 +24,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from vmpager.errors import DeviceError
-from vmpager.io.request import IORequest
+from vmpager.io.request import AnyIORequest
 
 __all__ = ["HeldEngine", "IOEngine", "ThreadedEngine"]
 
-Perform = Callable[[IORequest], None]
-Complete = Callable[[list[IORequest]], None]
+Perform = Callable[[AnyIORequest], None]
+Complete = Callable[[list[AnyIORequest]], None]
 
 
 class IOEngine(Protocol):
@@ -37,7 +37,7 @@ class IOEngine(Protocol):
         """Bind the engine to a VM; called once before any ``submit``."""
         ...
 
-    def submit(self, request: IORequest) -> None:
+    def submit(self, request: AnyIORequest) -> None:
         """Queue an asynchronous request. Never blocks, never completes inline."""
         ...
 
@@ -53,8 +53,8 @@ class ThreadedEngine:
         if nworkers < 1:
             raise ValueError(f"nworkers must be >= 1, got {nworkers}")
         self._nworkers = nworkers
-        self._todo: queue.SimpleQueue[IORequest | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[IORequest | None] = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue[AnyIORequest | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[AnyIORequest | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._perform: Perform | None = None
         self._complete: Complete | None = None
@@ -71,7 +71,7 @@ class ThreadedEngine:
         t.start()
         self._completion_thread = t
 
-    def submit(self, request: IORequest) -> None:
+    def submit(self, request: AnyIORequest) -> None:
         if self._closed:
             raise RuntimeError("I/O engine is closed")
         self._todo.put(request)
@@ -130,7 +130,7 @@ class HeldEngine:
     """Holds asynchronous requests until the test says how they end."""
 
     def __init__(self) -> None:
-        self.pending: list[IORequest] = []
+        self.pending: list[AnyIORequest] = []
         self._perform: Perform | None = None
         self._complete: Complete | None = None
 
@@ -138,10 +138,10 @@ class HeldEngine:
         self._perform = perform
         self._complete = complete
 
-    def submit(self, request: IORequest) -> None:
+    def submit(self, request: AnyIORequest) -> None:
         self.pending.append(request)
 
-    def complete(self, index: int = 0, error: DeviceError | None = None) -> IORequest:
+    def complete(self, index: int = 0, error: DeviceError | None = None) -> AnyIORequest:
         """Finish pending request ``index``: perform it, or fail it with ``error``.
 
         A failed request does not touch the device (as a write that never

@@ -5,14 +5,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Generic, TypeVar
 
 from vmpager.errors import DeviceError
 
-if TYPE_CHECKING:
-    from vmpager.vm.page import Page
+__all__ = ["AnyIORequest", "IOKind", "IORequest"]
 
-__all__ = ["IOKind", "IORequest"]
+#: What the pager that made a request attaches to it (its pages); opaque here.
+PayloadT = TypeVar("PayloadT")
 
 
 class IOKind(enum.Enum):
@@ -28,20 +28,21 @@ class IOKind(enum.Enum):
 
 
 @dataclass(slots=True, eq=False)
-class IORequest:
+class IORequest(Generic[PayloadT]):
     """One contiguous device transfer of whole pages.
 
     ``buffers`` are frame views (one per page) covering blocks
-    ``blk .. blk + len(buffers) - 1``; ``pages`` are the pages they belong to,
-    busy for the life of the request. ``iodone`` runs under the VM lock when
+    ``blk .. blk + len(buffers) - 1``; ``pages`` is the payload of the pager
+    that made the request (the pages the buffers belong to, busy for the life
+    of the request), which the I/O layer never looks at. ``iodone`` runs under the VM lock when
     the transfer ends, with ``error`` set on failure.
     """
 
     kind: IOKind
     blk: int
     buffers: list[memoryview]
-    pages: list[Page]
-    iodone: Callable[[IORequest], None]
+    pages: list[PayloadT]
+    iodone: Callable[[IORequest[PayloadT]], None]
     error: DeviceError | None = None
     #: Index into ``pages`` of the page the caller waits for (reads), or -1.
     reqpage: int = -1
@@ -54,3 +55,7 @@ class IORequest:
     @property
     def is_write(self) -> bool:
         return self.kind is not IOKind.READ
+
+
+#: A request whatever its payload: what the engine and the in-flight limits handle.
+AnyIORequest = IORequest[Any]

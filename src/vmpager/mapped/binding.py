@@ -41,13 +41,12 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from vmpager.mapped import uffd as U
-from vmpager.vm.fault import hold_page
 from vmpager.vm.page import QUEUE_ACTIVE
 
 if TYPE_CHECKING:
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
     from vmpager.vm.page import Page
-    from vmpager.vm.system import VM
 
 __all__ = ["SharedRegion", "bound_page_limit"]
 
@@ -79,7 +78,7 @@ class SharedRegion:
 
     def __init__(
         self,
-        vm: VM,
+        vm: Kernel,
         obj: VMObject,
         uffd: U.Userfaultfd,
         memfd: int,
@@ -92,9 +91,9 @@ class SharedRegion:
         self.uffd = uffd
         self.memfd = memfd
         self.base = client_base
-        self.size = obj.npages << vm._page_shift  # file objects: size is the file's
+        self.size = obj.npages << vm.page_shift  # file objects: size is the file's
         self.ps = vm.page_size
-        self._shift = vm._page_shift
+        self._shift = vm.page_shift
         self.arena = vm.frames.array.ctypes.data
         #: A spare anonymous page for unbinding: its page moves onto a frame and it
         #: stays mapped, empty (MREMAP_DONTUNMAP), so no other mapping can take
@@ -123,7 +122,7 @@ class SharedRegion:
     def fault(self, fault: U.Fault) -> None:
         """Resolve one client fault in this region. VM lock held; may wait for I/O."""
         while self.flushing:
-            self.vm._cond.wait()
+            self.vm.cond.wait()
         pindex = (fault.address - self.base) >> self._shift
         addr = self.base + (pindex << self._shift)
         counts = self.counts
@@ -173,11 +172,11 @@ class SharedRegion:
         self._read_ahead(pindex, likely)  # probes are single pages
 
     def _hold(self, pindex: int, *, write: bool) -> Page:
-        page = hold_page(self.vm, self.obj, pindex, write, False)
+        page = self.vm.hold_page(self.obj, pindex, write=write, overwrite=False)
         if page.obj is not self.obj:
             # A clone's backing page: the client may only see pages of its own
             # object (a frame shared with a clone must not be aliased), so copy it up.
-            page = hold_page(self.vm, self.obj, pindex, True, False)
+            page = self.vm.hold_page(self.obj, pindex, write=True, overwrite=False)
         return page
 
     def _read_ahead(self, pindex: int, write: bool) -> None:

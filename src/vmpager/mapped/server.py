@@ -186,11 +186,13 @@ class PagerServer:
 
     def _map(self, obj: VMObject, memfd: int, base: int) -> int:
         assert self.uffd is not None
-        with self.vm._cond:
+        with self.vm.kernel.cond:
             if obj.storage is not None:
                 os.close(memfd)
                 raise ValueError(f"VM object {obj.oid} is mapped already")
-            region = SharedRegion(self.vm, obj, self.uffd, memfd, base, self.limit, self.counts)
+            region = SharedRegion(
+                self.vm.kernel, obj, self.uffd, memfd, base, self.limit, self.counts
+            )
             obj.storage = region
             self.regions[obj.oid] = region
             i = bisect.bisect(self._bases, base)
@@ -199,7 +201,7 @@ class PagerServer:
         return base
 
     def _unmap(self, oid: int) -> None:
-        with self.vm._cond:
+        with self.vm.kernel.cond:
             region = self.regions.pop(oid, None)
             if region is None:
                 return
@@ -209,16 +211,14 @@ class PagerServer:
             region.close()
 
     def _clone(self, obj: VMObject) -> tuple[int, int, int]:
-        from vmpager.vm import shadow
-
         vm = self.vm
-        with vm._cond:
-            vm._check_vm_open()
+        with vm.kernel.cond:
+            vm.kernel.check_open()
             region = self.regions.get(obj.oid)
             if region is not None:
                 # Pages move to the frozen backing object: none may stay aliased.
                 region.unbind_all()
-            copy = shadow.clone(vm, obj)
+            copy = vm.kernel.clone_locked(obj)
         self.objects[copy.oid] = copy
         return copy.oid, copy.npages, copy.size
 
@@ -230,17 +230,17 @@ class PagerServer:
             raise TypeError(f"VM object {obj.oid} is not a file: there is nothing to flush")
         vm = self.vm
         region = self.regions.get(obj.oid)
-        with vm._cond:
+        with vm.kernel.cond:
             if region is not None:
                 region.flushing = True
                 region.unbind_all()
         try:
             flush()
         finally:
-            with vm._cond:
+            with vm.kernel.cond:
                 if region is not None:
                     region.flushing = False
-                    vm._cond.notify_all()
+                    vm.kernel.cond.notify_all()
 
     def _close(self, oid: int) -> None:
         obj = self.objects.pop(oid, None)
@@ -249,7 +249,7 @@ class PagerServer:
         self._unmap(oid)
 
     def info(self) -> dict[str, Any]:
-        with self.vm._cond:
+        with self.vm.kernel.cond:
             memfd = sum(r.allocated_bytes() for r in self.regions.values())
             bound = sum(len(r.bound) for r in self.regions.values())
             counts = dict(self.counts)
@@ -300,7 +300,7 @@ class PagerServer:
             if any(fd == self._stop_r for fd, _ in events):
                 return
             for fault in uffd.read_faults():
-                with vm._cond:
+                with vm.kernel.cond:
                     region = self._region_at(fault.address)
                     try:
                         if region is None or region.obj.closed:

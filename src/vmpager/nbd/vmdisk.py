@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from vmpager.devices.protocol import ReadableBuffer
 from vmpager.nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
-from vmpager.vm.object import VMObject
+from vmpager.vm.object import ObjectKind, VMObject
 
 __all__ = ["VMObjectBackend"]
 
@@ -30,10 +30,10 @@ class VMObjectBackend:
     """An NBD backend over one VM object. Thread-safe (the VM is)."""
 
     def __init__(self, obj: VMObject) -> None:
-        if obj.kind != "anonymous":
+        if obj.kind is not ObjectKind.ANONYMOUS:
             raise ValueError(f"NBD disks are swap-backed objects, not {obj.kind!r} objects")
         self._obj = obj
-        self._vm = obj._vm
+        self._kernel = obj.kernel
 
     @property
     def size_bytes(self) -> int:
@@ -78,11 +78,11 @@ class VMObjectBackend:
             self.flush()
 
     def flush(self) -> None:
-        self._vm.sync()
+        self._kernel.sync()
 
     def cache(self, offset: int, length: int) -> None:
         """Prefetch: fault the range in, as far as a quarter of memory allows."""
-        limit = self._vm.frames.nframes * self._vm.page_size // 4
+        limit = self._kernel.frames.nframes * self._kernel.page_size // 4
         length = min(length, limit)
         if length:
             self._obj.readinto(offset, bytearray(length))
@@ -92,7 +92,7 @@ class VMObjectBackend:
         first = offset // ps
         last = (offset + length - 1) // ps
         npages = min(last - first + 1, _EXTENT_SCAN_NPAGES)
-        data = self._vm.data_map(self._obj, first, npages)
+        data = self._kernel.data_map(self._obj, first, npages)
         out: list[tuple[int, int]] = []
         pos = offset
         end = min(offset + length, (first + npages) * ps)

@@ -33,15 +33,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from vmpager.errors import ObjectClosed
-from vmpager.pager.protocol import PagerResult
+from vmpager.errors import InvariantViolation, ObjectClosed
 from vmpager.units import check_int
 from vmpager.vm.object import VMObject
+from vmpager.vm.pagerops import PagerResult
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.page import Page
-    from vmpager.vm.system import VM
 
 __all__ = ["DeviceObject", "DevicePager", "DevicePagerStatistics", "map_device"]
 
@@ -64,7 +64,7 @@ class DevicePagerStatistics:
 class DeviceObject(VMObject):
     """Fixed memory seen as a VM object (kind "device"); see the module docstring."""
 
-    def __init__(self, vm: VM, pager: DevicePager, buffer: object, view: memoryview) -> None:
+    def __init__(self, vm: Kernel, pager: DevicePager, buffer: object, view: memoryview) -> None:
         size_bytes = view.nbytes
         super().__init__(vm, 0, -(-size_bytes // vm.page_size), "device")
         self._pager = pager
@@ -92,8 +92,8 @@ class DeviceObject(VMObject):
     @contextmanager
     def _using(self, offset: int, length: int) -> Iterator[memoryview]:
         """The memory, held open against ``close`` for the duration of a copy."""
-        vm = self._vm
-        with vm._cond:
+        vm = self._kernel
+        with vm.cond:
             view = self._view
             if self.closed or view is None:
                 raise ObjectClosed(f"VM object {self.oid} (device) is closed")
@@ -103,10 +103,10 @@ class DeviceObject(VMObject):
         try:
             yield view
         finally:
-            with vm._cond:
+            with vm.cond:
                 self._users -= 1
                 if not self._users:
-                    vm._cond.notify_all()
+                    vm.cond.notify_all()
 
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset`` straight from the memory."""
@@ -171,8 +171,8 @@ class DevicePager:
 
     kind = "device"
 
-    def __init__(self, vm: VM) -> None:
-        self._vm = vm
+    def __init__(self, vm: Kernel) -> None:
+        self._kernel = vm
         self._objects: dict[int, DeviceObject] = {}
         self._reads = 0
         self._read_bytes = 0
@@ -200,11 +200,11 @@ class DevicePager:
         if view.nbytes < 1:
             view.release()
             raise ValueError("buffer must hold at least 1 byte, got 0")
-        vm = self._vm
-        with vm._cond:
-            vm._check_vm_open()
+        vm = self._kernel
+        with vm.cond:
+            vm.check_open()
             obj = DeviceObject(vm, self, buffer, view)
-            vm._register_object(obj)
+            vm.register_object(obj)
             self._objects[obj.oid] = obj
             return obj
 
@@ -215,11 +215,11 @@ class DevicePager:
 
     def written(self, obj: DeviceObject, offset: int, nbytes: int) -> None:
         """A direct write happened: count it and drop stale frame copies of its pages."""
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         first = offset // ps
         end = -(-(offset + nbytes) // ps)
-        with vm._cond:
+        with vm.cond:
             self._writes += 1
             self._write_bytes += nbytes
             if obj.pages:
@@ -228,9 +228,9 @@ class DevicePager:
                     busy = next((p for p in stale if p.busy or p.writing), None)
                     if busy is None:
                         break
-                    vm._wait_page(busy)
+                    vm.wait_page(busy)
                 for page in stale:
-                    vm._free_page(page)
+                    vm.free_page(page)
                 self._invalidated_pages += len(stale)
 
     # -- the pager interface ------------------------------------------------------------
@@ -238,6 +238,10 @@ class DevicePager:
     def has_page(self, obj: VMObject, pindex: int) -> bool:
         """Every page of the memory is on the "store"."""
         return 0 <= pindex < obj.npages
+
+    def has_pages(self, obj: VMObject, start: int, npages: int) -> list[bool]:
+        """``has_page`` for ``npages`` pages from ``start``. O(npages), no I/O."""
+        return [self.has_page(obj, start + i) for i in range(npages)]
 
     def page_run(
         self, obj: VMObject, pindex: int, before_max: int, after_max: int
@@ -247,14 +251,19 @@ class DevicePager:
             return None
         return min(before_max, pindex), max(0, min(after_max, obj.npages - 1 - pindex))
 
+    def readaround_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
+        """The fixed read-around window (sequential anonymous streams ramp up in the
+        fault path, ``Kernel.fault_stream``)."""
+        return default_npages
+
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
-        n = self._vm.config.cluster_max_npages
+        n = self._kernel.config.cluster_max_npages
         lo = pindex - pindex % n
         return lo, min(lo + n, obj.npages)
 
     def get_pages(self, obj: VMObject, pages: Sequence[Page], reqpage: int) -> PagerResult:
         """Copy the memory into ``pages``' frames (zeros past the end); never fails."""
-        vm = self._vm
+        vm = self._kernel
         dobj = cast(DeviceObject, obj)
         view = dobj._view
         if view is None or pages[-1].pindex >= obj.npages:
@@ -272,12 +281,12 @@ class DevicePager:
                 page.dirty = False
                 vm.queues.deactivate(page)
         self._pagein_pages += len(pages)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
         return PagerResult.OK
 
     def put_pages(self, obj: VMObject, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
         """Copy ``pages``' frames into the memory (the valid part of the last page)."""
-        vm = self._vm
+        vm = self._kernel
         dobj = cast(DeviceObject, obj)
         view = dobj._view
         result = PagerResult.OK
@@ -297,7 +306,7 @@ class DevicePager:
                 page.dirty = False
             else:
                 vm.queues.activate(page)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
         return [result] * len(pages)
 
     def unswapped(self, obj: VMObject, pindex: int) -> None:
@@ -308,10 +317,10 @@ class DevicePager:
 
     def dealloc(self, obj: VMObject) -> None:
         """Wait for copies in progress, then give up the buffer export."""
-        vm = self._vm
+        vm = self._kernel
         dobj = cast(DeviceObject, obj)
         while dobj._users:
-            vm._cond.wait()
+            vm.cond.wait()
         self._objects.pop(dobj.oid, None)
         view = dobj._view
         dobj._view = None
@@ -335,20 +344,21 @@ class DevicePager:
         )
 
     def check(self) -> None:
-        """Assert every device object is consistent (caller holds the VM lock).
+        """Check every device object (caller holds the VM lock); raise
+        ``InvariantViolation`` listing every inconsistency.
 
         Each mapped object is registered, open, holds its memory with the
         right page count; frame copies of its pages (generic paths only) are
         clean and equal to the memory.
         """
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         problems: list[str] = []
         for oid, obj in self._objects.items():
             where = f"device object {oid}"
             if obj.closed:
                 continue  # being destroyed: dealloc takes it out
-            if vm._objects.get(oid) is not obj:
+            if vm.objects.get(oid) is not obj:
                 problems.append(f"{where}: mapped but not registered with the VM")
             view = obj._view
             if view is None:
@@ -366,13 +376,13 @@ class DevicePager:
                 frame = vm.frames.view[page.frame * ps : page.frame * ps + n]
                 if page.dirty or frame != view[start : start + n]:
                     problems.append(f"{where}: frame copy of page {pindex} differs from memory")
-        for other in vm._objects.values():
+        for other in vm.objects.values():
             if isinstance(other, DeviceObject) and self._objects.get(other.oid) is not other:
                 problems.append(f"device object {other.oid}: registered but not mapped")
         if problems:
-            raise AssertionError("; ".join(problems))
+            raise InvariantViolation(problems)
 
 
-def map_device(vm: VM, buffer: object) -> DeviceObject:
+def map_device(vm: Kernel, buffer: object) -> DeviceObject:
     """Map fixed memory as a device object: see ``VM.map_device`` and the module docstring."""
-    return vm.device_pager.map(buffer)
+    return cast(DevicePager, vm.device_pager).map(buffer)  # this module's own pager

@@ -2,7 +2,7 @@
 
 ``VnodeObject`` is the one shared object of a file (one per device and
 inode); ``PrivateFileObject`` is a copy-on-write map of it, an anonymous
-shadow. Both copy bytes with the VM's own copy loop (``VM._copy``), giving it
+shadow. Both copy bytes with the VM's own copy loop (``Kernel.copy``), giving it
 ``VnodeObject._hold``, the fault that also notices a file truncated while it
 waited and triggers the next asynchronous read-ahead window. File transfers,
 read-ahead and write-back belong to the pager (``pager/vnode.py``); these
@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING, cast
 
 from vmpager.errors import DeviceError, ObjectClosed
 from vmpager.units import check_int
-from vmpager.vm.fault import hold_page
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import Page
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
     from vmpager.pager.vnode import VnodePager
-    from vmpager.vm.system import VM
+    from vmpager.vm.kernel import Kernel
 
 __all__ = ["MAX_FILE_BYTES", "PrivateFileObject", "VnodeObject", "unlocked"]
 
@@ -41,20 +40,20 @@ _DISCARD_CHUNK_BYTES = 1 << 20
 
 
 @contextmanager
-def unlocked(vm: VM) -> Iterator[None]:
+def unlocked(vm: Kernel) -> Iterator[None]:
     """Release the VM lock for a transfer; the pages involved must be busy or writing."""
-    vm._lock.release()
+    vm.lock.release()
     try:
         yield
     finally:
-        vm._lock.acquire()
+        vm.lock.acquire()
 
 
 class _FileMapping(VMObject):
     """What both kinds of file mapping share: byte size, writability, the path."""
 
     def __init__(
-        self, vm: VM, npages: int, kind: str, path: str, size_bytes: int, writable: bool
+        self, vm: Kernel, npages: int, kind: str, path: str, size_bytes: int, writable: bool
     ) -> None:
         super().__init__(vm, 0, npages, kind)
         self.path = path
@@ -93,7 +92,7 @@ class VnodeObject(_FileMapping):
 
     def __init__(
         self,
-        vm: VM,
+        vm: Kernel,
         pager: VnodePager,
         path: str,
         fd: int,
@@ -131,16 +130,16 @@ class VnodeObject(_FileMapping):
 
     def _hold(self, pindex: int, write: bool, overwrite: bool) -> Page:
         """``hold_page`` that fails cleanly when the object shrank while it waited."""
-        vm = self._vm
+        vm = self._kernel
         if self.closed:
             raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
         if pindex >= self.npages:
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
-        page = hold_page(vm, self, pindex, write, overwrite)
+        page = vm.hold_page(self, pindex, write=write, overwrite=overwrite)
         if pindex >= self.npages or self.closed:
             # Truncated or closed while the fault path waited: the page it
             # made lies outside the object now; forget it.
-            vm._free_page(page)
+            vm.free_page(page)
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
@@ -161,17 +160,17 @@ class VnodeObject(_FileMapping):
         if type(offset) is not int or type(length) is not int:
             offset = check_int(offset, "offset")
             length = check_int(length, "length")
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         pindex, off = divmod(offset, ps)
         if length > 0 and off + length <= ps:
-            with vm._cond:
+            with vm.cond:
                 if self.closed:
                     raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
                 self._check_span(offset, length)
                 page = self.pages.get(pindex)
                 if page is None or page.busy or page.prefetched:
-                    page = self._hold(pindex, False, False)
+                    page = self._hold(pindex, write=False, overwrite=False)
                 else:
                     page.referenced = True
                     vm.counters.hits += 1
@@ -193,7 +192,7 @@ class VnodeObject(_FileMapping):
 
     def _copy_out(self, offset: int, view: memoryview) -> None:
         self._check_span(offset, view.nbytes)
-        self._vm._copy(self, offset, view, write=False, hold=self._hold)
+        self._kernel.copy(self, offset, view, write=False, hold=self._hold)
 
     def write(self, offset: int, data: ReadableBuffer) -> int:
         """Store ``data`` at ``offset``; a write past the end extends the file first.
@@ -206,16 +205,16 @@ class VnodeObject(_FileMapping):
         view = memoryview(data).cast("B")
         offset = check_int(offset, "offset", maximum=MAX_FILE_BYTES - view.nbytes)
         self._refuse_write()
-        vm = self._vm
+        vm = self._kernel
         length = view.nbytes
-        with vm._cond:
+        with vm.cond:
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             if offset + length > self.size_bytes:
                 self._pager.resize(self, offset + length)
         # A concurrent truncate between the resize and the copy makes _hold
         # raise: the write never lands outside the file.
-        vm._copy(self, offset, view, write=True, hold=self._hold)
+        vm.copy(self, offset, view, write=True, hold=self._hold)
         return length
 
     def discard(self, offset: int, length: int) -> None:
@@ -239,8 +238,8 @@ class VnodeObject(_FileMapping):
         ``DeviceError`` naming the file); the pages that failed stay dirty
         and the next flush or pageout tries again.
         """
-        vm = self._vm
-        with vm._cond:
+        vm = self._kernel
+        with vm.cond:
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             error = self._pager.flush(self)
@@ -263,7 +262,7 @@ class VnodeObject(_FileMapping):
         """
         size = check_int(size, "size", maximum=MAX_FILE_BYTES)
         self._refuse_write()
-        with self._vm._cond:
+        with self._kernel.cond:
             if self.closed:
                 raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
             self._pager.resize(self, size)
@@ -274,8 +273,8 @@ class VnodeObject(_FileMapping):
         A write error during the flush is raised and the map stays open, so
         no data is dropped silently.
         """
-        vm = self._vm
-        with vm._cond:
+        vm = self._kernel
+        with vm.cond:
             if self.closed:
                 return
             error = self._pager.flush(self)
@@ -283,8 +282,8 @@ class VnodeObject(_FileMapping):
                 raise error
             self.refcount -= 1
             if self.refcount == 0:
-                vm._destroy_object(self)
-                vm._cond.notify_all()
+                vm.destroy_object(self)
+                vm.cond.notify_all()
 
     def clone(self) -> VMObject:
         """Not for files: map the file with ``private=True`` for a copy-on-write view."""
@@ -311,7 +310,7 @@ class PrivateFileObject(_FileMapping):
     map time; pages past the end of a file truncated since read as zeros.
     """
 
-    def __init__(self, vm: VM, vnode: VnodeObject, writable: bool) -> None:
+    def __init__(self, vm: Kernel, vnode: VnodeObject, writable: bool) -> None:
         super().__init__(vm, vnode.npages, "anonymous", vnode.path, vnode.size_bytes, writable)
         self.backing = vnode
         self.backing_offset = 0

@@ -39,12 +39,13 @@ from typing import TYPE_CHECKING
 
 from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
 from vmpager.io.request import IOKind, IORequest
-from vmpager.pager.swap import RESERVED_UNWRITTEN, RESERVED_WRITTEN
 from vmpager.swap.meta import SWAPBLK_NONE
+from vmpager.vm.object import NOT_RESERVED, RESERVED_UNWRITTEN, RESERVED_WRITTEN, checked_range
 
 if TYPE_CHECKING:
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
-    from vmpager.vm.system import VM
+    from vmpager.vm.pagerops import SwapPagerOps
 
 __all__ = ["CHAIN_MAX_INFLIGHT", "strategy"]
 
@@ -58,23 +59,28 @@ class _Chain:
 
     outstanding: int = 0
     issued: int = 0
-    errors: list[tuple[IORequest, DeviceError]] = field(default_factory=list)
-    done: list[IORequest] = field(default_factory=list)
+    errors: list[tuple[IORequest[object], DeviceError]] = field(default_factory=list)
+    done: list[IORequest[object]] = field(default_factory=list)
 
 
-def _check_request(vm: VM, obj: VMObject, offset: int, length: int) -> tuple[int, int]:
+def _check_request(vm: Kernel, obj: VMObject, offset: int, length: int) -> tuple[int, int]:
     ps = vm.page_size
     if offset % ps or length % ps:
         raise ValueError(
             f"strategy requests must cover whole pages of {ps} bytes (EINVAL): "
             f"offset {offset}, length {length}"
         )
-    obj._check_range(offset, length)
+    checked_range(obj, offset, length)
     return offset // ps, length // ps
 
 
+def _swap_pager(vm: Kernel) -> SwapPagerOps:
+    """The swap pager, whose strategy this module is."""
+    return vm.swap_pager
+
+
 def strategy(
-    vm: VM, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
+    vm: Kernel, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
 ) -> None:
     """Perform one strategy request; blocks until every child request is done.
 
@@ -86,12 +92,12 @@ def strategy(
     first, npages = _check_request(vm, obj, offset, length)
     if npages == 0:
         return
-    with vm._cond:
+    with vm.cond:
         if obj.closed:
             raise ObjectClosed(f"VM object {obj.oid} is closed")
         fence = (first, first + npages)
         while any(s < fence[1] and fence[0] < e for s, e in obj.strategy_ranges):
-            vm._cond.wait()
+            vm.cond.wait()
         obj.strategy_ranges.append(fence)
         try:
             if op == "read":
@@ -100,28 +106,28 @@ def strategy(
                 _read(vm, obj, first, npages, buffer)
             elif op == "write":
                 assert buffer is not None
-                vm._drop_pages(obj, first, first + npages)
+                vm.drop_pages(obj, first, first + npages)
                 _write(vm, obj, first, npages, buffer)
             elif op == "delete":
-                vm._drop_pages(obj, first, first + npages)
-                vm.swap_pager.free_space(obj, first, npages)
+                vm.drop_pages(obj, first, first + npages)
+                _swap_pager(vm).free_space(obj, first, npages)
             else:
                 raise ValueError(f"op must be 'read', 'write' or 'delete', got {op!r}")
         finally:
             obj.strategy_ranges.remove(fence)
-            vm._cond.notify_all()
+            vm.cond.notify_all()
 
 
-def _wait_unbusy(vm: VM, obj: VMObject, start: int, end: int) -> None:
+def _wait_unbusy(vm: Kernel, obj: VMObject, start: int, end: int) -> None:
     """Wait for faults already under way in the range to finish filling their pages."""
     while True:
         busy = next((p for i, p in obj.pages.items() if start <= i < end and p.busy), None)
         if busy is None:
             return
-        vm._wait_page(busy)
+        vm.wait_page(busy)
 
 
-def _runs(vm: VM, blocks: list[int], first: int) -> list[tuple[int, int, int]]:
+def _runs(vm: Kernel, blocks: list[int], first: int) -> list[tuple[int, int, int]]:
     """``(index, blk, n)``: maximal runs of contiguous blocks inside one stripe."""
     runs: list[tuple[int, int, int]] = []
     i = 0
@@ -140,32 +146,32 @@ def _runs(vm: VM, blocks: list[int], first: int) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _issue(vm: VM, chain: _Chain, kind: IOKind, blk: int, buffers: list[memoryview]) -> None:
+def _issue(vm: Kernel, chain: _Chain, kind: IOKind, blk: int, buffers: list[memoryview]) -> None:
     """flushchainbuf: hand a child to the engine once fewer than the limit are out."""
     while chain.outstanding >= CHAIN_MAX_INFLIGHT:
-        vm._cond.wait()
+        vm.cond.wait()
 
-    def child_done(request: IORequest) -> None:
+    def child_done(request: IORequest[object]) -> None:
         chain.outstanding -= 1
         chain.done.append(request)
         if request.error is not None:
             chain.errors.append((request, request.error))
-        vm._cond.notify_all()
+        vm.cond.notify_all()
 
     chain.outstanding += 1
     chain.issued += 1
     vm.engine.submit(IORequest(kind, blk, buffers, [], child_done))
 
 
-def _wait(vm: VM, chain: _Chain) -> None:
+def _wait(vm: Kernel, chain: _Chain) -> None:
     """waitchainbuf: wait for every child of the chain."""
     while chain.outstanding:
-        vm._cond.wait()
+        vm.cond.wait()
 
 
-def _read(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
+def _read(vm: Kernel, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
     ps = vm.page_size
-    blocks = vm.swap_pager.meta.lookup_range(obj.oid, first, npages).tolist()
+    blocks = _swap_pager(vm).meta.lookup_range(obj.oid, first, npages).tolist()
     state = obj.reserve_state
     fview = vm.frames.view
     for i in range(npages):
@@ -192,7 +198,7 @@ def _read(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) ->
         raise chain.errors[0][1]
 
 
-def _alloc_fresh(vm: VM, npages: int) -> list[tuple[int, int, int]] | None:
+def _alloc_fresh(vm: Kernel, npages: int) -> list[tuple[int, int, int]] | None:
     """Fresh runs ``(index, blk, n)`` for all ``npages`` pages, or None (nothing kept)."""
     space = vm.space
     cluster_max = vm.config.cluster_max_npages
@@ -203,7 +209,7 @@ def _alloc_fresh(vm: VM, npages: int) -> list[tuple[int, int, int]] | None:
         if got is None:
             for _, blk, n in runs:
                 space.free(blk, n)
-            vm._swap_freed()
+            vm.note_swap_freed()
             return None
         blk, n = got
         runs.append((i, blk, n))
@@ -212,7 +218,7 @@ def _alloc_fresh(vm: VM, npages: int) -> list[tuple[int, int, int]] | None:
 
 
 def _alloc_in_place(
-    vm: VM, obj: VMObject, first: int, npages: int
+    vm: Kernel, obj: VMObject, first: int, npages: int
 ) -> list[tuple[int, int, int, bool]]:
     """Runs ``(index, blk, n, fresh)`` writing over the blocks the pages own.
 
@@ -221,7 +227,7 @@ def _alloc_in_place(
     ``SwapExhausted`` (nothing taken) when a page without a block finds none.
     """
     space = vm.space
-    blocks = vm.swap_pager.meta.lookup_range(obj.oid, first, npages).tolist()
+    blocks = _swap_pager(vm).meta.lookup_range(obj.oid, first, npages).tolist()
     missing = npages - _owned(blocks)
     fresh = [False] * npages
     taken: list[tuple[int, int]] = []
@@ -237,7 +243,7 @@ def _alloc_in_place(
         if got is None:
             for blk, n in taken:
                 space.free(blk, n)
-            vm._swap_freed()
+            vm.note_swap_freed()
             raise SwapExhausted(
                 f"strategy write of {npages} pages: {missing} have no swap block and "
                 f"{space.describe_free()} (ENOSPC)"
@@ -267,7 +273,7 @@ def _owned(blocks: list[int]) -> int:
     return sum(1 for b in blocks if b != SWAPBLK_NONE)
 
 
-def _write(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
+def _write(vm: Kernel, obj: VMObject, first: int, npages: int, buffer: memoryview) -> None:
     """Write the pages: to fresh blocks, switched to on success, while swap has room;
     else over the blocks the pages own (the reference's way), fresh ones only for
     pages without a block."""
@@ -288,7 +294,7 @@ def _write(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -
     _wait(vm, chain)
     failed = {req.blk for req, _ in chain.errors}
     obj.swap_backed = True
-    meta = vm.swap_pager.meta
+    meta = _swap_pager(vm).meta
     state = obj.reserve_state
     for i, blk, n, fresh in runs:
         if blk in failed:
@@ -298,12 +304,12 @@ def _write(vm: VM, obj: VMObject, first: int, npages: int, buffer: memoryview) -
             if fresh:
                 meta.build(obj.oid, pindex, blk + j)  # frees the previous copy
                 if state is not None:
-                    state[pindex] = 0
+                    state[pindex] = NOT_RESERVED
             elif state is not None and state[pindex]:
                 state[pindex] = RESERVED_WRITTEN  # the reserved block now holds data
     if chain.errors:
         vm.counters.write_errors += len(chain.errors)
-        policy_bad = vm.swap_pager.marks_bad
+        policy_bad = _swap_pager(vm).marks_bad
         in_place = {blk for _, blk, _, fresh in runs if not fresh}
         for request, err in chain.errors:
             if request.blk in in_place:

@@ -30,27 +30,31 @@ import errno
 import functools
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from vmpager.errors import CorruptPage, DeviceError
 from vmpager.io.request import IOKind, IORequest
-from vmpager.pager.protocol import PagerResult
+from vmpager.pager import strategy
 from vmpager.swap.meta import SWAPBLK_NONE, SwapMeta
 from vmpager.vm.config import WriteErrorPolicy
+from vmpager.vm.object import NOT_RESERVED, RESERVED_UNWRITTEN, RESERVED_WRITTEN
+from vmpager.vm.pagerops import PagerResult
 
 if TYPE_CHECKING:
-    from vmpager.swap.space import SwapSpace
+    import numpy as np
+    import numpy.typing as npt
+
+    from vmpager.swap.space import SwapSpace, SwapSpaceStatistics
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
     from vmpager.vm.page import Page
-    from vmpager.vm.system import VM
 
 __all__ = ["SwapPager"]
 
 log = logging.getLogger("vmpager.swap")
 
-#: ``VMObject.reserve_state`` values: a reserved block without data, with data.
-RESERVED_UNWRITTEN = 1
-RESERVED_WRITTEN = 2
+Int64Array: TypeAlias = "npt.NDArray[np.int64]"
+
 
 #: Smallest run a pageout halves towards. FreeBSD ``swap_pager_putpages``
 #: (2002) stops halving at 4 pages and fails those; here the halving goes on
@@ -64,7 +68,7 @@ class SwapPager:
 
     kind = "swap"
 
-    def __init__(self, vm: VM, space: SwapSpace) -> None:
+    def __init__(self, vm: Kernel, space: SwapSpace) -> None:
         self._vm = vm
         self.space = space
         self.meta = SwapMeta(self._free_blocks)
@@ -80,7 +84,7 @@ class SwapPager:
 
     def _free_blocks(self, blk: int, nblocks: int) -> None:
         self.space.free(blk, nblocks)
-        self._vm._swap_freed()
+        self._vm.note_swap_freed()
 
     def flush_stale(self) -> int:
         """Give the blocks of pages made dirty back to the swap space now; returns how many.
@@ -106,7 +110,7 @@ class SwapPager:
             prev = blk
         free(start, prev - start + 1)
         stale.clear()
-        self._vm._swap_freed()
+        self._vm.note_swap_freed()
         return count
 
     def marks_bad(self, err: DeviceError) -> bool:
@@ -122,6 +126,18 @@ class SwapPager:
 
     def has_page(self, obj: VMObject, pindex: int) -> bool:
         return self.block_of(obj, pindex) != SWAPBLK_NONE
+
+    def has_pages(self, obj: VMObject, start: int, npages: int) -> list[bool]:
+        """``has_page`` for ``npages`` pages from ``start``. O(npages), no I/O."""
+        if not obj.swap_backed:
+            return [self.has_page(obj, start + i) for i in range(npages)]
+        blocks = self.meta.lookup_range(obj.oid, start, npages).tolist()
+        state = obj.reserve_state
+        # A reserved block that was never written holds no data.
+        return [
+            blk >= 0 and (state is None or state[start + i] != RESERVED_UNWRITTEN)
+            for i, blk in enumerate(blocks)
+        ]
 
     def page_run(
         self, obj: VMObject, pindex: int, before_max: int, after_max: int
@@ -153,6 +169,11 @@ class SwapPager:
         after = min(after, self.space.run_limit(blk0) - 1)
         return before, after
 
+    def readaround_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
+        """The fixed read-around window (sequential anonymous streams ramp up in the
+        fault path, ``Kernel.fault_stream``)."""
+        return default_npages
+
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
         # uao_cluster: the aligned window of one maximal transfer around pindex.
         n = self._vm.config.cluster_max_npages
@@ -177,9 +198,9 @@ class SwapPager:
             reqpage=reqpage,
         )
         vm.inflight.acquire(IOKind.READ)
-        token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
+        token = vm.pagermap.map_in(len(pages), daemon=vm.in_daemon())
         try:
-            vm._perform_unlocked(request)
+            vm.transfer_unlocked(request)
         finally:
             vm.pagermap.map_out(token)
             vm.inflight.release(IOKind.READ)
@@ -187,7 +208,7 @@ class SwapPager:
         vm.counters.pagein_pages += len(pages)
         self._read_done(request)
         if request.error is not None:
-            vm._note_read_error(request.error)
+            vm.note_read_error(request.error)
             return PagerResult.ERROR
         return PagerResult.OK
 
@@ -199,6 +220,10 @@ class SwapPager:
         if blk != SWAPBLK_NONE and state is not None and state[pindex] == RESERVED_UNWRITTEN:
             return SWAPBLK_NONE
         return blk
+
+    def run_limit(self, blk: int) -> int:
+        """The most blocks one transfer from ``blk`` may span (device or stripe end)."""
+        return self.space.run_limit(blk)
 
     def read_runs(
         self, obj: VMObject, runs: Sequence[tuple[int, list[Page]]]
@@ -225,15 +250,15 @@ class SwapPager:
             slots += 1
         window = sum(sorted((len(pages) for _, pages in runs), reverse=True)[:slots])
         general = vm.pagermap.size_npages - vm.pagermap.reserve_npages
-        token = vm.pagermap.map_in(min(window, general), daemon=vm._in_daemon())
+        token = vm.pagermap.map_in(min(window, general), daemon=vm.in_daemon())
         view = vm.frames.frame_view
         requests = [(blk, [view(p.frame) for p in pages]) for blk, pages in runs]
         errors: list[DeviceError | None] = []
-        vm._lock.release()
+        vm.lock.release()
         try:
             errors = vm.space.read_many(requests, functools.partial(vm.fanout.run, width=slots))
         finally:
-            vm._lock.acquire()
+            vm.lock.acquire()
             vm.pagermap.map_out(token)
             for _ in range(slots):
                 inflight.release(IOKind.READ)
@@ -241,7 +266,7 @@ class SwapPager:
                 # Interrupted: nothing read here is trusted; the data is still on swap.
                 for _, pages in runs:
                     for page in pages:
-                        vm._free_page(page)
+                        vm.free_page(page)
         first_error: DeviceError | None = None
         counters = vm.counters
         activate = vm.queues.activate
@@ -254,17 +279,17 @@ class SwapPager:
                     activate(page)
                 continue
             if isinstance(err, CorruptPage):
-                err = vm._name_corrupt(err, blk, pages)
+                err = vm.name_corrupt(err, blk, pages)
             log.error("swap_pager: I/O error - pagein failed; %s", err)
             counters.read_errors += 1
             if first_error is None:
                 first_error = err
             for page in pages:
-                vm._free_page(page)
-        vm._cond.notify_all()
+                vm.free_page(page)
+        vm.cond.notify_all()
         return first_error
 
-    def _read_done(self, request: IORequest) -> None:
+    def _read_done(self, request: IORequest[Page]) -> None:
         vm = self._vm
         err = request.error
         if err is not None:
@@ -274,18 +299,18 @@ class SwapPager:
             if i == request.reqpage:
                 continue  # stays busy for the caller
             if err is not None:
-                vm._free_page(page)
+                vm.free_page(page)
             else:
                 page.dirty = False
                 page.busy = False
                 vm.queues.deactivate(page)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
 
     # -- pageout ----------------------------------------------------------------
 
     def put_pages(self, obj: VMObject, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
         vm = self._vm
-        if not vm._in_daemon():
+        if not vm.in_daemon():
             sync = True  # only the page daemon writes asynchronously
         obj.swap_backed = True
         self.flush_stale()
@@ -341,7 +366,7 @@ class SwapPager:
         synchronous write releases it during the transfer.
         """
         vm = self._vm
-        if not vm._in_daemon():
+        if not vm.in_daemon():
             sync = True
         self.flush_stale()
         results = [PagerResult.FAIL] * len(pages)
@@ -401,7 +426,7 @@ class SwapPager:
                 if mark_bad:
                     meta.pop(oid, page.pindex)
                     if state is not None:
-                        state[page.pindex] = 0  # the reservation dies with its bad block
+                        state[page.pindex] = NOT_RESERVED  # the reservation dies with its bad block
                 elif state is None or not state[page.pindex]:
                     meta.free(oid, page.pindex)
             page.writing = False
@@ -411,7 +436,7 @@ class SwapPager:
         if blk is not None and mark_bad:
             self.space.mark_bad(blk, len(pages))
             vm.counters.bad_blocks_marked += len(pages)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
 
     def _start_write(self, chunk: list[Page], blk: int, *, sync: bool) -> list[PagerResult]:
         """Write ``chunk`` (blocks assigned from ``blk`` on) now or through the engine."""
@@ -433,21 +458,21 @@ class SwapPager:
             vm.engine.submit(request)
             return [PagerResult.PEND] * n
         vm.inflight.acquire(kind)
-        token = vm.pagermap.map_in(n, daemon=vm._in_daemon())
+        token = vm.pagermap.map_in(n, daemon=vm.in_daemon())
         try:
-            vm._perform_unlocked(request)
+            vm.transfer_unlocked(request)
         finally:
             vm.pagermap.map_out(token)
             vm.inflight.release(kind)
         return self._finish_write(request)
 
-    def _write_done(self, request: IORequest) -> None:
-        """Completion of an asynchronous write (engine -> VM, lock held)."""
+    def _write_done(self, request: IORequest[Page]) -> None:
+        """Completion of an asynchronous write (engine -> Kernel, lock held)."""
         self._vm.pagermap.map_out(self._async_maps.pop(id(request)))
         self._vm.inflight.release(request.kind)
         self._finish_write(request)
 
-    def _finish_write(self, request: IORequest) -> list[PagerResult]:
+    def _finish_write(self, request: IORequest[Page]) -> list[PagerResult]:
         vm = self._vm
         err = request.error
         if err is None:
@@ -459,9 +484,9 @@ class SwapPager:
                     state[page.pindex] = RESERVED_WRITTEN
                 if page.wanted:
                     page.wanted = False
-            vm._cond.notify_all()
+            vm.cond.notify_all()
             if request.kind is IOKind.WRITE_ASYNC:
-                vm._written_clean(request.pages)
+                vm.free_written_if_short(request.pages)
             return [PagerResult.OK] * len(request.pages)
         vm.counters.write_errors += 1
         transient = self._is_transient(err)
@@ -495,7 +520,7 @@ class SwapPager:
     def release_block(self, obj: VMObject, pindex: int) -> None:
         """Free the page's block even if it is reserved (swapoff moving it away)."""
         if obj.reserve_state is not None:
-            obj.reserve_state[pindex] = 0
+            obj.reserve_state[pindex] = NOT_RESERVED
         self.meta.free(obj.oid, pindex)
 
     def free_space(self, obj: VMObject, start: int, npages: int) -> None:
@@ -570,7 +595,7 @@ class SwapPager:
             if got is None:
                 for p in taken:
                     self.meta.free(oid, p)
-                    state[p] = 0
+                    state[p] = NOT_RESERVED
                 return False
             blk, n = got
             obj.swap_backed = True
@@ -583,6 +608,44 @@ class SwapPager:
                     page.dirty = True  # its data is nowhere else now
             pindex += n
         return True
+
+    def space_statistics(self) -> SwapSpaceStatistics:
+        """The swap space's use, the blocks of stale copies given back first. Lock held."""
+        self.flush_stale()
+        return self.space.statistics()
+
+    def blocks_in_use(self, index: int) -> Int64Array:
+        """The blocks of device ``index`` that hold pages (stale copies given back
+        first). Lock held. O(blocks in use)."""
+        self.flush_stale()
+        return self.space.blocks_in_use(index)
+
+    def swapped_pages(
+        self,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``(oids, pindexes, blocks)`` of every page with a swap copy (deferred
+        frees done first). Lock held. O(pages swapped)."""
+        self.flush_stale()
+        return self.meta.owner_arrays()
+
+    def describe_free(self) -> str:
+        """Free swap in words, for error messages (stale copies given back first)."""
+        self.flush_stale()
+        return self.space.describe_free()
+
+    def strategy(
+        self, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
+    ) -> None:
+        """Strategy I/O on ``obj``'s swap (``pager/strategy.py``); deferred frees first,
+        since it allocates blocks itself. Lock held; blocks until done."""
+        self.flush_stale()
+        strategy.strategy(self._vm, obj, op, offset, buffer, length)
+
+    def check(self) -> None:
+        """The swap metadata's consistency (``SwapMeta.check``), after giving back the
+        blocks of stale copies (they are free, not in limbo). Lock held."""
+        self.flush_stale()
+        self.meta.check()
 
     def release_reservation(self, holder: VMObject, former: VMObject) -> None:
         """Clone froze ``former`` into ``holder``: reserved blocks that hold no data

@@ -53,6 +53,7 @@ released while the pages involved are busy (page-in) or writing (pageout).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -61,17 +62,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from vmpager.errors import TRANSIENT_ERRNOS, DeviceError
+from vmpager.errors import TRANSIENT_ERRNOS, DeviceError, InvariantViolation
 from vmpager.io.request import IOKind
 from vmpager.io.vectored import drop_cache, preadv_all, pwritev_all
 from vmpager.pager.file_object import PrivateFileObject, VnodeObject, unlocked
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.put import pager_put
+from vmpager.vm import readahead
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import Page
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.put import pager_put
 
 if TYPE_CHECKING:
-    from vmpager.vm.system import VM
+    from vmpager.vm.kernel import Kernel
 
 __all__ = [
     "FileShrunkError",
@@ -84,8 +86,6 @@ __all__ = [
 
 log = logging.getLogger("vmpager.vnode")
 
-#: Default ceiling of sequential read-ahead, in pages (256 KiB of 4 KiB pages).
-READAHEAD_MAX_NPAGES = 64
 #: Asynchronous read-ahead windows kept in flight ahead of a sequential reader.
 ASYNC_READAHEAD_WINDOWS = 2
 
@@ -135,6 +135,25 @@ class VnodePagerStatistics:
     shrink_errors: int
 
 
+@dataclass(slots=True)
+class _VnodeCounts:
+    """The vnode pager's running counters (``VnodePagerStatistics`` without the
+    gauges), updated under the VM lock."""
+
+    pageins: int = 0
+    pagein_pages: int = 0
+    pagein_bytes: int = 0
+    async_pageins: int = 0
+    async_pagein_pages: int = 0
+    pageouts: int = 0
+    pageout_pages: int = 0
+    pageout_bytes: int = 0
+    flushes: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+    shrink_errors: int = 0
+
+
 def _advise_dropped(fd: int, offset: int, nbytes: int) -> None:
     """Drop a range we now hold in frames from the kernel's cache (advice only)."""
     try:
@@ -172,26 +191,17 @@ class VnodePager:
 
     kind = "vnode"
 
-    def __init__(self, vm: VM) -> None:
-        self._vm = vm
+    def __init__(self, vm: Kernel) -> None:
+        self._kernel = vm
         self._cache: dict[tuple[int, int], VnodeObject] = {}
         #: Ceiling of the sequential read-ahead window, in pages.
-        self.readahead_max_npages = READAHEAD_MAX_NPAGES
+        self.readahead_max_npages = readahead.file_readahead_max_npages(
+            vm.config.readahead_max_npages
+        )
         #: Read-ahead windows kept in flight asynchronously; 0 turns it off.
         #: Off in VMs without a daemon thread, which stay deterministic.
         self.async_readahead_windows = ASYNC_READAHEAD_WINDOWS if vm.config.daemon_thread else 0
-        self._async_pageins = 0
-        self._async_pagein_pages = 0
-        self._pageins = 0
-        self._pagein_pages = 0
-        self._pagein_bytes = 0
-        self._pageouts = 0
-        self._pageout_pages = 0
-        self._pageout_bytes = 0
-        self._flushes = 0
-        self._read_errors = 0
-        self._write_errors = 0
-        self._shrink_errors = 0
+        self._counts = _VnodeCounts()
 
     # -- maps ------------------------------------------------------------------------
 
@@ -202,7 +212,7 @@ class VnodePager:
         device and inode) shares the first one's object and, if it needs to
         write and the first did not, upgrades its descriptor to read-write.
         """
-        vm = self._vm
+        vm = self._kernel
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         fd = os.open(path, flags)
         try:
@@ -210,8 +220,8 @@ class VnodePager:
             if not stat.S_ISREG(st.st_mode):
                 raise ValueError(f"path must name a regular file, got {path!r}")
             key = (st.st_dev, st.st_ino)
-            with vm._cond:
-                vm._check_vm_open()
+            with vm.cond:
+                vm.check_open()
                 obj = self._cache.get(key)
                 if obj is not None and not obj.closed:
                     obj.refcount += 1
@@ -226,7 +236,7 @@ class VnodePager:
                 except OSError:
                     pass
                 obj = VnodeObject(vm, self, path, fd, key, st.st_size, writable)
-                vm._register_object(obj)
+                vm.register_object(obj)
                 self._cache[key] = obj
                 fd = -1
                 return obj
@@ -245,7 +255,7 @@ class VnodePager:
         already longer. Raises ``DeviceError`` naming the file when
         ``ftruncate`` fails (nothing changed then).
         """
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         new_npages = -(-size_bytes // ps)
         if size_bytes < obj.size_bytes:
@@ -257,10 +267,10 @@ class VnodePager:
                 )
                 if waiting is None:
                     break
-                vm._wait_page(waiting)
+                vm.wait_page(waiting)
             self._ftruncate(obj, size_bytes)
             for cut in [p for i, p in obj.pages.items() if i >= new_npages]:
-                vm._free_page(cut)
+                vm.free_page(cut)
             tail = size_bytes % ps
             last = obj.pages.get(first) if tail else None
             if last is not None:
@@ -280,7 +290,7 @@ class VnodePager:
             os.ftruncate(obj.fd, size_bytes)
         except OSError as exc:
             raise DeviceError(
-                exc.errno or errno.EIO, obj.path, size_bytes // self._vm.page_size, "ftruncate"
+                exc.errno or errno.EIO, obj.path, size_bytes // self._kernel.page_size, "ftruncate"
             ) from exc
 
     # -- msync -------------------------------------------------------------------------
@@ -295,8 +305,8 @@ class VnodePager:
         it reaches them.
         Cost: O(resident pages) plus the writes.
         """
-        vm = self._vm
-        self._flushes += 1
+        vm = self._kernel
+        self._counts.flushes += 1
         todo = sorted(i for i, p in obj.pages.items() if p.dirty)
         error: DeviceError | None = None
         max_npages = vm.config.cluster_max_npages
@@ -310,7 +320,7 @@ class VnodePager:
                     k += 1
                     continue
                 if page.busy or page.writing:
-                    vm._wait_page(page)
+                    vm.wait_page(page)
                     continue
                 obj._write_error = None
                 outcome = pager_put(self, obj, page, sync=True, max_npages=max_npages)
@@ -329,7 +339,7 @@ class VnodePager:
     def _sequential(obj: VnodeObject, pindex: int) -> bool:
         return pindex == obj.next_read_pindex or pindex == 0
 
-    def readahead_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
+    def readaround_npages(self, obj: VMObject, pindex: int, default_npages: int) -> int:
         """The fault path's read-around window for a fault at ``pindex`` of ``obj``.
 
         Ramps up as vm_fault's read-ahead does: each sequential fault doubles
@@ -338,16 +348,21 @@ class VnodePager:
         page, see ``page_run``). O(1).
         """
         vobj = cast(VnodeObject, obj)
-        if self._sequential(vobj, pindex):
-            window = max(default_npages, 2 * vobj.readahead_npages)
-            vobj.readahead_npages = min(window, max(default_npages, self.readahead_max_npages))
-        else:
-            vobj.readahead_npages = 0
+        vobj.readahead_npages = readahead.next_window(
+            vobj.readahead_npages,
+            sequential=self._sequential(vobj, pindex),
+            first=default_npages,
+            maximum=self.readahead_max_npages,
+        )
         return max(vobj.readahead_npages, default_npages)
 
     def has_page(self, obj: VMObject, pindex: int) -> bool:
         """Every page inside the file is on the store (holes read as zeros)."""
         return 0 <= pindex < obj.npages
+
+    def has_pages(self, obj: VMObject, start: int, npages: int) -> list[bool]:
+        """``has_page`` for ``npages`` pages from ``start``. O(npages), no I/O."""
+        return [self.has_page(obj, start + i) for i in range(npages)]
 
     def page_run(
         self, obj: VMObject, pindex: int, before_max: int, after_max: int
@@ -365,7 +380,7 @@ class VnodePager:
 
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
         # uvn_cluster: the aligned window of one maximal transfer around pindex.
-        n = self._vm.config.cluster_max_npages
+        n = self._kernel.config.cluster_max_npages
         lo = pindex - pindex % n
         return lo, min(lo + n, obj.npages)
 
@@ -377,7 +392,7 @@ class VnodePager:
         result is OK; otherwise ``FileShrunkError`` is noted and the result is
         ERROR.
         """
-        vm = self._vm
+        vm = self._kernel
         vobj = cast(VnodeObject, obj)
         ps = vm.page_size
         first = pages[0].pindex
@@ -398,8 +413,8 @@ class VnodePager:
         got = 0
         file_size = -1
         vm.inflight.acquire(IOKind.READ)
-        token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
-        lock = vm._lock
+        token = vm.pagermap.map_in(len(pages), daemon=vm.in_daemon())
+        lock = vm.lock
         lock.release()  # the pages are busy: nobody else touches them
         try:
             try:
@@ -413,26 +428,26 @@ class VnodePager:
             lock.acquire()
             vm.pagermap.map_out(token)
             vm.inflight.release(IOKind.READ)
-        self._pageins += 1
-        self._pagein_pages += len(pages)
-        self._pagein_bytes += got
+        self._counts.pageins += 1
+        self._counts.pagein_pages += len(pages)
+        self._counts.pagein_bytes += got
         vm.counters.pageins += 1
         vm.counters.pagein_pages += len(pages)
         # Whole pages read; the page holding the short read's end is incomplete.
         nvalid = len(pages) if got >= expected else got // ps
         if error is None and reqpage >= nvalid:
             error = FileShrunkError(vobj.path, first + nvalid, max(file_size, 0), size)
-            self._shrink_errors += 1
+            self._counts.shrink_errors += 1
         if error is not None:
             log.error("vnode_pager: pagein failed: %s", error)
-            self._read_errors += 1
+            self._counts.read_errors += 1
             vm.counters.read_errors += 1
             for i, page in enumerate(pages):
                 if i != reqpage:
                     page.busy = False
-                    vm._free_page(page)
-            vm._note_read_error(error)
-            vm._cond.notify_all()
+                    vm.free_page(page)
+            vm.note_read_error(error)
+            vm.cond.notify_all()
             return PagerResult.ERROR
         if tail < ps:
             frames.array[pages[-1].frame, tail:] = 0
@@ -444,13 +459,13 @@ class VnodePager:
                 page.dirty = False
                 vm.queues.deactivate(page)
             else:
-                vm._free_page(page)  # past the end of the shrunk file
+                vm.free_page(page)  # past the end of the shrunk file
         sequential = self._sequential(vobj, first + reqpage)
         vobj.next_read_pindex = first + nvalid
         if sequential and self.async_readahead_windows and nvalid == len(pages):
             self._start_pipeline(vobj, first + nvalid)
         if len(pages) > 1:
-            vm._cond.notify_all()  # read-around pages are no longer busy
+            vm.cond.notify_all()  # read-around pages are no longer busy
         return PagerResult.OK
 
     # -- asynchronous read-ahead ------------------------------------------------------
@@ -483,11 +498,15 @@ class VnodePager:
         pager map without waiting; returns False when it started nothing.
         The pages are busy until the read completes (faults on them wait).
         """
-        vm = self._vm
+        vm = self._kernel
         start = obj.ra_next_pindex
         window = min(
-            self.readahead_max_npages,
-            max(vm.config.readaround_npages, 2 * obj.readahead_npages),
+            readahead.next_window(
+                obj.readahead_npages,
+                sequential=True,
+                first=vm.config.readaround_npages,
+                maximum=self.readahead_max_npages,
+            ),
             obj.npages - start,
         )
         if window <= 0 or start in obj.pages or not vm.inflight.try_acquire(IOKind.READ):
@@ -500,7 +519,7 @@ class VnodePager:
         for pindex in range(start, start + window):
             if pindex in obj.pages:
                 break
-            frame = vm._alloc_frame_for_readaround()
+            frame = vm.alloc_frame_for_readaround()
             if frame is None:
                 break
             page = _new_page(obj, pindex, frame)
@@ -544,14 +563,14 @@ class VnodePager:
             log.info("vnode_pager: read-ahead of %s failed: %s", job.obj.path, exc)
         except BaseException:
             log.exception("vnode_pager: read-ahead of %s", job.obj.path)
-        with self._vm._cond:
+        with self._kernel.cond:
             self._async_done(job, got)
 
     def _async_done(self, job: _AsyncRead, got: int) -> None:
         """Completion of a read-ahead (lock held): whole pages become clean and
         inactive; pages the read did not fill are dropped (a fault reads them
         again, and reports any error)."""
-        vm = self._vm
+        vm = self._kernel
         obj = job.obj
         ps = vm.page_size
         vm.pagermap.map_out(job.token)
@@ -567,23 +586,23 @@ class VnodePager:
             if i < nvalid:
                 vm.queues.deactivate(page)
             else:
-                vm._free_page(page)
+                vm.free_page(page)
         obj.async_reads -= 1
-        self._pageins += 1
-        self._pagein_pages += nvalid
-        self._pagein_bytes += max(got, 0)
-        self._async_pageins += 1
-        self._async_pagein_pages += nvalid
+        self._counts.pageins += 1
+        self._counts.pagein_pages += nvalid
+        self._counts.pagein_bytes += max(got, 0)
+        self._counts.async_pageins += 1
+        self._counts.async_pagein_pages += nvalid
         vm.counters.pageins += 1
         vm.counters.pagein_pages += nvalid
         vm.counters.readaround_pages += nvalid
-        vm._cond.notify_all()
+        vm.cond.notify_all()
 
     def wait_async(self, obj: VnodeObject) -> None:
         """Wait until no read-ahead of ``obj`` is in flight (lock held; it is
         released while waiting)."""
         while obj.async_reads:
-            self._vm._cond.wait()
+            self._kernel.cond.wait()
 
     def put_pages(self, obj: VMObject, pages: Sequence[Page], *, sync: bool) -> list[PagerResult]:
         """Write ``pages`` to the file in one vectored write, clipped at end of file.
@@ -592,7 +611,7 @@ class VnodePager:
         I/O engine serves the swap space only. Checks the file's size first,
         so that a file shrunk by someone else is not extended again.
         """
-        vm = self._vm
+        vm = self._kernel
         vobj = cast(VnodeObject, obj)
         ps = vm.page_size
         first = pages[0].pindex
@@ -606,7 +625,7 @@ class VnodePager:
         fd = vobj.fd
         error: DeviceError | None = None
         vm.inflight.acquire(IOKind.WRITE_SYNC)
-        token = vm.pagermap.map_in(len(pages), daemon=vm._in_daemon())
+        token = vm.pagermap.map_in(len(pages), daemon=vm.in_daemon())
         try:
             with unlocked(vm):
                 try:
@@ -623,22 +642,22 @@ class VnodePager:
         finally:
             vm.pagermap.map_out(token)
             vm.inflight.release(IOKind.WRITE_SYNC)
-        self._pageouts += 1
-        self._pageout_pages += len(pages)
+        self._counts.pageouts += 1
+        self._counts.pageout_pages += len(pages)
         vm.counters.pageouts += 1
         vm.counters.pageout_pages += len(pages)
         vm.counters.note_cluster(len(pages))
         if error is None:
-            self._pageout_bytes += nbytes
+            self._counts.pageout_bytes += nbytes
             for page in pages:
                 page.writing = False
                 page.dirty = False
                 page.wanted = False
-            vm._cond.notify_all()
+            vm.cond.notify_all()
             return [PagerResult.OK] * len(pages)
-        self._write_errors += 1
+        self._counts.write_errors += 1
         if isinstance(error, FileShrunkError):
-            self._shrink_errors += 1
+            self._counts.shrink_errors += 1
         vm.counters.write_errors += 1
         log.warning("vnode_pager: write-back failed, pages stay dirty: %s", error)
         vobj._write_error = error
@@ -650,7 +669,7 @@ class VnodePager:
             page.writing = False
             page.wanted = False
             vm.queues.activate(page)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
         return [PagerResult.AGAIN if transient else PagerResult.ERROR] * len(pages)
 
     def unswapped(self, obj: VMObject, pindex: int) -> None:
@@ -680,32 +699,22 @@ class VnodePager:
         return VnodePagerStatistics(
             objects=len(self._cache),
             maps=sum(o.refcount for o in self._cache.values()),
-            pageins=self._pageins,
-            pagein_pages=self._pagein_pages,
-            pagein_bytes=self._pagein_bytes,
-            async_pageins=self._async_pageins,
-            async_pagein_pages=self._async_pagein_pages,
-            pageouts=self._pageouts,
-            pageout_pages=self._pageout_pages,
-            pageout_bytes=self._pageout_bytes,
-            flushes=self._flushes,
-            read_errors=self._read_errors,
-            write_errors=self._write_errors,
-            shrink_errors=self._shrink_errors,
+            **dataclasses.asdict(self._counts),
         )
 
     def check(self) -> None:
-        """Assert the cache and every file object are consistent (caller holds the VM lock).
+        """Check the cache and every file object (caller holds the VM lock); raise
+        ``InvariantViolation`` listing every inconsistency.
 
         Raises ``AssertionError`` listing each problem: a cached object that
         is closed, unregistered or under the wrong key; a page count that
         does not match the byte size; a page past the end; a nonzero byte
         past end of file in a resident last page.
         """
-        vm = self._vm
+        vm = self._kernel
         ps = vm.page_size
         problems: list[str] = []
-        registered = {o.oid: o for o in vm._objects.values()}
+        registered = {o.oid: o for o in vm.objects.values()}
         for key, obj in self._cache.items():
             where = f"vnode object {obj.oid} ({obj.path})"
             if obj.key != key:
@@ -731,11 +740,11 @@ class VnodePager:
             if not vobj.closed and self._cache.get(vobj.key) is not vobj:
                 problems.append(f"{where}: open with {vobj.refcount} refs but not cached")
         if problems:
-            raise AssertionError("; ".join(problems))
+            raise InvariantViolation(problems)
 
 
 def map_file(
-    vm: VM, path: str | os.PathLike[str], mode: str = "r", *, private: bool = False
+    vm: Kernel, path: str | os.PathLike[str], mode: str = "r", *, private: bool = False
 ) -> VnodeObject | PrivateFileObject:
     """Map the file at ``path``: see ``VM.map_file``.
 
@@ -753,14 +762,14 @@ def map_file(
         raise TypeError(f"path must be a str or os.PathLike, got {path!r}") from None
     if not isinstance(name, str):
         raise TypeError(f"path must be a str or os.PathLike[str], got {path!r}")
-    pager = vm.vnode_pager
+    pager = cast(VnodePager, vm.vnode_pager)  # this module's own pager
     writable = mode == "r+"
     vnode = pager.open(name, writable=writable and not private)
     if not private:
         return vnode
-    with vm._cond:
+    with vm.cond:
         # The map counted by open() belongs to the shadow from now on.
         shadow = PrivateFileObject(vm, vnode, writable)
-        vm._register_object(shadow)
+        vm.register_object(shadow)
         vnode.shadows.append(shadow)
         return shadow

@@ -41,12 +41,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpager.pager.protocol import Pager, PagerResult
-from vmpager.pager.put import pager_put
-from vmpager.pager.registry import get_pages, put_pages
 from vmpager.testing.worlds import PAGE, small_vm
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import QUEUE_INACTIVE, Page
+from vmpager.vm.pagerops import Pager, PagerResult
+from vmpager.vm.put import pager_put
+from vmpager.vm.registry import get_pages, put_pages
 from vmpager.vm.system import VM
 
 __all__ = [
@@ -105,7 +105,7 @@ def swap_subject() -> PagerSubject:
     for pindex, data in contents.items():
         obj.write(pindex * PAGE, data)
     vm.pageout()  # every page goes to swap and its frame is freed
-    with vm._cond:
+    with vm.kernel.cond:
         stored = frozenset(p for p in range(NPAGES) if vm.swap_pager.has_page(obj, p))
         assert not obj.pages, "swap subject: pages still resident after a full pageout"
     assert stored == set(contents), f"swap subject: stored {sorted(stored)}"
@@ -232,13 +232,13 @@ def _finish(subject: PagerSubject, page: Page) -> None:
     """What the fault path does with the requested page after an OK."""
     page.busy = False
     subject.vm.queues.activate(page)
-    subject.vm._cond.notify_all()
+    subject.vm.kernel.cond.notify_all()
 
 
 def _evict(subject: PagerSubject, pages: list[Page]) -> None:
     for page in pages:
         assert not page.dirty and not page.busy and not page.writing, page
-        subject.vm._free_page(page)
+        subject.vm.kernel.free_page(page)
 
 
 def _read_back(subject: PagerSubject, pindex: int) -> bytes:
@@ -263,7 +263,7 @@ def _new_contents(subject: PagerSubject, pindex: int, tag: int) -> bytes:
 
 def check_has_page(make_subject: SubjectFactory) -> None:
     """True exactly for the pages the store holds; False past the end of the object."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         for pindex in range(s.obj.npages):
             assert s.pager.has_page(s.obj, pindex) == (pindex in s.stored), (
                 f"{s.name}: has_page({pindex})"
@@ -273,7 +273,7 @@ def check_has_page(make_subject: SubjectFactory) -> None:
 
 def check_page_run(make_subject: SubjectFactory) -> None:
     """None for pages the store lacks; otherwise a run inside the caps, the object and the store."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         for before_max, after_max in ((0, 0), (2, 3), (8, 8)):
             for pindex in range(s.obj.npages):
                 run = s.pager.page_run(s.obj, pindex, before_max, after_max)
@@ -291,7 +291,7 @@ def check_page_run(make_subject: SubjectFactory) -> None:
 
 def check_get_pages_single(make_subject: SubjectFactory) -> None:
     """Each stored page reads back alone; the requested page stays busy for the caller."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         for pindex in sorted(s.stored):
             (page,) = _busy_pages(s, pindex, 1)
             result = get_pages(s.pager, s.obj, [page], 0)
@@ -304,7 +304,7 @@ def check_get_pages_single(make_subject: SubjectFactory) -> None:
 
 def check_get_pages_run(make_subject: SubjectFactory) -> None:
     """A run from ``page_run`` reads in one call; the other pages end unbusy and inactive."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         for pindex in sorted(s.stored):
             run = s.pager.page_run(s.obj, pindex, 3, 3)
             assert run is not None
@@ -327,17 +327,17 @@ def check_get_pages_run(make_subject: SubjectFactory) -> None:
 
 def check_get_pages_absent(make_subject: SubjectFactory) -> None:
     """A page the store lacks gives FAIL and stays busy for the caller to free."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         for pindex in s.absent:
             (page,) = _busy_pages(s, pindex, 1)
             result = get_pages(s.pager, s.obj, [page], 0)
             assert result is PagerResult.FAIL, f"{s.name}: get_pages({pindex}) gave {result}"
-            s.vm._free_page(page)
+            s.vm.kernel.free_page(page)
 
 
 def check_put_then_get(make_subject: SubjectFactory) -> None:
     """A page written with put_pages is clean, on the store, and reads back."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         for pindex in (0, s.obj.npages // 2, s.obj.npages - 1):
             data = _new_contents(s, pindex, 1)
             page = _dirty_page(s, pindex, data)
@@ -352,7 +352,7 @@ def check_put_then_get(make_subject: SubjectFactory) -> None:
 
 def check_put_cluster(make_subject: SubjectFactory) -> None:
     """``pager_put`` clusters dirty neighbours inside ``cluster_bounds`` and writes them."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         lo, hi = s.pager.cluster_bounds(s.obj, 1)
         data = {p: _new_contents(s, p, 2) for p in range(lo, hi)}
         pages = [_dirty_page(s, p, d) for p, d in data.items()]
@@ -373,7 +373,7 @@ def check_put_cluster(make_subject: SubjectFactory) -> None:
 
 def check_cluster_bounds(make_subject: SubjectFactory) -> None:
     """The window holds the page, lies inside the object, and spans one maximal transfer."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         max_npages = s.vm.config.cluster_max_npages
         for pindex in range(s.obj.npages):
             lo, hi = s.pager.cluster_bounds(s.obj, pindex)
@@ -384,7 +384,7 @@ def check_cluster_bounds(make_subject: SubjectFactory) -> None:
 
 def check_unswapped(make_subject: SubjectFactory) -> None:
     """After ``unswapped`` the store forgets the page, or keeps a stale copy (see docstring)."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         for pindex in sorted(s.stored)[:3]:
             s.pager.unswapped(s.obj, pindex)
             expected = not s.unswapped_forgets
@@ -394,7 +394,7 @@ def check_unswapped(make_subject: SubjectFactory) -> None:
 
 def check_free_space(make_subject: SubjectFactory) -> None:
     """``free_space`` forgets a range (swap) or leaves the store alone (files, memory)."""
-    with _subject(make_subject) as s, s.vm._cond:
+    with _subject(make_subject) as s, s.vm.kernel.cond:
         s.pager.free_space(s.obj, 2, 3)
         for pindex in range(s.obj.npages):
             forgotten = s.free_space_forgets and 2 <= pindex < 5
@@ -408,14 +408,14 @@ def check_free_space(make_subject: SubjectFactory) -> None:
 def check_dealloc(make_subject: SubjectFactory) -> None:
     """Closing the object deallocates: the store gives back what it held."""
     with _subject(make_subject) as s:
-        with s.vm._cond:
+        with s.vm.kernel.cond:
             page = _dirty_page(s, 0, _new_contents(s, 0, 3))
             assert not page.busy
         s.obj.close()
         assert s.obj.closed
-        with s.vm._cond:
+        with s.vm.kernel.cond:
             assert s.released(), f"{s.name}: dealloc did not release the store"
-            assert s.obj.oid not in {o.oid for o in s.vm._objects.values()}
+            assert s.obj.oid not in {o.oid for o in s.vm.kernel.objects.values()}
 
 
 CONFORMANCE_CHECKS: list[Callable[[SubjectFactory], None]] = [

@@ -11,9 +11,18 @@ from vmpager.io.engine import IOEngine
 from vmpager.vm.config import VMConfig
 from vmpager.vm.system import VM
 
-__all__ = ["small_vm"]
+__all__ = ["PAGE", "REFERENCE_POLICIES", "small_vm"]
 
 PAGE = 4096
+
+#: The reference sources' policies (``small_vm(reference=True)``).
+REFERENCE_POLICIES: dict[str, Any] = {
+    "cluster_max_npages": 4,
+    "readaround_npages": 2,
+    "sequential_readahead": False,
+    "pageout_batching": False,
+    "swap_free_batch_nblocks": 1,
+}
 
 
 def small_vm(
@@ -23,15 +32,19 @@ def small_vm(
     faulty: bool = False,
     engine: IOEngine | None = None,
     layout: str = "per_device",
+    reference: bool = False,
     **config: Any,
 ) -> tuple[VM, list[Any]]:
     """A VM of ``nframes`` frames over RAM swap devices; returns (vm, devices).
 
     The page daemon thread is off unless ``daemon_thread=True`` is passed, so
-    paging happens deterministically in the faulting thread; read-around,
-    pageout clusters and swap frees follow the reference sources (FreeBSD
-    2002, NetBSD 1.48: ``sequential_readahead`` and ``pageout_batching`` off,
-    ``swap_free_batch_nblocks=1``) unless asked.
+    paging happens deterministically in the faulting thread. Every other
+    policy is the production default of ``VMConfig``, so the default paths
+    are the tested ones; ``reference=True`` follows the reference sources
+    instead (FreeBSD 2002, NetBSD 1.48: clusters of 4 pages, read-around of 2,
+    ``sequential_readahead`` and ``pageout_batching`` off,
+    ``swap_free_batch_nblocks=1``), for tests of those exact behaviours.
+    Keyword arguments override single ``VMConfig`` fields either way.
     With ``faulty`` every device is wrapped in a ``FaultyDevice`` (no faults until told).
     """
     sizes = [swap_nblocks] if isinstance(swap_nblocks, int) else swap_nblocks
@@ -41,16 +54,9 @@ def small_vm(
         if faulty:
             dev = FaultyDevice(dev, seed=i)
         devices.append(dev)
-    # The reference sources' policies unless a test asks for the throughput ones.
-    base = replace(
-        VMConfig(),
-        daemon_thread=False,
-        cluster_max_npages=4,
-        readaround_npages=2,
-        sequential_readahead=False,
-        pageout_batching=False,
-        swap_free_batch_nblocks=1,
-    )
+    base = replace(VMConfig(), daemon_thread=False)
+    if reference:
+        base = replace(base, **REFERENCE_POLICIES)
     cfg = replace(base, **config)
     vm = VM(memory=nframes * PAGE, swap=devices, config=cfg, engine=engine, layout=layout)
     return vm, devices

@@ -37,12 +37,14 @@ from numpy.typing import NDArray
 
 from vmpager.errors import ObjectClosed
 from vmpager.swap.meta import SWAPBLK_NONE
+from vmpager.vm import registry
 from vmpager.vm.fault import hold_page
+from vmpager.vm.kind import ObjectKind
 from vmpager.vm.page import Page
 
 if TYPE_CHECKING:
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
-    from vmpager.vm.system import VM
 
 __all__ = [
     "Visit",
@@ -84,7 +86,7 @@ def slot_accesses(
 
 
 def hold_batch(
-    vm: VM,
+    vm: Kernel,
     obj: VMObject,
     pindices: NDArray[np.int64],
     *,
@@ -103,7 +105,7 @@ def hold_batch(
     plist: list[int] = pindices.tolist()
     # Only writes hand pages back: a program reading a batch often writes the
     # same pages next, and would fault them in again.
-    stream = write and obj.kind == "anonymous" and vm.config.sequential_readahead
+    stream = write and vm.streams_faults(obj)
     for start in range(0, len(plist), chunk):
         pages = plist[start : start + chunk]
         _hold_chunk(vm, obj, pages, start, write, overwrite, visit)
@@ -111,7 +113,7 @@ def hold_batch(
             _stream_chunk(vm, obj, pages[0], len(pages))
 
 
-def _stream_chunk(vm: VM, obj: VMObject, first: int, npages: int) -> None:
+def _stream_chunk(vm: Kernel, obj: VMObject, first: int, npages: int) -> None:
     """A chunk of consecutive pages: the sequential-fault bookkeeping of the fault path.
 
     A written chunk that continues where the last one (or the last fault)
@@ -124,11 +126,11 @@ def _stream_chunk(vm: VM, obj: VMObject, first: int, npages: int) -> None:
         obj.readahead_npages = vm.config.readahead_max_npages
     else:
         obj.readahead_npages = 0
-    vm._fault_done(obj, first, npages)
+    vm.fault_done(obj, first, npages)
 
 
 def _hold_chunk(
-    vm: VM,
+    vm: Kernel,
     obj: VMObject,
     chunk: list[int],
     base: int,
@@ -139,12 +141,12 @@ def _hold_chunk(
     pending = list(range(len(chunk)))
     rounds = 0
     counters = vm.counters
-    fast_pagein = obj.kind == "anonymous" and obj.backing is None
+    fast_pagein = obj.kind is ObjectKind.ANONYMOUS and obj.backing is None
     while pending:
         if obj.closed:
             raise ObjectClosed(f"VM object {obj.oid} is closed")
         pages = obj.pages
-        reserve = vm._read_reserve
+        reserve = vm.read_reserve
         frames = vm.frames
         ready: list[int] = []
         ready_frames: list[int] = []
@@ -161,7 +163,7 @@ def _hold_chunk(
                     if frames.free_nframes <= reserve:
                         slow.append(i)  # _room_to_dirty decides, and may wait
                         continue
-                    vm._make_dirty(obj, page)
+                    vm.make_dirty(obj, page)
                 page.referenced = True
                 if page.prefetched:
                     page.prefetched = False
@@ -181,10 +183,10 @@ def _hold_chunk(
         if started:
             rounds += 1
         elif missing and not (ready or slow):
-            vm._wait_for_frame(for_read=not write)  # nothing could start: make room
+            vm.wait_for_frame(for_read=not write)  # nothing could start: make room
         for i in sorted(slow):
             # The fault path alone (it counts its own faults and waits as it must).
-            page = hold_page(vm, obj, chunk[i], write, overwrite)
+            page = hold_page(vm, obj, chunk[i], write=write, overwrite=overwrite)
             visit(np.array([base + i], dtype=np.intp), np.array([page.frame], dtype=np.intp))
         # Pages just paged in (or zero-filled) are visited on the next look.
         done = set(ready)
@@ -193,7 +195,7 @@ def _hold_chunk(
 
 
 def _page_in_many(
-    vm: VM, obj: VMObject, chunk: list[int], missing: list[int], write: bool, overwrite: bool
+    vm: Kernel, obj: VMObject, chunk: list[int], missing: list[int], write: bool, overwrite: bool
 ) -> int:
     """Bring in the pages ``missing`` (positions in ``chunk``, ascending) that get a frame.
 
@@ -212,10 +214,10 @@ def _page_in_many(
     started = 0
     for i in missing:
         pindex = chunk[i]
-        frame = vm._alloc_frame(for_read=for_read)
+        frame = vm.alloc_frame(for_read=for_read)
         if frame is None:
             # The daemon frees the rest while these reads are in flight.
-            vm._add_deficit(len(missing) - started)
+            vm.add_deficit(len(missing) - started)
             break
         started += 1
         counters.faults += 1
@@ -244,11 +246,11 @@ def _page_in_many(
         if run_pages:
             runs.append((run_blk, run_pages))
         run_blk, run_end_blk, run_pages = blk, blk + 1, [page]
-        run_room = min(vm.config.cluster_max_npages, pager.space.run_limit(blk))
+        run_room = min(vm.config.cluster_max_npages, pager.run_limit(blk))
     if run_pages:
         runs.append((run_blk, run_pages))
     if runs:
-        err = pager.read_runs(obj, runs)
+        err = registry.read_runs(pager, obj, runs)
         if err is not None:
             raise err
     return started
@@ -291,45 +293,45 @@ def _located(
     return slot_accesses(order, bounds, slots), np.repeat(frames, bounds[slots + 1] - bounds[slots])
 
 
-def read_words(vm: VM, obj: VMObject, offsets: NDArray[np.int64]) -> NDArray[np.uint64]:
+def read_words(vm: Kernel, obj: VMObject, offsets: NDArray[np.int64]) -> NDArray[np.uint64]:
     """The 8-byte words at ``offsets`` (checked: multiples of 8 inside the object)."""
     out = np.empty(len(offsets), dtype=np.uint64)
     if not len(offsets):
         return out
-    shift = vm._page_shift
+    shift = vm.page_shift
     upages, order, bounds = _group(offsets >> shift)
-    word = (offsets & vm._page_mask) >> 3
+    word = (offsets & vm.page_mask) >> 3
     words = vm.frames.array.view(np.uint64)
 
     def visit(slots: NDArray[np.intp], frames: NDArray[np.intp]) -> None:
         acc, at = _located(order, bounds, slots, frames)
         out[acc] = words[at, word[acc]]
 
-    with vm._cond:
+    with vm.cond:
         hold_batch(vm, obj, upages, write=False, overwrite=False, visit=visit)
     return out
 
 
 def write_words(
-    vm: VM, obj: VMObject, offsets: NDArray[np.int64], values: NDArray[np.uint64]
+    vm: Kernel, obj: VMObject, offsets: NDArray[np.int64], values: NDArray[np.uint64]
 ) -> None:
     """Store ``values[i]`` at ``offsets[i]``; an offset given twice keeps its last value."""
     if not len(offsets):
         return
     offsets, values = last_values(offsets, values)
-    upages, order, bounds = _group(offsets >> vm._page_shift)
-    word = (offsets & vm._page_mask) >> 3
+    upages, order, bounds = _group(offsets >> vm.page_shift)
+    word = (offsets & vm.page_mask) >> 3
     words = vm.frames.array.view(np.uint64)
 
     def visit(slots: NDArray[np.intp], frames: NDArray[np.intp]) -> None:
         acc, at = _located(order, bounds, slots, frames)
         words[at, word[acc]] = values[acc]
 
-    with vm._cond:
+    with vm.cond:
         hold_batch(vm, obj, upages, write=True, overwrite=False, visit=visit)
 
 
-def read_pages(vm: VM, obj: VMObject, pindices: NDArray[np.int64]) -> NDArray[np.uint8]:
+def read_pages(vm: Kernel, obj: VMObject, pindices: NDArray[np.int64]) -> NDArray[np.uint8]:
     """Copies of the pages ``pindices`` (checked), one row each, in the order given."""
     out = np.empty((len(pindices), vm.page_size), dtype=np.uint8)
     if not len(pindices):
@@ -341,13 +343,13 @@ def read_pages(vm: VM, obj: VMObject, pindices: NDArray[np.int64]) -> NDArray[np
         acc, at = _located(order, bounds, slots, frames)
         out[acc] = array[at]
 
-    with vm._cond:
+    with vm.cond:
         hold_batch(vm, obj, upages, write=False, overwrite=False, visit=visit)
     return out
 
 
 def write_pages(
-    vm: VM, obj: VMObject, pindices: NDArray[np.int64], data: NDArray[np.uint8]
+    vm: Kernel, obj: VMObject, pindices: NDArray[np.int64], data: NDArray[np.uint8]
 ) -> None:
     """Replace the pages ``pindices`` with the rows of ``data``; a page given twice keeps
     its last row. The old contents are never read."""
@@ -360,7 +362,7 @@ def write_pages(
     def visit(slots: NDArray[np.intp], frames: NDArray[np.intp]) -> None:
         array[frames] = data[rows[slots]]
 
-    with vm._cond:
+    with vm.cond:
         hold_batch(vm, obj, upages, write=True, overwrite=True, visit=visit)
 
 

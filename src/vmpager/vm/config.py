@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["VMConfig", "WriteErrorPolicy"]
+__all__ = ["VMConfig", "Watermarks", "WriteErrorPolicy", "watermarks"]
 
 
 class WriteErrorPolicy(enum.Enum):
@@ -101,3 +101,44 @@ class VMConfig:
     #: Pages a batched call holds resident at once (it works in chunks of this
     #: many distinct pages); at most a quarter of the frames is used.
     batch_max_npages: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Watermarks:
+    """The frame counts the page daemon works between, derived from a config.
+
+    ``free_min_nframes`` and ``free_target_nframes`` include the read reserve
+    (v_free_min, v_free_target); ``inactive_target`` is v_inactive_target.
+    """
+
+    read_reserve_nframes: int
+    free_min_nframes: int
+    free_target_nframes: int
+    inactive_target: int
+
+
+def watermarks(config: VMConfig, nframes: int) -> Watermarks:
+    """The daemon's watermarks for ``nframes`` frames under ``config``. Pure, O(1)."""
+    read_reserve = min(config.read_reserve_nframes, nframes // 4)
+    free_min = config.free_min_nframes
+    if free_min is None:
+        free_min = max(1, nframes // 128)
+        if config.sequential_readahead:
+            # Room for a whole read-ahead when the daemon is woken.
+            free_min = max(free_min, min(config.readahead_max_npages, nframes // 64))
+    free_target = config.free_target_nframes
+    if free_target is None:
+        free_target = max(free_min + 1, 2 * free_min, config.cluster_max_npages)
+        if config.pageout_batching:
+            # Enough above the minimum to keep every asynchronous write slot busy.
+            batches = free_min + config.cluster_max_npages * config.swap_async_max
+            free_target = max(free_target, min(batches, nframes // 8))
+    free_target = min(free_target, nframes // 2)
+    free_min = min(free_min, max(free_target - 1, 1))
+    free_min_nframes = free_min + read_reserve
+    return Watermarks(
+        read_reserve_nframes=read_reserve,
+        free_min_nframes=free_min_nframes,
+        free_target_nframes=max(free_target + read_reserve, free_min_nframes),
+        inactive_target=max(nframes // 4, 2 * free_target, 1),
+    )

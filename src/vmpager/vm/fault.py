@@ -24,19 +24,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vmpager.errors import DeviceError
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.registry import get_pages
 from vmpager.vm.page import Page
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.registry import get_pages
 
 if TYPE_CHECKING:
-    from vmpager.pager.protocol import Pager
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.object import VMObject
-    from vmpager.vm.system import VM
+    from vmpager.vm.pagerops import Pager
 
 __all__ = ["hold_page"]
 
 
-def hold_page(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) -> Page:
+def hold_page(vm: Kernel, obj: VMObject, pindex: int, *, write: bool, overwrite: bool) -> Page:
     """Return the resident page with the data of ``(obj, pindex)``; VM lock held.
 
     For a write the page belongs to ``obj``, is idle and already marked dirty
@@ -50,26 +50,28 @@ def hold_page(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) 
         page = pages.get(pindex)
         if page is not None:
             if page.busy or (write and page.writing):
-                vm._wait_page(page)
+                vm.wait_page(page)
                 continue
             page.referenced = True
             if page.prefetched:
                 page.prefetched = False
                 vm.counters.readaround_hits += 1
             if write and not page.dirty:
-                if not vm._room_to_dirty():
+                if not vm.room_to_dirty():
                     continue  # it made room, releasing the lock: look again
-                vm._make_dirty(obj, page)
+                vm.make_dirty(obj, page)
             return page
-        page = _fault_in(vm, obj, pindex, write, overwrite)
+        page = _fault_in(vm, obj, pindex, write=write, overwrite=overwrite)
         if page is not None:
             return page
 
 
-def _fault_in(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) -> Page | None:
+def _fault_in(
+    vm: Kernel, obj: VMObject, pindex: int, *, write: bool, overwrite: bool
+) -> Page | None:
     """Bring the page in; None means "state changed while waiting, look again"."""
     if obj.strategy_ranges and any(s <= pindex < e for s, e in obj.strategy_ranges):
-        vm._cond.wait()  # a strategy request owns this page right now
+        vm.cond.wait()  # a strategy request owns this page right now
         return None
     vm.counters.faults += 1
     level: VMObject | None = obj
@@ -79,13 +81,13 @@ def _fault_in(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) 
             source = level.pages.get(index)
             if source is not None:
                 if source.busy:
-                    vm._wait_page(source)
+                    vm.wait_page(source)
                     return None
                 if not write:
                     source.referenced = True
                     return source
                 return _copy_up(vm, obj, pindex, source, overwrite)
-        pager = vm._pager_for(level)
+        pager = vm.pager_for(level)
         if pager is not None and pager.has_page(level, index):
             if write and overwrite and level is obj:
                 # The whole page is replaced: its swap copy is stale, skip the read.
@@ -104,7 +106,7 @@ def _fault_in(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) 
                 return read
             if level is not obj:
                 return None  # resident in the backing object now: the next look copies it up
-            vm._make_dirty(obj, read)
+            vm.make_dirty(obj, read)
             return read
         if level.backing is None:
             break
@@ -113,28 +115,30 @@ def _fault_in(vm: VM, obj: VMObject, pindex: int, write: bool, overwrite: bool) 
     return _zero_or_blank(vm, obj, pindex, write=write, zero=not overwrite)
 
 
-def _new_page(vm: VM, obj: VMObject, pindex: int, *, for_read: bool) -> Page | None:
-    frame = vm._alloc_frame(for_read=for_read)
+def _new_page(vm: Kernel, obj: VMObject, pindex: int, *, for_read: bool) -> Page | None:
+    frame = vm.alloc_frame(for_read=for_read)
     if frame is None:
-        vm._wait_for_frame(for_read=for_read)
+        vm.wait_for_frame(for_read=for_read)
         return None
     page = Page(obj, pindex, frame)
     obj.pages[pindex] = page
     return page
 
 
-def _finish_new(vm: VM, page: Page) -> None:
+def _finish_new(vm: Kernel, page: Page) -> None:
     page.busy = False
     vm.queues.activate(page)
 
 
-def _zero_or_blank(vm: VM, obj: VMObject, pindex: int, *, write: bool, zero: bool) -> Page | None:
+def _zero_or_blank(
+    vm: Kernel, obj: VMObject, pindex: int, *, write: bool, zero: bool
+) -> Page | None:
     page = _new_page(vm, obj, pindex, for_read=not write)
     if page is None:
         return None
-    if obj.kind == "anonymous" and vm.config.sequential_readahead:
-        vm._fault_stream(obj, pindex)  # a stream of new pages leaves its past behind too
-        vm._fault_done(obj, pindex, 1)
+    if vm.streams_faults(obj):
+        vm.fault_stream(obj, pindex)  # a stream of new pages leaves its past behind too
+        vm.fault_done(obj, pindex, 1)
     if zero:
         vm.frames.zero(page.frame)
         vm.counters.zero_fills += 1
@@ -143,19 +147,19 @@ def _zero_or_blank(vm: VM, obj: VMObject, pindex: int, *, write: bool, zero: boo
     return page
 
 
-def _copy_up(vm: VM, obj: VMObject, pindex: int, source: Page, overwrite: bool) -> Page | None:
-    if vm.frames.free_nframes <= vm._read_reserve:
+def _copy_up(vm: Kernel, obj: VMObject, pindex: int, source: Page, overwrite: bool) -> Page | None:
+    if vm.frames.free_nframes <= vm.read_reserve:
         # Pin the source while room is made: the pageout scan would drop it
         # (clean, often just paged in for this fault), the next look would
         # page it in again, and so on for ever.
         source.busy = True
         try:
-            vm._wait_for_frame(for_read=False)
+            vm.wait_for_frame(for_read=False)
         finally:
             source.busy = False
             if source.wanted:
                 source.wanted = False
-                vm._cond.notify_all()
+                vm.cond.notify_all()
         return None
     page = _new_page(vm, obj, pindex, for_read=False)
     if page is None:
@@ -169,13 +173,13 @@ def _copy_up(vm: VM, obj: VMObject, pindex: int, source: Page, overwrite: bool) 
     return page
 
 
-def _page_in(vm: VM, obj: VMObject, pindex: int, *, for_read: bool = True) -> Page | None:
+def _page_in(vm: Kernel, obj: VMObject, pindex: int, *, for_read: bool = True) -> Page | None:
     """Read ``pindex`` of ``obj`` from its pager, with read-around.
 
     ``for_read=False`` when the page will be written at once: its frame may
     not come from the read reserve.
     """
-    pager = vm._pager_for(obj)
+    pager = vm.pager_for(obj)
     assert pager is not None
     page = _new_page(vm, obj, pindex, for_read=for_read)
     if page is None:
@@ -188,7 +192,7 @@ def _page_in(vm: VM, obj: VMObject, pindex: int, *, for_read: bool = True) -> Pa
             # The read-around transfer failed as a whole (its other pages are
             # freed): read the requested page alone, so that a bad block
             # near it fails only its own page, and the error names its block.
-            vm._take_read_error()
+            vm.take_read_error()
             run_pages = [page]
             result = get_pages(pager, obj, run_pages, 0)
     except BaseException:
@@ -196,25 +200,25 @@ def _page_in(vm: VM, obj: VMObject, pindex: int, *, for_read: bool = True) -> Pa
         # data is still on the store).
         for extra in run_pages:
             if extra.busy and obj.pages.get(extra.pindex) is extra:
-                vm._free_page(extra)
+                vm.free_page(extra)
         raise
     if result is PagerResult.OK:
-        if obj.kind == "anonymous" and vm.config.sequential_readahead:
-            vm._fault_done(obj, run_pages[0].pindex, len(run_pages))
+        if vm.streams_faults(obj):
+            vm.fault_done(obj, run_pages[0].pindex, len(run_pages))
         page.dirty = False
         _finish_new(vm, page)
-        vm._cond.notify_all()
+        vm.cond.notify_all()
         return page
-    err = vm._take_read_error()
-    vm._free_page(page)
-    vm._cond.notify_all()
+    err = vm.take_read_error()
+    vm.free_page(page)
+    vm.cond.notify_all()
     if err is None:
         err = DeviceError(5, "swap", -1, f"page {obj.oid}:{pindex}: {result.value}")
     raise err
 
 
 def _gather_readaround(
-    vm: VM, pager: Pager, obj: VMObject, pindex: int, run_pages: list[Page]
+    vm: Kernel, pager: Pager, obj: VMObject, pindex: int, run_pages: list[Page]
 ) -> int:
     """Extend ``run_pages`` (holding the requested page) with read-around pages.
 
@@ -223,12 +227,12 @@ def _gather_readaround(
     waiting. Returns the index of the requested page in the run.
     """
     page = run_pages[0]
-    if obj.kind == "anonymous" and vm.config.sequential_readahead:
+    if vm.streams_faults(obj):
         # Sequential faults read ahead, random ones read their page alone:
         # read-around there would mostly bring pages nobody uses.
-        behind, ahead = 0, vm._fault_stream(obj, pindex)
+        behind, ahead = 0, vm.fault_stream(obj, pindex)
     else:
-        behind = ahead = vm._readaround_npages(obj, pindex)
+        behind = ahead = vm.readaround_npages(obj, pindex)
     if not (behind or ahead):
         return 0
     run = pager.page_run(obj, pindex, behind, ahead)
@@ -240,7 +244,7 @@ def _gather_readaround(
     for i in range(1, before + 1):
         if pindex - i in pages_dict:
             break
-        frame = vm._alloc_frame_for_readaround()
+        frame = vm.alloc_frame_for_readaround()
         if frame is None:
             break
         extra = Page(obj, pindex - i, frame)
@@ -252,7 +256,7 @@ def _gather_readaround(
     for i in range(1, after + 1):
         if pindex + i in pages_dict:
             break
-        frame = vm._alloc_frame_for_readaround()
+        frame = vm.alloc_frame_for_readaround()
         if frame is None:
             break
         extra = Page(obj, pindex + i, frame)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from vmpager.errors import InvariantViolation
+
 __all__ = ["FramePool", "FrameStatistics"]
 
 
@@ -82,7 +84,13 @@ class FramePool:
     def statistics(self) -> FrameStatistics:
         return FrameStatistics(self.nframes, len(self._free), self.page_size)
 
-    def check(self) -> list[str]:
+    def check(self) -> None:
+        """Raise ``InvariantViolation`` listing every broken invariant (``problems``)."""
+        found = self.problems()
+        if found:
+            raise InvariantViolation(found)
+
+    def problems(self) -> list[str]:
         """Return the violated invariants (empty when consistent)."""
         problems: list[str] = []
         if len(set(self._free)) != len(self._free):

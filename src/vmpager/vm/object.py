@@ -19,16 +19,41 @@ from numpy.typing import ArrayLike, NDArray
 from vmpager.errors import ObjectClosed
 from vmpager.units import check_int
 from vmpager.vm import batch
+from vmpager.vm.kind import ObjectKind
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.page import Page
     from vmpager.vm.storage import PageStorage
-    from vmpager.vm.system import VM
 
-__all__ = ["VMObject"]
+__all__ = [
+    "NOT_RESERVED",
+    "RESERVED_UNWRITTEN",
+    "RESERVED_WRITTEN",
+    "ObjectKind",
+    "VMObject",
+    "checked_range",
+]
 
 Int64Array = NDArray[np.int64]
+
+
+def checked_range(obj: VMObject, offset: int, length: int) -> tuple[int, int]:
+    """``(offset, length)`` as ints inside ``obj``; ``ObjectClosed`` for a closed
+    object, ``ValueError``/``TypeError`` naming the argument otherwise. O(1)."""
+    if obj.closed:
+        raise ObjectClosed(f"VM object {obj.oid} is closed")
+    offset = check_int(offset, "offset", minimum=0, maximum=obj.size)
+    length = check_int(length, "length", minimum=0, maximum=obj.size - offset)
+    return offset, length
+
+
+#: ``VMObject.reserve_state`` values per page: no reserved block, a reserved
+#: block without data yet (reads as zeros), a reserved block with data.
+NOT_RESERVED = 0
+RESERVED_UNWRITTEN = 1
+RESERVED_WRITTEN = 2
 
 #: Buffer types the hit path of ``write`` takes as they are (others go through memoryview).
 _FAST_BUFFERS = (bytes, bytearray)
@@ -37,17 +62,18 @@ _FAST_BUFFERS = (bytes, bytearray)
 class VMObject:
     """A region of virtual memory of ``size`` bytes (a multiple of the page size)."""
 
-    def __init__(self, vm: VM, oid: int, npages: int, kind: str) -> None:
-        self._vm = vm
+    def __init__(self, kernel: Kernel, oid: int, npages: int, kind: str) -> None:
+        self._kernel = kernel
+        vm = kernel
         # The hit paths of read and write use these without going through the VM.
-        self._lock = vm._lock
+        self._lock = vm.lock
         self._arena = vm.frames.arena
-        self._page_shift = vm._page_shift
-        self._page_mask = vm._page_mask
+        self._page_shift = vm.page_shift
+        self._page_mask = vm.page_mask
         self._page_bytes = vm.page_size
         self.oid = oid
         self.npages = npages
-        self.kind = kind
+        self.kind = ObjectKind(kind)
         self.pages: dict[int, Page] = {}
         #: Has swap metadata (OBJT_SWAP rather than OBJT_DEFAULT).
         self.swap_backed = False
@@ -60,8 +86,8 @@ class VMObject:
         self.refcount = 1
         #: A frozen backing object made by ``clone``, invisible to users.
         self.internal = False
-        #: Per page, for objects with reserved swap: 0 none, 1 reserved and
-        #: unwritten (the block holds no data), 2 reserved and written.
+        #: Per page, for objects with reserved swap: NOT_RESERVED,
+        #: RESERVED_UNWRITTEN (the block holds no data) or RESERVED_WRITTEN.
         self.reserve_state: bytearray | None = None
         #: Page ranges [start, end) of strategy requests in flight: faults wait.
         self.strategy_ranges: list[tuple[int, int]] = []
@@ -78,11 +104,16 @@ class VMObject:
     @property
     def size(self) -> int:
         """Size in bytes."""
-        return self.npages * self._vm.page_size
+        return self.npages * self._kernel.page_size
+
+    @property
+    def kernel(self) -> Kernel:
+        """The VM's internal interface (vm/kernel.py), for pagers and the NBD disk."""
+        return self._kernel
 
     @property
     def page_size(self) -> int:
-        return self._vm.page_size
+        return self._kernel.page_size
 
     def __len__(self) -> int:
         return self.size
@@ -97,11 +128,7 @@ class VMObject:
     # -- data -------------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int) -> tuple[int, int]:
-        if self.closed:
-            raise ObjectClosed(f"VM object {self.oid} is closed")
-        offset = check_int(offset, "offset", minimum=0, maximum=self.size)
-        length = check_int(length, "length", minimum=0, maximum=self.size - offset)
-        return offset, length
+        return checked_range(self, offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset`` (zeros where never written).
@@ -127,7 +154,7 @@ class VMObject:
                         return data
         if self.closed:
             raise ObjectClosed(f"VM object {self.oid} is closed")
-        return self._vm._read(self, offset, length)
+        return self._kernel.read(self, offset, length)
 
     def readinto(self, offset: int, buffer: WritableBuffer) -> int:
         """Fill ``buffer`` with the bytes at ``offset``; returns its length."""
@@ -135,7 +162,7 @@ class VMObject:
         if view.readonly:
             raise TypeError("buffer must be writable")
         offset, length = self._check_range(offset, view.nbytes)
-        self._vm._readinto(self, offset, view)
+        self._kernel.readinto(self, offset, view)
         return length
 
     def write(self, offset: int, data: ReadableBuffer) -> int:
@@ -155,11 +182,11 @@ class VMObject:
                     page = self.pages.get(offset >> self._page_shift)
                     if page is not None and not (page.busy or page.writing or page.prefetched):
                         if not page.dirty:
-                            vm = self._vm
-                            if vm.frames.free_nframes <= vm._read_reserve:
+                            vm = self._kernel
+                            if vm.frames.free_nframes <= vm.read_reserve:
                                 page = None  # the frames kept for page-ins: the slow path
                             else:
-                                vm._make_dirty(self, page)  # its swap copy is stale now
+                                vm.make_dirty(self, page)  # its swap copy is stale now
                         if page is not None:
                             page.referenced = True
                             start = page.frame << self._page_shift
@@ -169,7 +196,7 @@ class VMObject:
             raise TypeError("data must be bytes-like, not str")
         view = memoryview(data).cast("B")
         offset, length = self._check_range(offset, view.nbytes)
-        self._vm._write(self, offset, view)
+        self._kernel.write(self, offset, view)
         return length
 
     # -- batched access (vm/batch.py) ------------------------------------------------
@@ -213,7 +240,7 @@ class VMObject:
         array = self._index_array(offsets, "offsets", step=8, maximum=self.size - 8)
         if not self._frames_direct():
             return batch.read_words_each(self, array)
-        return batch.read_words(self._vm, self, array)
+        return batch.read_words(self._kernel, self, array)
 
     def write_words(self, offsets: ArrayLike, values: ArrayLike) -> None:
         """Store ``values[i]`` as the 8-byte word at ``offsets[i]``.
@@ -236,14 +263,14 @@ class VMObject:
         if not self._frames_direct():
             batch.write_words_each(self, array, words)
             return
-        batch.write_words(self._vm, self, array, words)
+        batch.write_words(self._kernel, self, array, words)
 
     def read_pages(self, pindices: ArrayLike) -> NDArray[np.uint8]:
         """Copies of whole pages, one row of ``page_size`` bytes per page index given."""
         array = self._index_array(pindices, "pindices", step=1, maximum=self.npages - 1)
         if not self._frames_direct():
             return batch.read_pages_each(self, array)
-        return batch.read_pages(self._vm, self, array)
+        return batch.read_pages(self._kernel, self, array)
 
     def write_pages(self, pindices: ArrayLike, data: ArrayLike) -> None:
         """Replace whole pages: row ``i`` of ``data`` (``page_size`` bytes) becomes page
@@ -261,12 +288,12 @@ class VMObject:
             # Later rows of a repeated page are written later: the last one wins.
             batch.write_pages_each(self, array, rows)
             return
-        batch.write_pages(self._vm, self, array, rows)
+        batch.write_pages(self._kernel, self, array, rows)
 
     def discard(self, offset: int, length: int) -> None:
         """Forget a range: it reads as zeros; whole pages give back frames and swap."""
         offset, length = self._check_range(offset, length)
-        self._vm._discard(self, offset, length)
+        self._kernel.discard(self, offset, length)
 
     def map(self) -> memoryview:
         """Objects of a VM live in its process and cannot be mapped (mapped objects are
@@ -283,7 +310,7 @@ class VMObject:
         to the other. Cheap: O(resident pages), no data is copied until written."""
         if self.closed:
             raise ObjectClosed(f"VM object {self.oid} is closed")
-        return self._vm._clone(self)
+        return self._kernel.clone(self)
 
     def reserve(self, offset: int = 0, length: int | None = None) -> None:
         """Assign swap to the pages of a range now (swap_pager_reserve), so that
@@ -295,7 +322,7 @@ class VMObject:
         if length is None:
             length = self.size - check_int(offset, "offset", minimum=0, maximum=self.size)
         offset, length = self._check_range(offset, length)
-        self._vm._reserve(self, offset, length)
+        self._kernel.reserve(self, offset, length)
 
     # -- strategy: cacheless block I/O (swap_pager_strategy) ----------------------
 
@@ -304,16 +331,16 @@ class VMObject:
         view = memoryview(buffer).cast("B")
         if view.readonly:
             raise TypeError("buffer must be writable")
-        self._vm._strategy(self, "read", offset, view, view.nbytes)
+        self._kernel.strategy(self, "read", offset, view, view.nbytes)
 
     def strategy_write(self, offset: int, data: ReadableBuffer) -> None:
         """Write whole pages straight to swap, bypassing frames."""
         view = memoryview(data).cast("B")
-        self._vm._strategy(self, "write", offset, view, view.nbytes)
+        self._kernel.strategy(self, "write", offset, view, view.nbytes)
 
     def strategy_delete(self, offset: int, length: int) -> None:
         """Free the swap of whole pages (BIO_DELETE); they read as zeros."""
-        self._vm._strategy(self, "delete", offset, None, length)
+        self._kernel.strategy(self, "delete", offset, None, length)
 
     def _before_close(self) -> None:
         """Called with the VM lock held just before the object closes (file objects flush)."""
@@ -321,7 +348,7 @@ class VMObject:
     def close(self) -> None:
         """Release the object: its frames and swap return to the VM. Idempotent."""
         if not self.closed:
-            self._vm._close_object(self)
+            self._kernel.close_object(self)
 
     def __enter__(self) -> VMObject:
         return self

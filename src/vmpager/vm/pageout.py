@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmpager.io.request import IOKind
-from vmpager.pager.protocol import PagerResult
-from vmpager.pager.put import pager_put
+from vmpager.vm import registry
+from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.put import pager_put
 from vmpager.vm.queues import ACT_ADVANCE, ACT_DECLINE, ACT_MAX
 
 if TYPE_CHECKING:
+    from vmpager.vm.kernel import Kernel
     from vmpager.vm.page import Page
-    from vmpager.vm.system import VM
 
 __all__ = ["WRITE_ERROR_PASSES", "PageDaemon", "ScanResult"]
 
@@ -78,7 +79,7 @@ def _object_order(page: Page) -> tuple[int, int]:
 class PageDaemon:
     """Pageout policy and its thread; every method runs with the VM lock held."""
 
-    def __init__(self, vm: VM) -> None:
+    def __init__(self, vm: Kernel) -> None:
         self._vm = vm
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -122,11 +123,11 @@ class PageDaemon:
                 result.reactivated += 1
                 continue
             if not page.dirty:
-                vm._free_page(page)
+                vm.free_page(page)
                 result.freed += 1
                 continue
             obj = page.obj
-            pager = vm._pager_for(obj)
+            pager = vm.pager_for(obj)
             if pager is None:
                 queues.activate(page)
                 continue
@@ -150,7 +151,7 @@ class PageDaemon:
                 result.laundered_pages += outcome.cluster_npages
             elif outcome.result is PagerResult.OK:
                 result.laundered_pages += outcome.cluster_npages
-                if vm._free_if_clean(page):
+                if vm.free_if_clean(page):
                     result.freed += 1
             else:
                 result.launder_failures += 1
@@ -166,16 +167,18 @@ class PageDaemon:
         vm = self._vm
         # Object order: neighbours in an object become neighbours on swap.
         batch.sort(key=_object_order)
-        results = vm.swap_pager.put_batch(batch, sync=not asynchronous)
+        results = registry.put_batch(vm.swap_pager, batch, sync=not asynchronous)
         for page, outcome in zip(batch, results, strict=True):
             if outcome is PagerResult.PEND:
                 result.laundered_pages += 1
             elif outcome is PagerResult.OK:
                 result.laundered_pages += 1
-                if vm._free_if_clean(page):
+                if vm.free_if_clean(page):
                     result.freed += 1
             else:
                 result.launder_failures += 1
+                if outcome in (PagerResult.AGAIN, PagerResult.ERROR):
+                    result.write_errors += 1
 
     def _age_active(self, result: ScanResult) -> None:
         vm = self._vm
@@ -223,7 +226,10 @@ class PageDaemon:
         memory is full of pages nobody can take. A pass whose writes failed
         is tried again, up to ``WRITE_ERROR_PASSES`` times per call: the
         failed pages are dirty and queued again, and their next write goes
-        to other blocks (or the fault has cleared). A synchronous run that
+        to other blocks (or the fault has cleared). A pass that marked blocks
+        bad is retried without limit: swap has changed, and a device that
+        fails every write runs out of blocks to mark, after which pageout
+        goes to the healthy devices. A synchronous run that
         can do nothing more while writes are in flight waits for their
         completions (releasing the lock, which they need).
         """
@@ -232,22 +238,28 @@ class PageDaemon:
         while True:
             if vm.frames.free_nframes + self._pending_npages(asynchronous) >= target_free:
                 return True
+            marked_bad = vm.counters.bad_blocks_marked
             result = self.scan(target_free, asynchronous=asynchronous)
-            if result.progress or self._reclaim_clean(target_free):
+            if result.progress or self.reclaim_clean(target_free):
+                continue
+            if vm.counters.bad_blocks_marked > marked_bad:
+                # The failed writes left their blocks behind as bad: the next
+                # pass writes elsewhere (another device, if one is failing every
+                # write). Terminates: each such pass marks blocks that stay bad.
                 continue
             if result.write_errors and error_passes < WRITE_ERROR_PASSES:
                 error_passes += 1
                 continue
             in_flight = vm.inflight.in_flight(IOKind.WRITE_ASYNC)
             if in_flight and not asynchronous:
-                vm._cond.wait(1.0)
+                vm.cond.wait(1.0)
                 continue
             # Pages being read in are busy, so a scan passes them by; they will
             # be idle (and takeable) when the reads end: the daemon is not stuck.
             # (A synchronous run returns: its caller waits for reads in flight.)
             return in_flight > 0 or (asynchronous and vm.inflight.in_flight(IOKind.READ) > 0)
 
-    def _reclaim_clean(self, target_free: int) -> int:
+    def reclaim_clean(self, target_free: int) -> int:
         """Last resort when a pass freed nothing: free clean idle pages wherever they are.
 
         Reached when swap refuses dirty pages; clean pages may then sit behind
@@ -259,7 +271,7 @@ class PageDaemon:
             for page in [p for p in queue if not (p.dirty or p.busy or p.writing)]:
                 if vm.frames.free_nframes >= target_free:
                     return freed
-                vm._free_page(page)
+                vm.free_page(page)
                 freed += 1
         return freed
 
@@ -272,14 +284,14 @@ class PageDaemon:
     def _run(self) -> None:
         vm = self._vm
         self.ident = threading.get_ident()
-        with vm._daemon_cond:
+        with vm.daemon_cond:
             while not self._stop:
-                if not vm._daemon_needed():
+                if not vm.daemon_needed():
                     self._sleep(None)
                     continue
                 self.wakeups += 1
-                ok = self.run_until(vm._take_deficit(), asynchronous=True)
-                vm._set_stuck(not ok)
+                ok = self.run_until(vm.begin_pageout_pass(), asynchronous=True)
+                vm.set_stuck(not ok)
                 # Always give the lock up after a pass: the waiters need it.
                 if ok and vm.inflight.in_flight(IOKind.WRITE_ASYNC):
                     self._sleep(0.05)  # completions will free frames
@@ -290,7 +302,7 @@ class PageDaemon:
         """Wait on the daemon's own condition (``VM._wake_daemon`` wakes it), ``sleeping`` set."""
         self.sleeping = True
         try:
-            self._vm._daemon_cond.wait(timeout)
+            self._vm.daemon_cond.wait(timeout)
         finally:
             self.sleeping = False
 
@@ -298,8 +310,8 @@ class PageDaemon:
         thread = self._thread
         if thread is None:
             return
-        with self._vm._cond:
+        with self._vm.cond:
             self._stop = True
-            self._vm._daemon_cond.notify_all()
+            self._vm.daemon_cond.notify_all()
         thread.join()
         self._thread = None

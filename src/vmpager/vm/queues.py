@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from vmpager.errors import InvariantViolation
 from vmpager.vm.page import QUEUE_ACTIVE, QUEUE_INACTIVE, QUEUE_NONE, QUEUE_WIRED, Page
 
 __all__ = ["ACT_ADVANCE", "ACT_DECLINE", "ACT_INIT", "ACT_MAX", "PageQueues", "QueueStatistics"]
@@ -96,7 +97,13 @@ class PageQueues:
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(len(self.active), len(self.inactive), len(self.wired))
 
-    def check(self) -> list[str]:
+    def check(self) -> None:
+        """Raise ``InvariantViolation`` listing every broken invariant (``problems``)."""
+        found = self.problems()
+        if found:
+            raise InvariantViolation(found)
+
+    def problems(self) -> list[str]:
         problems: list[str] = []
         for name, queue, tag in (
             ("active", self.active, QUEUE_ACTIVE),

@@ -22,29 +22,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmpager.pager.swap import RESERVED_UNWRITTEN, RESERVED_WRITTEN
-from vmpager.vm.object import VMObject
+from vmpager.vm.object import RESERVED_UNWRITTEN, RESERVED_WRITTEN, ObjectKind, VMObject
 
 if TYPE_CHECKING:
-    from vmpager.vm.system import VM
+    from vmpager.vm.kernel import Kernel
 
 __all__ = ["check_chains", "clone", "release_backing"]
 
 
-def _wait_idle(vm: VM, obj: VMObject) -> None:
+def _wait_idle(vm: Kernel, obj: VMObject) -> None:
     """Wait until no page of ``obj`` is busy or being written."""
     while True:
         busy = next((p for p in obj.pages.values() if p.busy or p.writing), None)
         if busy is None:
             return
-        vm._wait_page(busy)
+        vm.wait_page(busy)
 
 
-def clone(vm: VM, obj: VMObject) -> VMObject:
+def clone(vm: Kernel, obj: VMObject) -> VMObject:
     """Return a copy-on-write snapshot of ``obj``. O(resident pages + swapped chunks)."""
     _wait_idle(vm, obj)
     frozen = VMObject(vm, 0, obj.npages, "anonymous")
-    vm._register_object(frozen)
+    vm.register_object(frozen)
     frozen.internal = True
     # Move the contents: pages and swap blocks now belong to the frozen object.
     frozen.pages = obj.pages
@@ -63,7 +62,7 @@ def clone(vm: VM, obj: VMObject) -> VMObject:
         obj.backing.shadows.remove(obj)
         obj.backing.shadows.append(frozen)
     copy = VMObject(vm, 0, obj.npages, "anonymous")
-    vm._register_object(copy)
+    vm.register_object(copy)
     for shadow in (obj, copy):
         shadow.backing = frozen
         shadow.backing_offset = 0
@@ -73,7 +72,7 @@ def clone(vm: VM, obj: VMObject) -> VMObject:
     return copy
 
 
-def release_backing(vm: VM, obj: VMObject) -> None:
+def release_backing(vm: Kernel, obj: VMObject) -> None:
     """``obj`` is closing: drop its reference on its backing object.
 
     A backing object with no reference left is freed; a frozen (internal)
@@ -87,12 +86,12 @@ def release_backing(vm: VM, obj: VMObject) -> None:
     backing.shadows.remove(obj)
     backing.refcount -= 1
     if backing.refcount == 0:
-        vm._destroy_object(backing)
+        vm.destroy_object(backing)
     elif backing.refcount == 1 and backing.internal:
         collapse(vm, backing.shadows[0])
 
 
-def collapse(vm: VM, shadow: VMObject) -> None:
+def collapse(vm: Kernel, shadow: VMObject) -> None:
     """Merge ``shadow``'s backing object (which has no other shadow) into ``shadow``."""
     backing = shadow.backing
     assert backing is not None and backing.refcount == 1 and backing.shadows == [shadow]
@@ -109,7 +108,7 @@ def collapse(vm: VM, shadow: VMObject) -> None:
     for pindex, page in list(backing.pages.items()):
         d = pindex - offset
         if not 0 <= d < npages or d in shadow.pages or pager.has_page(shadow, d):
-            vm._free_page(page)
+            vm.free_page(page)
         else:
             survivors.append(page)
     # 2. swap_pager_copy: the backing object's blocks move up where the shadow
@@ -149,15 +148,15 @@ def collapse(vm: VM, shadow: VMObject) -> None:
     backing.backing = None
     backing.shadows = []
     backing.refcount = 0
-    vm._destroy_object(backing)
+    vm.destroy_object(backing)
     vm.counters.collapses += 1
 
 
-def check_chains(vm: VM, objects: dict[int, VMObject]) -> list[str]:
+def check_chains(vm: Kernel, objects: dict[int, VMObject]) -> list[str]:
     """Invariants of the shadow chains."""
     problems: list[str] = []
     for obj in objects.values():
-        if obj.internal or obj.kind == "anonymous":
+        if obj.internal or obj.kind is ObjectKind.ANONYMOUS:
             refcount_ok = obj.refcount == (len(obj.shadows) if obj.internal else 1)
         else:  # a pager's object (vnode): its maps and its shadows
             refcount_ok = obj.refcount >= max(1, len(obj.shadows))
