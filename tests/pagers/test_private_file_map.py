@@ -145,6 +145,24 @@ def test_pages_past_a_truncated_end_read_zeros_in_a_private_map(tmp_path: Path) 
         vm.check()
 
 
+def test_a_file_grown_again_shows_through_pages_read_past_its_end(tmp_path: Path) -> None:
+    """Reading a private map past a shrunk file's end must not hide what the file gets later."""
+    path = tmp_path / "f"
+    make_file(path, 4 * PAGE)
+    vm, _ = small_vm(nframes=8)
+    with vm:
+        shared = vm.map_file(path, "r+")
+        priv = vm.map_file(path, "r", private=True)
+        shared.truncate(0)
+        assert priv.read(0, 3 * PAGE) == bytes(3 * PAGE)  # zero pages of the private map
+        shared.write(PAGE + 5, b"grown")
+        assert priv.read(PAGE + 5, 5) == b"grown"
+        assert priv.read(0, PAGE) == bytes(PAGE)
+        shared.truncate(3 * PAGE)
+        assert priv.read(2 * PAGE, PAGE) == bytes(PAGE)
+        vm.check()
+
+
 def test_clone_of_a_private_map(tmp_path: Path) -> None:
     path = tmp_path / "f"
     data = make_file(path, 4 * PAGE)

@@ -282,8 +282,29 @@ class VnodePager:
                 raise DeviceError(exc.errno or errno.EIO, obj.path, 0, "fstat") from exc
             if file_size < size_bytes:
                 self._ftruncate(obj, size_bytes)
+            self._forget_shadow_holes(obj, obj.npages, new_npages)
         obj.size_bytes = size_bytes
         obj.npages = new_npages
+
+    def _forget_shadow_holes(self, obj: VnodeObject, start: int, end: int) -> None:
+        """The file grows over pages ``[start, end)``: private maps see it.
+
+        A private map read past the end of a file that had shrunk got a clean
+        zero-filled page of its own (the file had nothing there). Now that the
+        file has data there, such a page would hide it: clean, idle pages of
+        private maps (shadows of ``obj``) in the range are freed, so their next
+        read comes from their swap copy if they have one, else from the file.
+        A clean page is one the page daemon may free at any time, so nothing is
+        lost. Cost: O(objects + resident pages of the shadows). Lock held.
+        """
+        vm = self._kernel
+        for shadow in list(vm.objects.values()):
+            if shadow.backing is not obj:
+                continue
+            lo, hi = start - shadow.backing_offset, end - shadow.backing_offset
+            for page in [p for i, p in shadow.pages.items() if lo <= i < hi]:
+                if not (page.dirty or page.busy or page.writing):
+                    vm.free_page(page)
 
     def _ftruncate(self, obj: VnodeObject, size_bytes: int) -> None:
         try:
