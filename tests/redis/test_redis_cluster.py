@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from vmpager.devices import _redis_wire
+from vmpager.devices.by_url import open_swap_url
 from vmpager.devices.faulty import FaultyDevice
 from vmpager.devices.redis_cluster import RedisClusterDevice
-from vmpager.devices.url import open_swap_url
 from vmpager.io.fanout import Fanout
 from vmpager.swap.space import SwapSpace
 from vmpager.testing.devices import CONFORMANCE_CHECKS, DeviceFactory

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from vmpager.devices.by_url import open_swap_url
 from vmpager.devices.redis import RedisDevice
-from vmpager.devices.url import open_swap_url
 from vmpager.errors import DeviceError, SwapExhausted
 from vmpager.io.fanout import Fanout
 from vmpager.testing.redis import RedisServer, free_port, make_tls_files

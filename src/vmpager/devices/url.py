@@ -1,4 +1,4 @@
-"""Swap devices named by URL: the one place a ``scheme://`` swap spec is parsed and opened.
+"""Swap devices named by URL: the one place a ``scheme://`` swap spec is parsed.
 
 Wherever swap is given (``VM(swap=[...])``, ``VM.swapon``, every ``--swap`` of
 the command line), a string with ``://`` is a URL:
@@ -16,8 +16,8 @@ reconnecting before it fails, default 3 for a server, 15 for a cluster, which
 covers a failover), ``prefix`` (key prefix; default a fresh random one),
 ``ca`` (a CA file for TLS). Anything else is refused.
 
-Parsing never touches the network; ``open_swap_url`` opens the device, which
-connects and checks the server(s) before returning.
+Parsing never touches the network; ``devices/by_url.py``'s ``open_swap_url``
+opens the device, which connects and checks the server(s) before returning.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from __future__ import annotations
 import urllib.parse
 from dataclasses import dataclass
 
-from vmpager.devices.protocol import BlockDevice
 from vmpager.units import check_int, parse_size
 
-__all__ = ["SwapURL", "is_swap_url", "open_swap_url", "parse_swap_url", "redact_url"]
+__all__ = ["SwapURL", "is_swap_url", "parse_swap_url", "redact_url"]
 
 SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
 PARAMETERS = ("size", "replicas", "timeout", "retry", "prefix", "ca")
@@ -193,37 +192,3 @@ def parse_swap_url(spec: str) -> SwapURL:
         prefix=prefix,
         ca=ca,
     )
-
-
-def open_swap_url(spec: str, block_size: int, *, replicas: int | None = None) -> BlockDevice:
-    """Open the swap device ``spec`` names, with ``size // block_size`` blocks.
-
-    ``replicas`` applies when the URL has no ``replicas`` parameter. The device
-    connects, authenticates and checks the server(s) (eviction policy,
-    replicas) before this returns: ``ValueError`` for a bad URL or an unsuitable
-    server, ``DeviceError`` naming the server when it cannot be reached or
-    refuses the credentials. Blocks for the connection set-up (at most about
-    ``timeout`` per server).
-    """
-    url = parse_swap_url(spec)
-    nblocks = url.size // block_size
-    if nblocks < 1:
-        raise ValueError(
-            f"swap URL {url.display}: size {url.size} is smaller than one block "
-            f"({block_size} bytes)"
-        )
-    if replicas is not None and url.replicas is None:
-        url = _with_replicas(url, check_int(replicas, "replicas", minimum=0, maximum=MAX_REPLICAS))
-    if url.cluster:
-        from vmpager.devices.redis_cluster import RedisClusterDevice
-
-        return RedisClusterDevice.from_url(url, nblocks, block_size)
-    from vmpager.devices.redis import RedisDevice
-
-    return RedisDevice.from_url(url, nblocks, block_size)
-
-
-def _with_replicas(url: SwapURL, replicas: int) -> SwapURL:
-    from dataclasses import replace
-
-    return replace(url, replicas=replicas)

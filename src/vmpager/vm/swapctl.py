@@ -14,9 +14,10 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
+from vmpager.devices.by_url import open_swap_url
 from vmpager.devices.file import FileDevice
 from vmpager.devices.protocol import BlockDevice
-from vmpager.devices.url import is_swap_url, open_swap_url
+from vmpager.devices.url import is_swap_url
 from vmpager.errors import SwapExhausted
 from vmpager.units import check_int, parse_size
 from vmpager.vm.fault import hold_page
