@@ -29,7 +29,7 @@ from vmpager.devices.url import redact_url
 from vmpager.errors import VmError
 from vmpager.units import format_size, parse_size
 from vmpager.vm.system import VM
-from vmpager.workload import PATTERNS, Workload
+from vmpager.workload import PATTERNS, Workload, pattern_report
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -125,31 +125,18 @@ def run_pattern(
         )
         bad = loop.verify(obj, workload, console.bar("verify", npages)) if verify else None
         vm.check()
-        faults = after.faults - before.faults
-        pageouts = after.pageouts - before.pageouts
-        pageout_pages = after.pageout_pages - before.pageout_pages
-        return {
-            "pattern": pattern,
-            "size_bytes": size,
-            "memory_bytes": memory,
-            "accesses": workload.naccesses,
-            "seconds": round(elapsed, 3),
-            "accesses_per_s": round(workload.naccesses / elapsed, 1),
-            "fill_seconds": round(fill_s, 3),
-            "faults": faults,
-            "miss_ratio": round(faults / workload.naccesses, 4),
-            "pageins": after.pageins - before.pageins,
-            "pages_in": after.pagein_pages - before.pagein_pages,
-            "pageouts": pageouts,
-            "pages_out": pageout_pages,
-            "mean_cluster_npages": round(pageout_pages / pageouts, 2) if pageouts else 0.0,
-            "readaround_pages": after.readaround_pages - before.readaround_pages,
-            "readaround_hits": after.readaround_hits - before.readaround_hits,
-            "swap_used_blocks_at_end": after.swap_used_blocks,
-            "verified_pages": npages if verify else 0,
-            "bad_pages": bad,
-            "tiers": _tier_report(vm),
-        }
+        report = pattern_report(
+            workload,
+            memory=memory,
+            elapsed=elapsed,
+            fill_s=fill_s,
+            before=before,
+            after=after,
+            verified=verify,
+            bad=bad,
+        )
+        report["tiers"] = _tier_report(vm)
+        return report
 
 
 def _run_workload(args: argparse.Namespace) -> tuple[str, int, int, int | None]:

@@ -36,13 +36,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Final, Literal, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
 
 from vmpager.errors import InvariantViolation
 from vmpager.units import check_int
+
+if TYPE_CHECKING:
+    from vmpager.vm.stats import VMStatistics
 
 __all__ = [
     "CONTENTS",
@@ -59,6 +62,7 @@ __all__ = [
     "access_checksum",
     "expected_word0",
     "index_sequence",
+    "pattern_report",
     "splitmix64_stream",
     "stream_draws",
     "zipf_cdf",
@@ -375,3 +379,45 @@ class Workload:
             problems.append(f"zipf with npages {self.npages} not a power of two")
         if problems:
             raise InvariantViolation(problems)
+
+
+def pattern_report(
+    workload: Workload,
+    *,
+    memory: int,
+    elapsed: float,
+    fill_s: float,
+    before: VMStatistics,
+    after: VMStatistics,
+    verified: bool,
+    bad: int | None,
+) -> dict[str, Any]:
+    """The report of one pattern's run from the statistics before and after its access phase.
+
+    One shape for ``vmpager run`` (calls or ``--mapped``), ``vmpager bench``
+    and the benchmarks; callers add their own fields.
+    """
+    faults = after.faults - before.faults
+    pageouts = after.pageouts - before.pageouts
+    pageout_pages = after.pageout_pages - before.pageout_pages
+    return {
+        "pattern": workload.pattern,
+        "size_bytes": workload.size_bytes,
+        "memory_bytes": memory,
+        "accesses": workload.naccesses,
+        "seconds": round(elapsed, 3),
+        "accesses_per_s": round(workload.naccesses / elapsed, 1),
+        "fill_seconds": round(fill_s, 3),
+        "faults": faults,
+        "miss_ratio": round(faults / workload.naccesses, 4),
+        "pageins": after.pageins - before.pageins,
+        "pages_in": after.pagein_pages - before.pagein_pages,
+        "pageouts": pageouts,
+        "pages_out": pageout_pages,
+        "mean_cluster_npages": round(pageout_pages / pageouts, 2) if pageouts else 0.0,
+        "readaround_pages": after.readaround_pages - before.readaround_pages,
+        "readaround_hits": after.readaround_hits - before.readaround_hits,
+        "swap_used_blocks_at_end": after.swap_used_blocks,
+        "verified_pages": workload.npages if verified else 0,
+        "bad_pages": bad,
+    }

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from vmpager.console import Bar
 from vmpager.vm.system import VM
-from vmpager.workload import Workload
+from vmpager.workload import Workload, pattern_report
 
 __all__ = ["FILL_CHUNK_NPAGES", "access", "batched_access", "fill", "run_pattern", "verify"]
 
@@ -129,27 +129,13 @@ def run_pattern(
         after = vm.statistics()
         bad = verify(obj, workload, bars("verify", npages)) if verify_pages else None
         vm.check()
-    faults = after.faults - before.faults
-    pageouts = after.pageouts - before.pageouts
-    pageout_pages = after.pageout_pages - before.pageout_pages
-    return {
-        "pattern": workload.pattern,
-        "size_bytes": size,
-        "memory_bytes": memory,
-        "accesses": workload.naccesses,
-        "seconds": round(elapsed, 3),
-        "accesses_per_s": round(workload.naccesses / elapsed, 1),
-        "fill_seconds": round(fill_s, 3),
-        "faults": faults,
-        "miss_ratio": round(faults / workload.naccesses, 4),
-        "pageins": after.pageins - before.pageins,
-        "pages_in": after.pagein_pages - before.pagein_pages,
-        "pageouts": pageouts,
-        "pages_out": pageout_pages,
-        "mean_cluster_npages": round(pageout_pages / pageouts, 2) if pageouts else 0.0,
-        "readaround_pages": after.readaround_pages - before.readaround_pages,
-        "readaround_hits": after.readaround_hits - before.readaround_hits,
-        "swap_used_blocks_at_end": after.swap_used_blocks,
-        "verified_pages": npages if verify_pages else 0,
-        "bad_pages": bad,
-    }
+    return pattern_report(
+        workload,
+        memory=memory,
+        elapsed=elapsed,
+        fill_s=fill_s,
+        before=before,
+        after=after,
+        verified=verify_pages,
+        bad=bad,
+    )

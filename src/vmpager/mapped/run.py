@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from vmpager.mapped.client import PagerProcess
-from vmpager.workload import Workload
+from vmpager.workload import Workload, pattern_report
 
 __all__ = ["run_mapped_pattern"]
 
@@ -83,33 +83,22 @@ def run_mapped_pattern(
                 bad += int(np.count_nonzero((a[first : first + count] != want).any(axis=1)))
         pager.check()
         del a, words
-        faults = after.faults - before.faults
-        pageouts = after.pageouts - before.pageouts
-        pageout_pages = after.pageout_pages - before.pageout_pages
         soft = info["soft_faults"] - info_before["soft_faults"]
-        return {
-            "pattern": pattern,
-            "mapped": True,
-            "size_bytes": size,
-            "memory_bytes": memory,
-            "accesses": workload.naccesses,
-            "seconds": round(elapsed, 3),
-            "accesses_per_s": round(workload.naccesses / elapsed, 1),
-            "fill_seconds": round(fill_s, 3),
-            "faults": faults,
-            "miss_ratio": round(faults / workload.naccesses, 4),
-            "soft_faults": soft,
-            "wp_faults": info["wp_faults"] - info_before["wp_faults"],
-            "client_faults": info["faults"] - info_before["faults"] + soft,
-            "ahead_pages": info["ahead_pages"] - info_before["ahead_pages"],
-            "pageins": after.pageins - before.pageins,
-            "pages_in": after.pagein_pages - before.pagein_pages,
-            "pageouts": pageouts,
-            "pages_out": pageout_pages,
-            "mean_cluster_npages": round(pageout_pages / pageouts, 2) if pageouts else 0.0,
-            "readaround_pages": after.readaround_pages - before.readaround_pages,
-            "readaround_hits": after.readaround_hits - before.readaround_hits,
-            "swap_used_blocks_at_end": after.swap_used_blocks,
-            "verified_pages": npages if verify else 0,
-            "bad_pages": bad,
-        }
+        report = pattern_report(
+            workload,
+            memory=memory,
+            elapsed=elapsed,
+            fill_s=fill_s,
+            before=before,
+            after=after,
+            verified=verify,
+            bad=bad,
+        )
+        report.update(
+            mapped=True,
+            soft_faults=soft,
+            wp_faults=info["wp_faults"] - info_before["wp_faults"],
+            client_faults=info["faults"] - info_before["faults"] + soft,
+            ahead_pages=info["ahead_pages"] - info_before["ahead_pages"],
+        )
+        return report
