@@ -431,7 +431,10 @@ class SwapSpace:
         errors: list[DeviceError | None] = [None] * len(requests)
         for device, indices, items in groups.values():
             many = getattr(device, "read_many", None)
-            results = many(items, run) if many is not None else _read_each(device, items, run)
+            if many is not None:
+                results = many(items, run)
+            else:
+                results = _read_blocks_each(device, items, run)
             for i, error in zip(indices, results, strict=True):
                 errors[i] = error
         return errors
@@ -441,24 +444,24 @@ class SwapSpace:
         requests: Sequence[tuple[int, Sequence[WritableBuffer]]],
         run: Callable[[Callable[[int], None], Sequence[int]], None],
     ) -> list[DeviceError | None]:
-        """``read_many`` through the tier: one tier read per request, several at once."""
+        """``read_many`` through the tier: one tier read per request, several at once.
+
+        The devices' own ``read_many`` (one pipeline per Redis node) is not
+        used: the tier checks and decrypts page by page after each read.
+        """
         tier = self._tier
         assert tier is not None
         targets = [self._io_target(blk, buffers) for blk, buffers in requests]
-        results: list[DeviceError | None] = [None] * len(requests)
 
-        def one(k: int) -> None:
+        def read(k: int) -> None:
             blk, buffers = requests[k]
             device, dblk = targets[k]
-            try:
-                tier.read(blk, device, dblk, buffers)
-            except DeviceError as error:
-                results[k] = error
-            except OSError as error:
-                results[k] = DeviceError(error.errno or errno.EIO, device.name, dblk, str(error))
+            tier.read(blk, device, dblk, buffers)
 
-        run(one, range(len(requests)))
-        return results
+        def where(k: int) -> tuple[str, int]:
+            return targets[k][0].name, targets[k][1]
+
+        return _read_each(read, where, len(requests), run)
 
     def write(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Write ``buffers`` to the run at global ``blk`` (one device request); see ``read``."""
@@ -1020,21 +1023,41 @@ def _runs_of_numbers(numbers: list[int]) -> list[tuple[int, int]]:
 
 
 def _read_each(
+    read: Callable[[int], None],
+    where: Callable[[int], tuple[str, int]],
+    count: int,
+    run: Callable[[Callable[[int], None], Sequence[int]], None],
+) -> list[DeviceError | None]:
+    """Requests ``0 .. count-1`` read one by one, several at once (``run``).
+
+    ``read(k)`` does request ``k``; ``where(k)`` is its ``(device name,
+    block)``, naming an ``OSError`` as a ``DeviceError``. Result ``k`` is None
+    or that request's ``DeviceError``.
+    """
+    results: list[DeviceError | None] = [None] * count
+
+    def one(k: int) -> None:
+        try:
+            read(k)
+        except DeviceError as error:
+            results[k] = error
+        except OSError as error:
+            name, blk = where(k)
+            results[k] = DeviceError(error.errno or errno.EIO, name, blk, str(error))
+
+    run(one, range(count))
+    return results
+
+
+def _read_blocks_each(
     device: BlockDevice,
     items: Sequence[tuple[int, Sequence[WritableBuffer]]],
     run: Callable[[Callable[[int], None], Sequence[int]], None],
 ) -> list[DeviceError | None]:
     """``read_many`` for a device without one: one ``read_blocks`` per request."""
-    results: list[DeviceError | None] = [None] * len(items)
-
-    def one(k: int) -> None:
-        blk, buffers = items[k]
-        try:
-            device.read_blocks(blk, buffers)
-        except DeviceError as error:
-            results[k] = error
-        except OSError as error:
-            results[k] = DeviceError(error.errno or errno.EIO, device.name, blk, str(error))
-
-    run(one, range(len(items)))
-    return results
+    return _read_each(
+        lambda k: device.read_blocks(*items[k]),
+        lambda k: (device.name, items[k][0]),
+        len(items),
+        run,
+    )
