@@ -36,7 +36,8 @@ STATES = ["absent", "clean", "dirty", "busy", "writing"]
 
 
 def make_pages(states: list[str]) -> tuple[Any, dict[int, Page]]:
-    obj: Any = SimpleNamespace(oid=1, pages={})
+    # A stand-in object: its kernel only counts dirty pages (Page.dirty).
+    obj: Any = SimpleNamespace(oid=1, pages={}, _kernel=SimpleNamespace(ndirty=0))
     for pindex, state in enumerate(states):
         if state == "absent":
             continue

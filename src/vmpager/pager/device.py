@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from vmpager.errors import InvariantViolation, ObjectClosed
+from vmpager.errors import InvariantViolation
 from vmpager.units import check_int
 from vmpager.vm.object import VMObject
 from vmpager.vm.pagerops import PagerResult
@@ -81,6 +81,9 @@ class DeviceObject(VMObject):
         """Size in bytes: the buffer's size."""
         return self.size_bytes
 
+    def describe(self) -> str:
+        return f"VM object {self.oid} (device)"
+
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
         mode = "rw" if self.writable else "ro"
@@ -95,8 +98,9 @@ class DeviceObject(VMObject):
         vm = self._kernel
         with vm.cond:
             view = self._view
-            if self.closed or view is None:
-                raise ObjectClosed(f"VM object {self.oid} (device) is closed")
+            self.check_open()
+            if view is None:
+                raise AssertionError(f"{self!r}: open without its memory")
             if offset < 0 or length < 0 or offset + length > self.size_bytes:
                 self._check_range(offset, length)
             self._users += 1
@@ -255,6 +259,9 @@ class DevicePager:
         """The fixed read-around window (sequential anonymous streams ramp up in the
         fault path, ``Kernel.fault_stream``)."""
         return default_npages
+
+    def batches_pageout(self, obj: VMObject) -> bool:
+        return False
 
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
         n = self._kernel.config.cluster_max_npages

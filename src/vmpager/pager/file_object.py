@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, cast
 
-from vmpager.errors import DeviceError, ObjectClosed
+from vmpager.errors import DeviceError
 from vmpager.units import check_int
 from vmpager.vm.object import VMObject
 from vmpager.vm.page import Page
@@ -66,6 +66,9 @@ class _FileMapping(VMObject):
     def size(self) -> int:
         """Size in bytes: the file's size, not rounded up to whole pages."""
         return self.size_bytes
+
+    def describe(self) -> str:
+        return f"VM object {self.oid} ({self.path})"
 
     def _refuse_write(self) -> None:
         if not self.writable:
@@ -131,8 +134,6 @@ class VnodeObject(_FileMapping):
     def _hold(self, pindex: int, write: bool, overwrite: bool) -> Page:
         """``hold_page`` that fails cleanly when the object shrank while it waited."""
         vm = self._kernel
-        if self.closed:
-            raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
         if pindex >= self.npages:
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
         page = vm.hold_page(self, pindex, write=write, overwrite=overwrite)
@@ -140,8 +141,7 @@ class VnodeObject(_FileMapping):
             # Truncated or closed while the fault path waited: the page it
             # made lies outside the object now; forget it.
             vm.free_page(page)
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
+            self.check_open()
             raise ValueError(f"{self.path}: truncated to {self.size_bytes} bytes during the access")
         if pindex == self.ra_trigger_pindex:
             self._pager.readahead_reached(self)
@@ -165,8 +165,7 @@ class VnodeObject(_FileMapping):
         pindex, off = divmod(offset, ps)
         if length > 0 and off + length <= ps:
             with vm.cond:
-                if self.closed:
-                    raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
+                # A closed object has no pages: the fault reaches the dead pager.
                 self._check_span(offset, length)
                 page = self.pages.get(pindex)
                 if page is None or page.busy or page.prefetched:
@@ -208,8 +207,7 @@ class VnodeObject(_FileMapping):
         vm = self._kernel
         length = view.nbytes
         with vm.cond:
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
+            self.check_open()
             if offset + length > self.size_bytes:
                 self._pager.resize(self, offset + length)
         # A concurrent truncate between the resize and the copy makes _hold
@@ -240,8 +238,7 @@ class VnodeObject(_FileMapping):
         """
         vm = self._kernel
         with vm.cond:
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
+            self.check_open()
             error = self._pager.flush(self)
             if error is None and durable:
                 fd = self.fd
@@ -263,8 +260,7 @@ class VnodeObject(_FileMapping):
         size = check_int(size, "size", maximum=MAX_FILE_BYTES)
         self._refuse_write()
         with self._kernel.cond:
-            if self.closed:
-                raise ObjectClosed(f"VM object {self.oid} ({self.path}) is closed")
+            self.check_open()
             self._pager.resize(self, size)
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vmpager.errors import DeviceError, ObjectClosed, SwapExhausted
+from vmpager.errors import DeviceError, SwapExhausted
 from vmpager.io.request import IOKind, IORequest
 from vmpager.swap.meta import SWAPBLK_NONE
 from vmpager.vm.object import NOT_RESERVED, RESERVED_UNWRITTEN, RESERVED_WRITTEN, checked_range
@@ -93,8 +93,7 @@ def strategy(
     if npages == 0:
         return
     with vm.cond:
-        if obj.closed:
-            raise ObjectClosed(f"VM object {obj.oid} is closed")
+        obj.check_open()
         fence = (first, first + npages)
         while any(s < fence[1] and fence[0] < e for s, e in obj.strategy_ranges):
             vm.cond.wait()

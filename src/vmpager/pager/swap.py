@@ -174,6 +174,10 @@ class SwapPager:
         fault path, ``Kernel.fault_stream``)."""
         return default_npages
 
+    def batches_pageout(self, obj: VMObject) -> bool:
+        # Reserved objects keep their blocks: they go through put_pages, page by cluster.
+        return obj.reserve_state is None
+
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
         # uao_cluster: the aligned window of one maximal transfer around pindex.
         n = self._vm.config.cluster_max_npages

@@ -399,6 +399,9 @@ class VnodePager:
             return 0, 0
         return 0, max(0, min(after_max, obj.npages - 1 - pindex))
 
+    def batches_pageout(self, obj: VMObject) -> bool:
+        return False  # a file's pages go back to the file, cluster by cluster
+
     def cluster_bounds(self, obj: VMObject, pindex: int) -> tuple[int, int]:
         # uvn_cluster: the aligned window of one maximal transfer around pindex.
         n = self._kernel.config.cluster_max_npages

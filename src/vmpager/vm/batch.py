@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from vmpager.errors import ObjectClosed
 from vmpager.swap.meta import SWAPBLK_NONE
 from vmpager.vm import registry
 from vmpager.vm.fault import hold_page
@@ -143,8 +142,8 @@ def _hold_chunk(
     counters = vm.counters
     fast_pagein = obj.kind is ObjectKind.ANONYMOUS and obj.backing is None
     while pending:
-        if obj.closed:
-            raise ObjectClosed(f"VM object {obj.oid} is closed")
+        # The fast page-in makes pages without asking the object's pager first.
+        obj.check_open()
         pages = obj.pages
         reserve = vm.read_reserve
         frames = vm.frames
@@ -160,8 +159,11 @@ def _hold_chunk(
                 slow.append(i)
             else:
                 if write and not page.dirty:
-                    if frames.free_nframes <= reserve:
-                        slow.append(i)  # _room_to_dirty decides, and may wait
+                    if (
+                        frames.free_nframes <= reserve
+                        and frames.nframes - vm.ndirty - 1 < reserve
+                    ):
+                        slow.append(i)  # room_to_dirty makes room, and may wait
                         continue
                     vm.make_dirty(obj, page)
                 page.referenced = True

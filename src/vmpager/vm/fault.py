@@ -87,8 +87,8 @@ def _fault_in(
                     source.referenced = True
                     return source
                 return _copy_up(vm, obj, pindex, source, overwrite)
-        pager = vm.pager_for(level)
-        if pager is not None and pager.has_page(level, index):
+        pager = level.pager
+        if pager.has_page(level, index):
             if write and overwrite and level is obj:
                 # The whole page is replaced: its swap copy is stale, skip the read.
                 page = _new_page(vm, obj, pindex, for_read=False)
@@ -179,8 +179,7 @@ def _page_in(vm: Kernel, obj: VMObject, pindex: int, *, for_read: bool = True) -
     ``for_read=False`` when the page will be written at once: its frame may
     not come from the read reserve.
     """
-    pager = vm.pager_for(obj)
-    assert pager is not None
+    pager = obj.pager
     page = _new_page(vm, obj, pindex, for_read=for_read)
     if page is None:
         return None

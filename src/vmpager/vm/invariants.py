@@ -37,6 +37,7 @@ def problems(kernel: Kernel) -> list[str]:
     # Frames: each is free or held by exactly one resident page.
     owner: dict[int, Page] = {}
     queued = 0
+    ndirty = 0
     for obj in kernel.objects.values():
         if obj.storage is not None:  # mapped objects: vm/storage.py
             found += obj.storage.check(obj)
@@ -51,6 +52,8 @@ def problems(kernel: Kernel) -> list[str]:
             owner[page.frame] = page
             if kernel.frames.is_free(page.frame):
                 found.append(f"{where}: its frame {page.frame} is on the free list")
+            if page.dirty:
+                ndirty += 1
             if page.writing and not page.dirty:
                 found.append(f"{where}: being written but clean")
             if page.queue == QUEUE_NONE and not page.busy:
@@ -62,6 +65,8 @@ def problems(kernel: Kernel) -> list[str]:
             f"frames: {len(owner)} resident + {kernel.frames.free_nframes} free "
             f"!= {kernel.frames.nframes}"
         )
+    if ndirty != kernel.ndirty:
+        found.append(f"dirty pages: {ndirty} resident but {kernel.ndirty} counted")
     nqueued = len(kernel.queues.active) + len(kernel.queues.inactive) + len(kernel.queues.wired)
     if nqueued != queued:
         found.append(f"queues hold {nqueued} pages but {queued} resident pages are queued")

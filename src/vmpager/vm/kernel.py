@@ -110,6 +110,10 @@ class Kernel:
         self.scan_owner: int | None = None
         self._read_error: DeviceError | None = None
         self.closed = False
+        #: Resident pages that are dirty (kept by ``Page.dirty``; ``free_page``
+        #: takes freed ones off): the write floor reads it on every write to a
+        #: clean page.
+        self.ndirty = 0
 
     def attach_pagers(self, swap: SwapPagerOps, vnode: CheckedPager, device: CheckedPager) -> None:
         """Register the three pagers (wiring, once, before any object exists)."""
@@ -157,8 +161,6 @@ class Kernel:
         pindex, off = divmod(offset, ps)
         if off + length <= ps:
             with self.cond:
-                if obj.closed:
-                    raise ObjectClosed(f"VM object {obj.oid} is closed")
                 page = obj.pages.get(pindex)
                 if page is None or page.busy or page.prefetched:
                     # hold_page also counts the use of a read-around page.
@@ -203,8 +205,7 @@ class Kernel:
         with self.cond:
             size = obj.size
             while pos < length:
-                if obj.closed:
-                    raise ObjectClosed(f"VM object {obj.oid} is closed")
+                # A closed object has no pages: the fault reaches the dead pager.
                 pindex, off = divmod(offset + pos, ps)
                 n = min(ps - off, length - pos)
                 valid = min(ps, size - pindex * ps)
@@ -277,17 +278,19 @@ class Kernel:
             if obj.closed:
                 return
             obj._before_close()
-            obj.closed = True
             self.destroy_object(obj)
             self.cond.notify_all()
 
     def destroy_object(self, obj: VMObject) -> None:
-        """Free everything ``obj`` holds and drop its reference on its backing object."""
-        obj.closed = True
+        """Free everything ``obj`` holds and drop its reference on its backing object.
+
+        The object gets the dead pager first (vm/deadpager.py): faults that
+        wait on its busy pages meanwhile find it closed when they look again.
+        """
+        pager = obj.pager
+        obj.mark_closed()
         self.drop_pages(obj, 0, obj.npages)
-        pager = self.pager_for(obj)
-        if pager is not None:
-            pager.dealloc(obj)
+        pager.dealloc(obj)
         obj.reserve_state = None
         self.objects.pop(obj.oid, None)
         shadow.release_backing(self, obj)
@@ -295,8 +298,7 @@ class Kernel:
     def clone(self, obj: VMObject) -> VMObject:
         with self.cond:
             self.check_open()
-            if obj.closed:
-                raise ObjectClosed(f"VM object {obj.oid} is closed")
+            obj.check_open()
             return self.clone_locked(obj)
 
     def clone_locked(self, obj: VMObject) -> VMObject:
@@ -306,8 +308,7 @@ class Kernel:
     def strategy(
         self, obj: VMObject, op: str, offset: int, buffer: memoryview | None, length: int
     ) -> None:
-        if obj.closed:
-            raise ObjectClosed(f"VM object {obj.oid} is closed")
+        obj.check_open()
         if obj.kind is not ObjectKind.ANONYMOUS:
             raise ValueError(f"strategy I/O is for swap-backed objects, not {obj.kind!r}")
         if obj.backing is not None:
@@ -352,11 +353,9 @@ class Kernel:
             level: VMObject | None = obj
             start = first
             while level is not None:
-                pager = self.pager_for(level)
-                if pager is not None:
-                    for i, has in enumerate(pager.has_pages(level, start, npages)):
-                        if has:
-                            result[i] = True
+                for i, has in enumerate(level.pager.has_pages(level, start, npages)):
+                    if has:
+                        result[i] = True
                 pages = level.pages
                 if len(pages) < npages:
                     for pindex in pages:
@@ -378,8 +377,9 @@ class Kernel:
         the whole page. Lock held; may release it while paging."""
         return hold_page(self, obj, pindex, write=write, overwrite=overwrite)
 
-    def pager_for(self, obj: VMObject) -> Pager | None:
-        return self.pagers.pager_for(obj)
+    def pager_for(self, obj: VMObject) -> Pager:
+        """``obj``'s pager: its kind's, or the dead pager once it is closed. O(1)."""
+        return obj.pager
 
     def in_daemon(self) -> bool:
         ident = threading.get_ident()
@@ -395,26 +395,23 @@ class Kernel:
         Page-ins may use the last ``read_reserve`` frames; that works only
         while those frames are free or hold clean (droppable) pages. A write
         to a clean resident page needs no frame, so it is checked here: when
-        free frames alone do not cover the reserve, dirty pages are counted
-        (O(resident), only then) and, if the reserve would hold dirt, the
-        pageout machinery runs as for a write that needs a frame (which may
-        release the lock) and the caller looks again; ``SwapExhausted`` when
-        nothing can be laundered.
+        free frames alone do not cover the reserve, the dirty pages (``ndirty``,
+        O(1)) are compared with the frames and, if the reserve would hold
+        dirt, the pageout machinery runs as for a write that needs a frame
+        (which may release the lock) and the caller looks again;
+        ``SwapExhausted`` when nothing can be laundered.
         """
         reserve = self.read_reserve
         if self.frames.free_nframes > reserve:
             return True
-        dirty = sum(1 for o in self.objects.values() for p in o.pages.values() if p.dirty)
-        if self.frames.nframes - dirty - 1 >= reserve:
+        if self.frames.nframes - self.ndirty - 1 >= reserve:
             return True
         self.wait_for_frame(for_read=False)
         return False
 
     def make_dirty(self, obj: VMObject, page: Page) -> None:
         page.dirty = True
-        pager = self.pager_for(obj)
-        if pager is not None:
-            pager.unswapped(obj, page.pindex)
+        obj.pager.unswapped(obj, page.pindex)
 
     def alloc_frame(self, *, for_read: bool) -> int | None:
         frames = self.frames
@@ -456,9 +453,7 @@ class Kernel:
 
     def readaround_npages(self, obj: VMObject, pindex: int) -> int:
         """The read-around window of a fault at ``pindex`` (its pager may ramp it up)."""
-        pager = self.pager_for(obj)
-        default = self.config.readaround_npages
-        return default if pager is None else pager.readaround_npages(obj, pindex, default)
+        return obj.pager.readaround_npages(obj, pindex, self.config.readaround_npages)
 
     def fault_stream(self, obj: VMObject, pindex: int) -> int:
         """Sequential fault detection on anonymous memory; the read-ahead window. Lock held.
@@ -609,6 +604,8 @@ class Kernel:
             obj.storage.freeing(page)
         if page.queue != QUEUE_NONE:
             self.queues.remove(page)
+        if page._dirty:
+            page.dirty = False  # out of the count: its data is dropped or elsewhere
         del obj.pages[page.pindex]
         self.frames.free(page.frame)
         if page.wanted:

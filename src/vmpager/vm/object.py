@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from vmpager.errors import ObjectClosed
 from vmpager.units import check_int
 from vmpager.vm import batch
+from vmpager.vm.deadpager import DEAD_PAGER
 from vmpager.vm.kind import ObjectKind
 
 if TYPE_CHECKING:
     from vmpager.devices.protocol import ReadableBuffer, WritableBuffer
     from vmpager.vm.kernel import Kernel
     from vmpager.vm.page import Page
+    from vmpager.vm.pagerops import Pager
     from vmpager.vm.storage import PageStorage
 
 __all__ = [
@@ -42,8 +43,7 @@ Int64Array = NDArray[np.int64]
 def checked_range(obj: VMObject, offset: int, length: int) -> tuple[int, int]:
     """``(offset, length)`` as ints inside ``obj``; ``ObjectClosed`` for a closed
     object, ``ValueError``/``TypeError`` naming the argument otherwise. O(1)."""
-    if obj.closed:
-        raise ObjectClosed(f"VM object {obj.oid} is closed")
+    obj.check_open()
     offset = check_int(offset, "offset", minimum=0, maximum=obj.size)
     length = check_int(length, "length", minimum=0, maximum=obj.size - offset)
     return offset, length
@@ -97,9 +97,31 @@ class VMObject:
         self.readahead_npages = 0
         #: Shared page storage (mapped objects; see vm/storage.py), else None.
         self.storage: PageStorage | None = None
-        self.closed = False
+        #: The pager of the object's kind while it is open, the dead pager
+        #: (vm/deadpager.py) once it is closed.
+        self.pager: Pager = kernel.pagers.pager_for(self)
 
     # -- properties -----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Has the object been closed (its pager is the dead pager)?"""
+        return self.pager is DEAD_PAGER
+
+    def mark_closed(self) -> None:
+        """Give the object the dead pager: from now on every access raises
+        ``ObjectClosed``. Lock held; the caller frees its pages and store."""
+        self.pager = DEAD_PAGER
+
+    def check_open(self) -> None:
+        """Raise ``ObjectClosed`` if the object is closed (for paths that change
+        state before they reach its pager). O(1)."""
+        if self.pager is DEAD_PAGER:
+            DEAD_PAGER.refuse(self)
+
+    def describe(self) -> str:
+        """The object in words, for errors ("VM object 3")."""
+        return f"VM object {self.oid}"
 
     @property
     def size(self) -> int:
@@ -152,8 +174,7 @@ class VMObject:
                     if pages.get(offset >> self._page_shift) is page and not page.busy:
                         page.referenced = True
                         return data
-        if self.closed:
-            raise ObjectClosed(f"VM object {self.oid} is closed")
+        # A closed object has no pages: the fault reaches the dead pager.
         return self._kernel.read(self, offset, length)
 
     def readinto(self, offset: int, buffer: WritableBuffer) -> int:
@@ -181,10 +202,16 @@ class VMObject:
                 with self._lock:
                     page = self.pages.get(offset >> self._page_shift)
                     if page is not None and not (page.busy or page.writing or page.prefetched):
-                        if not page.dirty:
+                        if not page._dirty:
                             vm = self._kernel
-                            if vm.frames.free_nframes <= vm.read_reserve:
-                                page = None  # the frames kept for page-ins: the slow path
+                            reserve = vm.read_reserve
+                            if (
+                                vm.frames.free_nframes <= reserve
+                                and vm.frames.nframes - vm.ndirty - 1 < reserve
+                            ):
+                                # The frames kept for page-ins would hold dirt
+                                # (Kernel.room_to_dirty): the slow path makes room.
+                                page = None
                             else:
                                 vm.make_dirty(self, page)  # its swap copy is stale now
                         if page is not None:
@@ -203,8 +230,7 @@ class VMObject:
 
     def _index_array(self, values: object, name: str, *, step: int, maximum: int) -> Int64Array:
         """``values`` as a 1-D int64 array of multiples of ``step`` in [0, maximum]."""
-        if self.closed:
-            raise ObjectClosed(f"VM object {self.oid} is closed")
+        self.check_open()
         array = np.asarray(values)
         if array.ndim == 1 and not len(array):
             return np.empty(0, dtype=np.int64)  # [] is float64 to numpy
@@ -308,8 +334,6 @@ class VMObject:
     def clone(self) -> VMObject:
         """A copy-on-write snapshot: from now on writes on either side are invisible
         to the other. Cheap: O(resident pages), no data is copied until written."""
-        if self.closed:
-            raise ObjectClosed(f"VM object {self.oid} is closed")
         return self._kernel.clone(self)
 
     def reserve(self, offset: int = 0, length: int | None = None) -> None:

@@ -6,7 +6,8 @@ Flags are plain attributes (cheaper than a bit set on the hot path):
   not valid yet. Everyone else waits.
 - ``writing``: a pageout is in flight (PG_SWAPINPROG on a write); the contents
   are valid and stable, so readers may copy them, writers wait.
-- ``dirty``: the frame differs from the backing store (or there is none).
+- ``dirty``: the frame differs from the backing store (or there is none); a
+  property that keeps the kernel's count of dirty pages (``Kernel.ndirty``).
 - ``referenced``: accessed since the page daemon last looked.
 - ``wanted``: a thread waits for ``busy``/``writing`` to clear.
 
@@ -32,9 +33,9 @@ class Page:
     """One resident page. Identity (obj, pindex, frame) is fixed for its life."""
 
     __slots__ = (
+        "_dirty",
         "act_count",
         "busy",
-        "dirty",
         "frame",
         "obj",
         "pindex",
@@ -51,13 +52,30 @@ class Page:
         self.frame = frame
         self.busy = True
         self.writing = False
-        self.dirty = False
+        self._dirty = False
         self.referenced = False
         self.wanted = False
         self.queue = QUEUE_NONE
         self.act_count = 0
         #: Read around a fault and not used yet (read-around hit accounting).
         self.prefetched = False
+
+    @property
+    def dirty(self) -> bool:
+        """The frame differs from the backing store (or there is none)."""
+        return self._dirty
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        # The kernel counts dirty pages (``Kernel.ndirty``): the write floor
+        # (``Kernel.room_to_dirty``) asks on every write to a clean page.
+        if value:
+            if not self._dirty:
+                self._dirty = True
+                self.obj._kernel.ndirty += 1
+        elif self._dirty:
+            self._dirty = False
+            self.obj._kernel.ndirty -= 1
 
     def __repr__(self) -> str:
         flags = "".join(

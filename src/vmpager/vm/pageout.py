@@ -103,7 +103,7 @@ class PageDaemon:
 
         # Dirty pages of anonymous objects, written together in pageout order.
         batch: list[Page] = []
-        swap_pager = vm.swap_pager if vm.config.pageout_batching else None
+        batching = vm.config.pageout_batching
 
         def short() -> bool:
             pending = self._pending_npages(asynchronous) + len(batch)
@@ -127,12 +127,9 @@ class PageDaemon:
                 result.freed += 1
                 continue
             obj = page.obj
-            pager = vm.pager_for(obj)
-            if pager is None:
-                queues.activate(page)
-                continue
+            pager = obj.pager
             inactive.move_to_end(page)
-            if pager is swap_pager and obj.reserve_state is None:
+            if batching and pager.batches_pageout(obj):
                 page.writing = True
                 batch.append(page)
                 if len(batch) >= max_npages:

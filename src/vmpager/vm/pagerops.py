@@ -88,6 +88,12 @@ class Pager(Protocol):
         """``[lo, hi)``: the page indices a pageout cluster around ``pindex`` may span."""
         ...
 
+    def batches_pageout(self, obj: VMObject) -> bool:
+        """May the page daemon write ``obj``'s dirty pages with the swap pager's
+        ``put_batch``, together with pages of other objects (True only for swap
+        pages with no reservation: their blocks are chosen at write time)? O(1)."""
+        ...
+
     def unswapped(self, obj: VMObject, pindex: int) -> None:
         """The resident page was modified: its store copy, if any, is stale."""
         ...

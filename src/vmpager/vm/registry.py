@@ -33,9 +33,12 @@ class PagerRegistry:
             raise ValueError(f"a pager for kind {kind!r} is registered already")
         self._pagers[kind] = pager
 
-    def pager_for(self, obj: VMObject) -> Pager | None:
-        """The pager of ``obj``'s kind; None for kinds with no backing store."""
-        return self._pagers.get(obj.kind)
+    def pager_for(self, obj: VMObject) -> Pager:
+        """The pager of ``obj``'s kind (objects keep theirs in ``VMObject.pager``)."""
+        pager = self._pagers.get(obj.kind)
+        if pager is None:
+            raise ValueError(f"no pager for objects of kind {obj.kind!r}: {self.kinds()}")
+        return pager
 
     def kinds(self) -> list[str]:
         return list(self._pagers)

@@ -358,9 +358,7 @@ class VM:
             s = self.kernel.swap_pager.space_statistics()
             q = self.queues
             resident = sum(len(o.pages) for o in self.kernel.objects.values())
-            dirty = sum(
-                1 for o in self.kernel.objects.values() for p in o.pages.values() if p.dirty
-            )
+            dirty = self.kernel.ndirty
             return VMStatistics(
                 page_size=self.page_size,
                 nframes=self.frames.nframes,
@@ -415,11 +413,10 @@ class VM:
         with self.kernel.cond:
             for obj in list(self.kernel.objects.values()):
                 obj._before_close()
-                obj.closed = True
+                pager = obj.pager
+                obj.mark_closed()
                 self.kernel.drop_pages(obj, 0, obj.npages, force=True)
-                pager = self.kernel.pager_for(obj)
-                if pager is not None:
-                    pager.dealloc(obj)
+                pager.dealloc(obj)
             self.kernel.objects.clear()
             self.kernel.closed = True
         self._swapctl.close_devices()
