@@ -159,10 +159,7 @@ def _hold_chunk(
                 slow.append(i)
             else:
                 if write and not page.dirty:
-                    if (
-                        frames.free_nframes <= reserve
-                        and frames.nframes - vm.ndirty - 1 < reserve
-                    ):
+                    if frames.free_nframes <= reserve and frames.nframes - vm.ndirty - 1 < reserve:
                         slow.append(i)  # room_to_dirty makes room, and may wait
                         continue
                     vm.make_dirty(obj, page)
