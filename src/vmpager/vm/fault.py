@@ -184,8 +184,9 @@ def _page_in(vm: Kernel, obj: VMObject, pindex: int, *, for_read: bool = True) -
     if page is None:
         return None
     run_pages: list[Page] = [page]
+    stream = vm.streams_faults(obj)
     try:
-        reqpage = _gather_readaround(vm, pager, obj, pindex, run_pages)
+        reqpage = _gather_readaround(vm, pager, obj, pindex, run_pages, stream)
         result = get_pages(pager, obj, run_pages, reqpage)
         if result is not PagerResult.OK and len(run_pages) > 1:
             # The read-around transfer failed as a whole (its other pages are
@@ -202,10 +203,10 @@ def _page_in(vm: Kernel, obj: VMObject, pindex: int, *, for_read: bool = True) -
                 vm.free_page(extra)
         raise
     if result is PagerResult.OK:
-        if vm.streams_faults(obj):
+        if stream:
             vm.fault_done(obj, run_pages[0].pindex, len(run_pages))
-        page.dirty = False
-        _finish_new(vm, page)
+        page.busy = False  # clean: get_pages filled it from the store
+        vm.queues.activate(page)
         vm.cond.notify_all()
         return page
     err = vm.take_read_error()
@@ -217,16 +218,18 @@ def _page_in(vm: Kernel, obj: VMObject, pindex: int, *, for_read: bool = True) -
 
 
 def _gather_readaround(
-    vm: Kernel, pager: Pager, obj: VMObject, pindex: int, run_pages: list[Page]
+    vm: Kernel, pager: Pager, obj: VMObject, pindex: int, run_pages: list[Page], stream: bool
 ) -> int:
     """Extend ``run_pages`` (holding the requested page) with read-around pages.
 
     Adds busy pages before and after ``pindex`` that the pager can read in
     the same transfer, are not resident, and can get a frame without
-    waiting. Returns the index of the requested page in the run.
+    waiting. ``stream``: the fault path detects sequential streams on
+    ``obj`` (``Kernel.streams_faults``). Returns the index of the requested
+    page in the run.
     """
     page = run_pages[0]
-    if vm.streams_faults(obj):
+    if stream:
         # Sequential faults read ahead, random ones read their page alone:
         # read-around there would mostly bring pages nobody uses.
         behind, ahead = 0, vm.fault_stream(obj, pindex)

@@ -46,21 +46,38 @@ class PagerRegistry:
 
 def _consecutive(pages: Sequence[Page]) -> bool:
     first = pages[0].pindex
-    return all(p.pindex == first + i for i, p in enumerate(pages))
+    return pages[-1].pindex == first + len(pages) - 1 and all(
+        p.pindex == first + i for i, p in enumerate(pages)
+    )
+
+
+_GET_RESULTS = frozenset((PagerResult.OK, PagerResult.ERROR, PagerResult.FAIL))
 
 
 def get_pages(pager: Pager, obj: VMObject, pages: Sequence[Page], reqpage: int) -> PagerResult:
-    """Call ``pager.get_pages`` with the contract checked on both sides."""
-    assert pages and 0 <= reqpage < len(pages), (len(pages), reqpage)
-    assert _consecutive(pages), "get_pages: page indices must be consecutive"
-    for p in pages:
-        assert p.obj is obj and p.busy and not p.writing and not p.dirty, p
-        assert obj.pages.get(p.pindex) is p, p
+    """Call ``pager.get_pages`` with the contract checked on both sides.
+
+    The page-in of every fault comes through here: the checks cost O(pages)
+    attribute reads, one pass before and one after.
+    """
+    npages = len(pages)
+    assert npages and 0 <= reqpage < npages, (npages, reqpage)
+    resident = obj.pages
+    if npages == 1:
+        p = pages[0]
+        assert p.obj is obj and p.busy and not p.writing and not p._dirty, p
+        assert resident.get(p.pindex) is p, p
+    else:
+        assert _consecutive(pages), "get_pages: page indices must be consecutive"
+        for p in pages:
+            assert p.obj is obj and p.busy and not p.writing and not p._dirty, p
+            assert resident.get(p.pindex) is p, p
     result = pager.get_pages(obj, pages, reqpage)
-    assert result in (PagerResult.OK, PagerResult.ERROR, PagerResult.FAIL), result
+    assert result in _GET_RESULTS, result
     req = pages[reqpage]
     assert req.busy, "get_pages must leave the requested page busy"
-    if result is PagerResult.OK:
+    assert result is not PagerResult.OK or not req._dirty, req
+    if result is PagerResult.OK and npages > 1:
         for i, p in enumerate(pages):
             assert i == reqpage or not p.busy, p
     return result
