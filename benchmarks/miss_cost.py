@@ -15,7 +15,11 @@ its memory budget. Per pattern (random, zipf), one process:
   each sample is charged to the innermost vmpager module on its stack,
   grouped into parts (fault path, swap pager, swap metadata, tiers, device,
   page daemon, queues, I/O engine, object calls, the benchmark's own loop),
-  and shown as µs per miss (samples / rate / misses).
+  and shown as µs per miss (samples / rate / misses) and as shares. py-spy
+  counts the GIL's last holder, so a thread blocked in ``preadv`` with no
+  other thread running still counts (``preadv_all`` in the top functions),
+  and on a loaded machine the µs stretch with the time a thread holding the
+  GIL waits for a CPU: compare the shares, or runs at the same load.
 
 The swap device is a private O_DIRECT file in the temporary directory
 (``--swap file``, as ``benchmarks/paging.py``) or RAM (``--swap ram``: no
@@ -159,11 +163,12 @@ def _parse_raw(text: str) -> tuple[collections.Counter[str], collections.Counter
     return parts, funcs, total
 
 
-def _hit_user_us(limit_mib: int) -> float:
-    """User CPU µs of one access of the loop (read + write of 8 bytes) to a resident page."""
+def _hit_user_us() -> float:
+    """User CPU µs of one access of the loop (read + write of 8 bytes) to a resident page
+    (64 MiB of pages in twice that memory, no swap); the best of three runs."""
     npages = 16384
     workload = Workload(npages, "random", accesses=300_000)
-    with VM(memory=f"{limit_mib}M", swap=[]) as vm:
+    with VM(memory=2 * npages * PAGE, swap=[]) as vm:
         obj = vm.allocate(npages * PAGE)
         loop.fill(obj, Workload(npages, "seq"), _bar())
         best = float("inf")
@@ -259,6 +264,9 @@ def _run(
             "rate_hz": rate,
             "interpreter_us_per_miss": round(total / rate * 1e6 / max(misses, 1), 2),
             "us_per_miss_by_part": per_miss,
+            "percent_by_part": {
+                part: round(100 * count / max(total, 1), 1) for part, count in parts.most_common()
+            },
             "top_functions_us_per_miss": {
                 f: round(c / rate * 1e6 / max(misses, 1), 2) for f, c in funcs.most_common(25)
             },
@@ -304,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler += ["--rate", str(args.rate)]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_before = os.getloadavg()
-    hit_us = _hit_user_us(args.limit_mib)
+    hit_us = _hit_user_us()
     runs = []
     for pattern in args.patterns.split(","):
         runs.append(_run(pattern, args.mib, args.limit_mib, args.accesses, args.swap, hit_us, None))
