@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from itertools import islice
 from typing import TYPE_CHECKING
 
 from vmpager.io.request import IOKind
@@ -43,9 +42,6 @@ __all__ = ["WRITE_ERROR_PASSES", "PageDaemon", "ScanResult"]
 #: for a transient fault to clear or for bad blocks to be left behind, few
 #: enough that a device failing every write ends in SwapExhausted, not a hang.
 WRITE_ERROR_PASSES = 3
-
-#: Active pages the aging takes from the queue's head at a time.
-_AGE_SLICE = 256
 
 
 @dataclass(slots=True)
@@ -109,16 +105,12 @@ class PageDaemon:
         batch: list[Page] = []
         batching = vm.config.pageout_batching
 
-        # Frames the writes in flight will free: it changes only when a write
-        # starts or completes, and completions need the lock, which only a
-        # launder below may give up: looked up again after each one.
-        in_flight_npages = self._pending_npages(asynchronous)
+        def short() -> bool:
+            pending = self._pending_npages(asynchronous) + len(batch)
+            return frames.free_nframes + pending < target_free
+
         budget = len(inactive)
-        while (
-            budget > 0
-            and inactive
-            and frames.free_nframes + in_flight_npages + len(batch) < target_free
-        ):
+        while budget > 0 and inactive and short():
             budget -= 1
             page = next(iter(inactive))
             if page.busy or page.writing:
@@ -143,7 +135,6 @@ class PageDaemon:
                 if len(batch) >= max_npages:
                     self._launder_batch(batch, asynchronous, result)
                     batch = []
-                    in_flight_npages = self._pending_npages(asynchronous)
                 continue
             outcome = pager_put(
                 pager,
@@ -153,7 +144,6 @@ class PageDaemon:
                 max_npages=max_npages,
                 active=vm.config.pageout_cluster_active,
             )
-            in_flight_npages = self._pending_npages(asynchronous)
             if outcome.result is PagerResult.PEND:
                 result.laundered_pages += outcome.cluster_npages
             elif outcome.result is PagerResult.OK:
@@ -188,54 +178,31 @@ class PageDaemon:
                     result.write_errors += 1
 
     def _age_active(self, result: ScanResult) -> None:
-        """Age the active queue from its head until the inactive queue reaches its target.
-
-        Each active page is looked at most once per pass, oldest first: a
-        referenced one gains activity and goes to the tail, an unreferenced one
-        loses activity and is deactivated at zero. The pages are taken from
-        the head in slices of ``_AGE_SLICE`` (a page looked at goes to the
-        tail or leaves, so the next slice starts at the next unseen page):
-        the same order as one page at a time, with the per-page look-up done
-        in C.
-        """
         vm = self._vm
         queues = vm.queues
         active = queues.active
-        inactive = queues.inactive
-        target = vm.inactive_target
         budget = len(active)
-        to_tail = active.move_to_end
-        deactivate = queues.deactivate
-        aged = deactivated = 0
-        while budget > 0 and len(inactive) < target:
-            pages = list(islice(active, min(budget, _AGE_SLICE)))
-            if not pages:
-                break
-            for page in pages:
-                if len(inactive) >= target:
-                    budget = 0
-                    break
-                budget -= 1
-                if page.busy or page.writing:
-                    to_tail(page)
-                elif page.referenced:
-                    page.referenced = False
-                    act = page.act_count + ACT_ADVANCE
-                    page.act_count = act if act < ACT_MAX else ACT_MAX
-                    to_tail(page)
-                    aged += 1
-                else:
-                    act = page.act_count - ACT_DECLINE
-                    if act <= 0:
-                        page.act_count = 0
-                        deactivate(page)
-                        deactivated += 1
-                    else:
-                        page.act_count = act
-                        to_tail(page)
-                        aged += 1
-        result.aged += aged
-        result.deactivated += deactivated
+        target = vm.inactive_target
+        while budget > 0 and active and len(queues.inactive) < target:
+            budget -= 1
+            page = next(iter(active))
+            if page.busy or page.writing:
+                active.move_to_end(page)
+                continue
+            if page.referenced:
+                page.referenced = False
+                page.act_count = min(page.act_count + ACT_ADVANCE, ACT_MAX)
+                active.move_to_end(page)
+                result.aged += 1
+                continue
+            page.act_count -= ACT_DECLINE
+            if page.act_count <= 0:
+                page.act_count = 0
+                queues.deactivate(page)
+                result.deactivated += 1
+            else:
+                active.move_to_end(page)
+                result.aged += 1
 
     def _pending_npages(self, asynchronous: bool) -> int:
         """Frames the asynchronous writes in flight will free on completion.
