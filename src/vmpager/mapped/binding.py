@@ -260,11 +260,19 @@ class SharedRegion:
             i = j
         fview = self.vm.frames.view
         buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
-        written = os.pwritev(self.memfd, buffers, first << shift)
-        if written != len(run) * ps:
-            raise OSError(f"short write to the memfd: {written} of {len(run) * ps} bytes")
+        for page in run:
+            page.busy = True  # the lockless read path waits until the frames are shared
+        try:
+            written = os.pwritev(self.memfd, buffers, first << shift)
+            if written != len(run) * ps:
+                raise OSError(f"short write to the memfd: {written} of {len(run) * ps} bytes")
+            for page in run:
+                frame_addr = self.arena + (page.frame << shift)
+                U.map_fixed(frame_addr, ps, self.memfd, page.pindex << shift)
+        finally:
+            for page in run:
+                page.busy = False
         for page, protected in zip(run, clean, strict=True):
-            U.map_fixed(self.arena + (page.frame << shift), ps, self.memfd, page.pindex << shift)
             self._bound(page, writable=not protected)
         self.counts["ahead_pages"] += len(run)
 
@@ -272,10 +280,18 @@ class SharedRegion:
         pindex = page.pindex
         offset = pindex << self._shift
         frame_addr = self.arena + (page.frame << self._shift)
-        if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
-            raise AssertionError(f"memfd page {pindex} exists but is not bound")
-        U.map_fixed(frame_addr, self.ps, self.memfd, offset)
+        # Busy from the copy until the frame is the memfd page: the VM's lockless
+        # read path must not read the old frame once the client can write the page.
+        # The faulting thread is woken last, when the frame is the shared page.
+        page.busy = True
+        try:
+            if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp, wake=False):
+                raise AssertionError(f"memfd page {pindex} exists but is not bound")
+            U.map_fixed(frame_addr, self.ps, self.memfd, offset)
+        finally:
+            page.busy = False
         self._bound(page, writable=not wp)
+        self.uffd.wake(self.base + offset, self.ps)
 
     def _bound(self, page: Page, *, writable: bool) -> None:
         pindex = page.pindex

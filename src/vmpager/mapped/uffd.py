@@ -328,10 +328,12 @@ class Userfaultfd:
     def unregister(self, start: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_UNREGISTER, struct.pack("QQ", start, length))
 
-    def copy(self, dst: int, src: int, length: int, *, wp: bool = False) -> bool:
+    def copy(self, dst: int, src: int, length: int, *, wp: bool = False, wake: bool = True) -> bool:
         """Fill ``[dst, dst + length)`` with a copy of ``src`` and wake the faulting
-        threads. False when a page is already there (EEXIST; the caller wakes)."""
-        buf = bytearray(struct.pack("QQQQq", dst, src, length, COPY_WP if wp else 0, 0))
+        threads (unless not ``wake``: then the caller wakes them). False when a
+        page is already there (EEXIST; the caller wakes)."""
+        mode = (COPY_WP if wp else 0) | (0 if wake else COPY_DONTWAKE)
+        buf = bytearray(struct.pack("QQQQq", dst, src, length, mode, 0))
         try:
             fcntl.ioctl(self.fd, UFFDIO_COPY, buf, True)
         except FileExistsError:
