@@ -113,15 +113,21 @@ class SharedRegion:
         self._protected = 0
         self._written = 0
         self._reads = 0
+        #: Bound pages whose frame is an alias of the memfd page (bound while a
+        #: pageout of them was reading the frame); the others' frames are empty.
+        self.aliased: set[int] = set()
         #: A flush of the file is writing its pages: faults wait (``fault``).
         self.flushing = False
+        #: Calls on the object in progress (the VM reads and writes frames, which
+        #: must hold the pages: ``detach`` first); faults wait meanwhile.
+        self.calls = 0
         self.closed = False
 
     # -- faults ------------------------------------------------------------
 
     def fault(self, fault: U.Fault) -> None:
         """Resolve one client fault in this region. VM lock held; may wait for I/O."""
-        while self.flushing:
+        while self.flushing or self.calls:
             self.vm.cond.wait()
         pindex = (fault.address - self.base) >> self._shift
         addr = self.base + (pindex << self._shift)
@@ -267,8 +273,7 @@ class SharedRegion:
             if written != len(run) * ps:
                 raise OSError(f"short write to the memfd: {written} of {len(run) * ps} bytes")
             for page in run:
-                frame_addr = self.arena + (page.frame << shift)
-                U.map_fixed(frame_addr, ps, self.memfd, page.pindex << shift)
+                self._give_frame(page)
         finally:
             for page in run:
                 page.busy = False
@@ -287,11 +292,25 @@ class SharedRegion:
         try:
             if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp, wake=False):
                 raise AssertionError(f"memfd page {pindex} exists but is not bound")
-            U.map_fixed(frame_addr, self.ps, self.memfd, offset)
+            self._give_frame(page)
         finally:
             page.busy = False
         self._bound(page, writable=not wp)
         self.uffd.wake(self.base + offset, self.ps)
+
+    def _give_frame(self, page: Page) -> None:
+        """The memfd page now holds the page's contents: free the frame's memory
+        (``MADV_DONTNEED``: the frame reads as zeros until ``_take_back``), so the
+        page is counted once against the budget. No mapping changes, so the frame
+        arena stays one mapping. A frame a pageout is reading (``page.writing``)
+        is aliased to the memfd page instead (``mmap MAP_FIXED``): the write must
+        see the contents."""
+        frame_addr = self.arena + (page.frame << self._shift)
+        if page.writing:
+            U.map_fixed(frame_addr, self.ps, self.memfd, page.pindex << self._shift)
+            self.aliased.add(page.pindex)
+        else:
+            U.madvise(frame_addr, self.ps, U.MADV_DONTNEED)
 
     def _bound(self, page: Page, *, writable: bool) -> None:
         pindex = page.pindex
@@ -320,8 +339,15 @@ class SharedRegion:
             except OSError:
                 pass  # the client unmapped the region or exited
             self.writable.discard(page.pindex)
-        ctypes.memmove(self.scratch, frame_addr, self.ps)
-        U.mremap_fixed(self.scratch, self.ps, frame_addr, keep=True)
+        if page.pindex in self.aliased:
+            ctypes.memmove(self.scratch, frame_addr, self.ps)
+            U.mremap_fixed(self.scratch, self.ps, frame_addr, keep=True)
+            self.aliased.discard(page.pindex)
+        else:
+            start = page.frame << self._shift
+            got = os.preadv(self.memfd, [self.vm.frames.view[start : start + self.ps]], offset)
+            if got != self.ps:
+                raise OSError(f"short read of the memfd: {got} of {self.ps} bytes")
         U.fallocate_punch(self.memfd, offset, self.ps)
         del self.bound[page.pindex]
         self.counts["unbinds"] += 1
@@ -331,7 +357,9 @@ class SharedRegion:
             return
         offset = page.pindex << self._shift
         U.fallocate_punch(self.memfd, offset, self.ps)
-        U.map_fixed(self.arena + (page.frame << self._shift), self.ps)
+        if page.pindex in self.aliased:
+            U.map_fixed(self.arena + (page.frame << self._shift), self.ps)
+            self.aliased.discard(page.pindex)
         del self.bound[page.pindex]
         self.writable.discard(page.pindex)
 
@@ -342,6 +370,8 @@ class SharedRegion:
                 problems.append(f"mapped page {obj.oid}:{pindex} is bound but not resident")
             elif page.queue != QUEUE_ACTIVE:
                 problems.append(f"mapped page {obj.oid}:{pindex} is bound but not active")
+        for pindex in self.aliased - self.bound.keys():
+            problems.append(f"mapped page {obj.oid}:{pindex} is aliased but not bound")
         if not self.closed:
             allocated = U.allocated_bytes(self.memfd)
             if allocated != len(self.bound) * self.ps:
@@ -352,6 +382,24 @@ class SharedRegion:
         return problems
 
     # -- end ------------------------------------------------------------
+
+    def detach(self, first: int, end: int) -> None:
+        """Deactivate the bound pages in ``[first, end)`` (their frames hold them again)
+        before a call reads or writes them through the VM. VM lock held."""
+        bound = self.bound
+        if end - first > len(bound):
+            pages = [page for p, page in bound.items() if first <= p < end]
+        else:
+            pages = [page for p in range(first, end) if (page := bound.get(p)) is not None]
+        for page in pages:
+            self.vm.queues.deactivate(page)
+
+    def detach_pages(self, pindices: list[int]) -> None:
+        """``detach`` for scattered pages."""
+        for p in pindices:
+            page = self.bound.get(p)
+            if page is not None:
+                self.vm.queues.deactivate(page)
 
     def unbind_all(self) -> None:
         """Deactivate every bound page (before a clone, an unmap). VM lock held."""
