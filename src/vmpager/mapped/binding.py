@@ -36,6 +36,7 @@ All methods run with the VM lock held.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -54,6 +55,8 @@ __all__ = ["SharedRegion", "bound_page_limit"]
 _AHEAD_MIN = 8
 _AHEAD_MAX = 128
 _NSTREAMS = 8
+#: Pages unbound together past the cap of bound pages.
+_UNBIND_BATCH = 64
 
 
 def bound_page_limit() -> int:
@@ -71,6 +74,10 @@ def _clean(page: Page) -> bool:
     pageout of it is in flight: its completion marks it clean, so a write that
     did not fault would be lost."""
     return not page.dirty or page.writing
+
+
+class _Held(Exception):
+    """A fault found the region held by a call or a flush when about to bind: retry."""
 
 
 class SharedRegion:
@@ -126,9 +133,26 @@ class SharedRegion:
     # -- faults ------------------------------------------------------------
 
     def fault(self, fault: U.Fault) -> None:
-        """Resolve one client fault in this region. VM lock held; may wait for I/O."""
-        while self.flushing or self.calls:
-            self.vm.cond.wait()
+        """Resolve one client fault in this region. VM lock held; may wait for I/O.
+
+        Faults wait while a call or a flush uses the object's frames; one that
+        began before (its page-in released the lock) and would bind a page
+        meanwhile starts again once they are done (``_Held``)."""
+        while True:
+            while self.held:
+                self.vm.cond.wait()
+            try:
+                self._fault(fault)
+            except _Held:
+                continue
+            return
+
+    @property
+    def held(self) -> bool:
+        """Is a call or a flush using the frames? Then no page may be bound."""
+        return self.flushing or self.calls > 0
+
+    def _fault(self, fault: U.Fault) -> None:
         pindex = (fault.address - self.base) >> self._shift
         addr = self.base + (pindex << self._shift)
         counts = self.counts
@@ -211,6 +235,12 @@ class SharedRegion:
             first, end = max(pindex - window, 0), pindex
             self._expect(first - 1, -1, window)
         vm = self.vm
+        behind = self.obj.readahead_npages
+        if direction > 0 and behind >= vm.config.readahead_max_npages:
+            # The VM gives up the pages a full-speed stream left a window behind
+            # (Kernel.fault_done), one by one as the window's pages come in: unbind
+            # them first, together.
+            self._unbind_range(max(first - behind - window - 1, 0), end - behind)
         held: list[Page] = []
         for q in range(first, end):
             if q in self.bound:
@@ -219,7 +249,10 @@ class SharedRegion:
                 break  # no frame to spare without waiting: stop here
             held.append(self._hold(q, write=write))
         # Holding may have released the lock (I/O): bind what is still there, idle
-        # and unbound, in runs of consecutive pages.
+        # and unbound, in runs of consecutive pages (none while a call or a flush
+        # uses the frames).
+        if self.held:
+            return
         pages = self.obj.pages
         run: list[Page] = []
         for page in held:
@@ -288,6 +321,8 @@ class SharedRegion:
         # Busy from the copy until the frame is the memfd page: the VM's lockless
         # read path must not read the old frame once the client can write the page.
         # The faulting thread is woken last, when the frame is the shared page.
+        if self.held:
+            raise _Held
         page.busy = True
         try:
             if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp, wake=False):
@@ -300,7 +335,7 @@ class SharedRegion:
 
     def _give_frame(self, page: Page) -> None:
         """The memfd page now holds the page's contents: free the frame's memory
-        (``MADV_DONTNEED``: the frame reads as zeros until ``_take_back``), so the
+        (``MADV_DONTNEED``: the frame reads as zeros until the page unbinds), so the
         page is counted once against the budget. No mapping changes, so the frame
         arena stays one mapping. A frame a pageout is reading (``page.writing``)
         is aliased to the memfd page instead (``mmap MAP_FIXED``): the write must
@@ -322,8 +357,73 @@ class SharedRegion:
         page.referenced = True
         self.vm.queues.activate(page)
         if len(self.bound) > self.limit:
-            oldest = next(iter(self.bound.values()))
-            self.vm.queues.deactivate(oldest)  # leaving_active unbinds it
+            # Past the cap (mappings to spare), the oldest go together.
+            self._unbind_oldest(_UNBIND_BATCH)
+
+    def _unbind_oldest(self, n: int) -> None:
+        """Unbind the ``n`` oldest bound pages together and deactivate them (the BSD
+        inactive queue: a touch soft-faults them back)."""
+        pages = sorted(itertools.islice(self.bound.values(), n), key=lambda page: page.pindex)
+        run: list[Page] = []
+        for page in pages:
+            if page.pindex in self.aliased:
+                self.leaving_active(page)  # rare: the mapping-changing path, alone
+                continue
+            if run and page.pindex != run[-1].pindex + 1:
+                self._unbind_run(run)
+                run = []
+            run.append(page)
+        if run:
+            self._unbind_run(run)
+        for page in pages:
+            self.vm.queues.deactivate(page)  # no longer bound: leaving_active returns
+
+    def _unbind_range(self, first: int, end: int) -> None:
+        """Unbind the bound pages of ``[first, end)`` together and put them at the head
+        of the inactive queue, unreferenced (what ``Kernel.fault_done`` does with
+        what a stream left behind)."""
+        bound = self.bound
+        pages = [page for p in range(first, end) if (page := bound.get(p)) is not None]
+        if not pages:
+            return
+        run: list[Page] = []
+        for page in pages:
+            if page.pindex in self.aliased or page.busy or page.writing:
+                continue
+            if run and page.pindex != run[-1].pindex + 1:
+                self._unbind_run(run)
+                run = []
+            run.append(page)
+        if run:
+            self._unbind_run(run)
+        noreuse = self.vm.queues.deactivate_noreuse
+        for page in reversed(pages):
+            if page.pindex not in bound:
+                page.referenced = False
+                noreuse(page)
+
+    def _unbind_run(self, run: list[Page]) -> None:
+        """Unbind consecutive pages (none aliased): protect them from client writes,
+        read the memfd pages back into their frames in one ``preadv``, punch them."""
+        shift = self._shift
+        offset = run[0].pindex << shift
+        length = len(run) << shift
+        writable = self.writable
+        if any(page.pindex in writable for page in run):
+            try:
+                self.uffd.writeprotect(self.base + offset, length, True)
+            except OSError:
+                pass  # the client unmapped the region or exited
+        fview = self.vm.frames.view
+        buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
+        got = os.preadv(self.memfd, buffers, offset)
+        if got != length:
+            raise OSError(f"short read of the memfd: {got} of {length} bytes")
+        U.fallocate_punch(self.memfd, offset, length)
+        for page in run:
+            del self.bound[page.pindex]
+            writable.discard(page.pindex)
+        self.counts["unbinds"] += len(run)
 
     # -- PageStorage ------------------------------------------------------------------
 
