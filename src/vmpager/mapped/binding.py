@@ -305,8 +305,7 @@ class SharedRegion:
             written = os.pwritev(self.memfd, buffers, first << shift)
             if written != len(run) * ps:
                 raise OSError(f"short write to the memfd: {written} of {len(run) * ps} bytes")
-            for page in run:
-                self._give_frame(page)
+            self._give_frames(run)
         finally:
             for page in run:
                 page.busy = False
@@ -346,6 +345,17 @@ class SharedRegion:
             self.aliased.add(page.pindex)
         else:
             U.madvise(frame_addr, self.ps, U.MADV_DONTNEED)
+
+    def _give_frames(self, run: list[Page]) -> None:
+        """``_give_frame`` for several pages: one system call for the emptied frames."""
+        shift = self._shift
+        empty = []
+        for page in run:
+            if page.writing:
+                self._give_frame(page)
+            else:
+                empty.append(self.arena + (page.frame << shift))
+        U.madvise_pages(empty, self.ps, U.MADV_DONTNEED)
 
     def _bound(self, page: Page, *, writable: bool) -> None:
         pindex = page.pindex
