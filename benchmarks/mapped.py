@@ -349,6 +349,38 @@ def fault_costs() -> dict[str, Any]:
     for i in range(reps):
         U.fallocate_punch(fd, i * PS, PS)
     libc_calls["fallocate_punch_us"] = (time.perf_counter() - t) / reps * 1e6
+    # The calls of the present binding (mapped/binding.py): the frame is emptied
+    # (MADV_DONTNEED, one call per page or one process_madvise per run) and filled
+    # back from the memfd with a pread; the memfd is written with pwritev per run.
+    U.map_fixed(arena, reps * PS)
+    ctypes.memset(arena, 1, reps * PS)
+    view = memoryview((ctypes.c_char * (reps * PS)).from_address(arena)).cast("B")
+    t = time.perf_counter()
+    for i in range(reps):
+        os.pwrite(fd, view[i * PS : (i + 1) * PS], i * PS)
+    libc_calls["pwrite_page_us"] = (time.perf_counter() - t) / reps * 1e6
+    t = time.perf_counter()
+    for i in range(reps):
+        U.madvise(arena + i * PS, PS, U.MADV_DONTNEED)
+    libc_calls["madvise_dontneed_us"] = (time.perf_counter() - t) / reps * 1e6
+    t = time.perf_counter()
+    for i in range(reps):
+        os.preadv(fd, [view[i * PS : (i + 1) * PS]], i * PS)
+    libc_calls["pread_back_us"] = (time.perf_counter() - t) / reps * 1e6
+    t = time.perf_counter()
+    U.madvise_pages([arena + i * PS for i in range(0, reps, 2)], PS, U.MADV_DONTNEED)
+    libc_calls["process_madvise_dontneed_per_page_us"] = (
+        (time.perf_counter() - t) / len(range(0, reps, 2)) * 1e6
+    )
+    t = time.perf_counter()
+    for i in range(0, reps, 64):
+        os.preadv(fd, [view[j * PS : (j + 1) * PS] for j in range(i, min(i + 64, reps))], i * PS)
+    libc_calls["preadv_64_pages_per_page_us"] = (time.perf_counter() - t) / reps * 1e6
+    t = time.perf_counter()
+    for i in range(0, reps, 64):
+        U.fallocate_punch(fd, i * PS, min(64, reps - i) * PS)
+    libc_calls["punch_64_pages_per_page_us"] = (time.perf_counter() - t) / reps * 1e6
+    del view
     os.close(fd)
     U.munmap(arena, reps * PS)
     U.munmap(scratch, PS)

@@ -55,6 +55,9 @@ __all__ = ["SharedRegion", "bound_page_limit"]
 _AHEAD_MIN = 8
 _AHEAD_MAX = 128
 _NSTREAMS = 8
+#: In the read-as-write mode, one read fault in this many is still mapped
+#: write-protected (a probe: each costs a second fault when the page is written).
+_PROBE_EVERY = 32
 #: Pages unbound together past the cap of bound pages.
 _UNBIND_BATCH = 64
 
@@ -183,10 +186,10 @@ class SharedRegion:
             # then a write-protect fault. When most read-mapped pages are written
             # soon after, take the read as a write (the page is dirty at once,
             # its swap copy freed): one fault instead of two.
-            # In that mode one read fault in 8 is still mapped protected: a probe
+            # In that mode one read fault in 32 is still mapped protected: a probe
             # that keeps the estimate current.
             self._reads += 1
-            write = likely and self._reads % 8 != 0
+            write = likely and self._reads % _PROBE_EVERY != 0
             if write:
                 counts["early_dirty"] += 1
             else:
