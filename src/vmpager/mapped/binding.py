@@ -376,20 +376,7 @@ class SharedRegion:
     def _unbind_oldest(self, n: int) -> None:
         """Unbind the ``n`` oldest bound pages together and deactivate them (the BSD
         inactive queue: a touch soft-faults them back)."""
-        pages = sorted(itertools.islice(self.bound.values(), n), key=lambda page: page.pindex)
-        run: list[Page] = []
-        for page in pages:
-            if page.pindex in self.aliased:
-                self.leaving_active(page)  # rare: the mapping-changing path, alone
-                continue
-            if run and page.pindex != run[-1].pindex + 1:
-                self._unbind_run(run)
-                run = []
-            run.append(page)
-        if run:
-            self._unbind_run(run)
-        for page in pages:
-            self.vm.queues.deactivate(page)  # no longer bound: leaving_active returns
+        self._unbind_pages(list(itertools.islice(self.bound.values(), n)))
 
     def _unbind_range(self, first: int, end: int) -> None:
         """Unbind the bound pages of ``[first, end)`` together and put them at the head
@@ -397,23 +384,35 @@ class SharedRegion:
         what a stream left behind)."""
         bound = self.bound
         pages = [page for p in range(first, end) if (page := bound.get(p)) is not None]
+        self._unbind_pages(pages, noreuse=True)
+
+    def _unbind_pages(self, pages: list[Page], *, noreuse: bool = False) -> None:
+        """Unbind bound ``pages`` in runs of consecutive pages (one protect, one read,
+        one punch each), then take them off the active queue: to the inactive
+        queue's tail, or with ``noreuse`` its head, unreferenced. Aliased pages
+        take the single-page path."""
         if not pages:
             return
+        pages.sort(key=lambda page: page.pindex)
         run: list[Page] = []
         for page in pages:
-            if page.pindex in self.aliased or page.busy or page.writing:
-                continue
+            if page.pindex in self.aliased:
+                continue  # rare: leaving_active unbinds it alone, below
             if run and page.pindex != run[-1].pindex + 1:
                 self._unbind_run(run)
                 run = []
             run.append(page)
         if run:
             self._unbind_run(run)
-        noreuse = self.vm.queues.deactivate_noreuse
-        for page in reversed(pages):
-            if page.pindex not in bound:
+        queues = self.vm.queues
+        if noreuse:
+            # Highest first: each goes to the head, so the head ends in ascending order.
+            for page in reversed(pages):
                 page.referenced = False
-                noreuse(page)
+                queues.deactivate_noreuse(page)
+        else:
+            for page in pages:
+                queues.deactivate(page)
 
     def _unbind_run(self, run: list[Page]) -> None:
         """Unbind consecutive pages (none aliased): protect them from client writes,
@@ -497,27 +496,25 @@ class SharedRegion:
     # -- end ------------------------------------------------------------
 
     def detach(self, first: int, end: int) -> None:
-        """Deactivate the bound pages in ``[first, end)`` (their frames hold them again)
-        before a call reads or writes them through the VM. VM lock held."""
+        """Unbind the bound pages in ``[first, end)`` (their frames hold them again)
+        and deactivate them, before a call reads or writes them through the VM.
+        VM lock held."""
         bound = self.bound
         if end - first > len(bound):
             pages = [page for p, page in bound.items() if first <= p < end]
         else:
             pages = [page for p in range(first, end) if (page := bound.get(p)) is not None]
-        for page in pages:
-            self.vm.queues.deactivate(page)
+        self._unbind_pages(pages)
 
     def detach_pages(self, pindices: list[int]) -> None:
         """``detach`` for scattered pages."""
-        for p in pindices:
-            page = self.bound.get(p)
-            if page is not None:
-                self.vm.queues.deactivate(page)
+        bound = self.bound
+        self._unbind_pages([page for p in pindices if (page := bound.get(p)) is not None])
 
     def unbind_all(self) -> None:
-        """Deactivate every bound page (before a clone, an unmap). VM lock held."""
-        for page in list(self.bound.values()):
-            self.vm.queues.deactivate(page)
+        """Unbind and deactivate every bound page (before a clone, an unmap, a flush).
+        VM lock held."""
+        self._unbind_pages(list(self.bound.values()))
 
     def close(self) -> None:
         """The client unmapped the region: detach every page, forget the memfd."""
