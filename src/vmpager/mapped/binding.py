@@ -320,20 +320,20 @@ class SharedRegion:
         pindex = page.pindex
         offset = pindex << self._shift
         frame_addr = self.arena + (page.frame << self._shift)
-        # Busy from the copy until the frame is the memfd page: the VM's lockless
-        # read path must not read the old frame once the client can write the page.
-        # The faulting thread is woken last, when the frame is the shared page.
+        # The copy wakes the faulting thread at once: what it then writes is in the
+        # memfd page, and a call that reads the page takes the VM lock (to detach
+        # it) after this fault is done. Busy meanwhile, for the VM's lockless read
+        # path all the same.
         if self.held:
             raise _Held
         page.busy = True
         try:
-            if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp, wake=False):
+            if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
                 raise AssertionError(f"memfd page {pindex} exists but is not bound")
             self._give_frame(page)
         finally:
             page.busy = False
         self._bound(page, writable=not wp)
-        self.uffd.wake(self.base + offset, self.ps)
 
     def _give_frame(self, page: Page) -> None:
         """The memfd page now holds the page's contents: free the frame's memory
