@@ -207,6 +207,8 @@ def madvise_pages(addrs: list[int], length: int, advice: int) -> None:
     pid = os.getpid()
     if _self_pid != pid:  # first use, or a fork() child
         _self_pid = pid
+        if _self_pidfd >= 0:
+            os.close(_self_pidfd)  # the parent's, inherited
         try:
             _self_pidfd = os.pidfd_open(pid) if _NR_PROCESS_MADVISE is not None else -1
         except OSError:
