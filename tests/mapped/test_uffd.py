@@ -172,4 +172,5 @@ def test_madvise_pages_empties_exactly_the_pages_given(
         del view, firsts
     finally:
         U.munmap(base, n * PS)
-        monkeypatch.setattr(U, "_self_pid", 0)  # the next call opens its pidfd again
+        monkeypatch.undo()
+        U._self_pid = 0  # the next call opens its pidfd again
