@@ -17,6 +17,11 @@ Measured in one run, side by side (A B A B for the repetitions):
 4. The cost of one fault, by kind (measured from the faulting process), and
    the system calls the pager makes for one, timed alone.
 
+``--baseline-src DIR`` adds ``vmpager-mapped-before``: the same mapped runs
+(standard workload and whole-array operations) with the package at ``DIR``
+(an earlier tree, e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
+interleaved with the others, for before/after comparisons in one run.
+
 Needs root for the kernel parts (skipped otherwise, and when swap is already
 on); every swap file and cgroup it makes is removed (kswap.py). Usage::
 
@@ -100,9 +105,14 @@ def standard(args: argparse.Namespace, kernel: bool, swap: Any, binary: Path | N
     for rep in range(args.reps):
         for pattern in args.patterns.split(","):
             accesses = None if pattern == "seq" else args.accesses
-            for system in ("vmpager-mapped", "vmpager", "kernel"):
+            systems = ["vmpager-mapped", "vmpager", "kernel"]
+            if args.baseline_src:
+                systems.insert(1, "vmpager-mapped-before")
+            for system in systems:
                 load = _loadavg()
-                if system == "kernel":
+                if system == "vmpager-mapped-before":
+                    row = _baseline_pattern(args, pattern, size, memory, accesses)
+                elif system == "kernel":
                     if not kernel:
                         continue
                     r = kswap.run_kernel(
@@ -142,6 +152,29 @@ def standard(args: argparse.Namespace, kernel: bool, swap: Any, binary: Path | N
                 )
                 runs.append(row)
     return runs
+
+
+_BASELINE_PATTERN = """
+import io, json, sys
+from vmpager.mapped.run import run_mapped_pattern
+pattern, size, memory, accesses = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+row = run_mapped_pattern(pattern, size=size, memory=memory, swap=None,
+    accesses=None if accesses == "-" else int(accesses), verify=True, err=io.StringIO())
+print(json.dumps(row, default=str))
+"""
+
+
+def _baseline_pattern(
+    args: argparse.Namespace, pattern: str, size: int, memory: int, accesses: int | None
+) -> dict[str, Any]:
+    """``run_mapped_pattern`` of the package at ``--baseline-src``, in a process of its own."""
+    env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve()))
+    argv = [sys.executable, "-c", _BASELINE_PATTERN, pattern, str(size), str(memory)]
+    argv.append("-" if accesses is None else str(accesses))
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=7200, check=True)
+    row: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["verified"] = row["bad_pages"] == 0
+    return row
 
 
 # ---- 2. resident speed ---------------------------------------------------------------------
@@ -228,19 +261,30 @@ def whole_array(args: argparse.Namespace, kernel: bool) -> list[dict[str, Any]]:
     limit = args.op_limit_mib
     for op, mib in (("sum", args.sum_mib), ("sort", args.sort_mib)):
         n = mib * MIB // 8
-        for system in ("vmpager-mapped", "kernel"):
+        systems = ["vmpager-mapped", "kernel"]
+        if args.baseline_src:
+            systems.insert(1, "vmpager-mapped-before")
+        for system in systems:
             if system == "kernel" and not kernel:
                 continue
             load = _loadavg()
             argv = [sys.executable, "-c", _OP_PROGRAM, str(n), op, str(int(system != "kernel"))]
             argv.append(f"{limit}M")
+            run_env = env
+            if system == "vmpager-mapped-before":
+                run_env = dict(env, PYTHONPATH=str(Path(args.baseline_src).resolve()))
             with contextlib.ExitStack() as stack:
                 preexec = None
                 if system == "kernel":
                     cgroup = stack.enter_context(kswap.MemoryCgroup(limit))
                     preexec = cgroup.preexec
                 proc = subprocess.run(
-                    argv, capture_output=True, text=True, env=env, preexec_fn=preexec, timeout=3600
+                    argv,
+                    capture_output=True,
+                    text=True,
+                    env=run_env,
+                    preexec_fn=preexec,
+                    timeout=3600,
                 )
             if proc.returncode != 0:
                 rows.append({"system": system, "op": op, "error": proc.stderr[-2000:]})
@@ -305,6 +349,38 @@ def fault_costs() -> dict[str, Any]:
     for i in range(reps):
         U.fallocate_punch(fd, i * PS, PS)
     libc_calls["fallocate_punch_us"] = (time.perf_counter() - t) / reps * 1e6
+    # The calls of the present binding (mapped/binding.py): the frame is emptied
+    # (MADV_DONTNEED, one call per page or one process_madvise per run) and filled
+    # back from the memfd with a pread; the memfd is written with pwritev per run.
+    U.map_fixed(arena, reps * PS)
+    ctypes.memset(arena, 1, reps * PS)
+    view = memoryview((ctypes.c_char * (reps * PS)).from_address(arena)).cast("B")
+    t = time.perf_counter()
+    for i in range(reps):
+        os.pwrite(fd, view[i * PS : (i + 1) * PS], i * PS)
+    libc_calls["pwrite_page_us"] = (time.perf_counter() - t) / reps * 1e6
+    t = time.perf_counter()
+    for i in range(reps):
+        U.madvise(arena + i * PS, PS, U.MADV_DONTNEED)
+    libc_calls["madvise_dontneed_us"] = (time.perf_counter() - t) / reps * 1e6
+    t = time.perf_counter()
+    for i in range(reps):
+        os.preadv(fd, [view[i * PS : (i + 1) * PS]], i * PS)
+    libc_calls["pread_back_us"] = (time.perf_counter() - t) / reps * 1e6
+    t = time.perf_counter()
+    U.madvise_pages([arena + i * PS for i in range(0, reps, 2)], PS, U.MADV_DONTNEED)
+    libc_calls["process_madvise_dontneed_per_page_us"] = (
+        (time.perf_counter() - t) / len(range(0, reps, 2)) * 1e6
+    )
+    t = time.perf_counter()
+    for i in range(0, reps, 64):
+        os.preadv(fd, [view[j * PS : (j + 1) * PS] for j in range(i, min(i + 64, reps))], i * PS)
+    libc_calls["preadv_64_pages_per_page_us"] = (time.perf_counter() - t) / reps * 1e6
+    t = time.perf_counter()
+    for i in range(0, reps, 64):
+        U.fallocate_punch(fd, i * PS, min(64, reps - i) * PS)
+    libc_calls["punch_64_pages_per_page_us"] = (time.perf_counter() - t) / reps * 1e6
+    del view
     os.close(fd)
     U.munmap(arena, reps * PS)
     U.munmap(scratch, PS)
@@ -326,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="standard,resident,ops,faults")
     parser.add_argument("--kernel", choices=("auto", "no"), default="auto")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--baseline-src", default=None)
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     why = kernel_available() if args.kernel == "auto" else "disabled"
@@ -358,11 +435,15 @@ def main(argv: list[str] | None = None) -> int:
                         for r in runs
                         if r["system"] == s and r["pattern"] == pattern
                     )
-                    for s in ("vmpager-mapped", "vmpager", "kernel")
+                    for s in ("vmpager-mapped", "vmpager-mapped-before", "vmpager", "kernel")
                     if any(r["system"] == s and r["pattern"] == pattern for r in runs)
                 }
                 if "kernel" in rate:
                     rate["mapped_over_kernel"] = round(rate["vmpager-mapped"] / rate["kernel"], 3)
+                    if "vmpager-mapped-before" in rate:
+                        rate["before_over_kernel"] = round(
+                            rate["vmpager-mapped-before"] / rate["kernel"], 3
+                        )
                 rate["mapped_over_calls"] = round(rate["vmpager-mapped"] / rate["vmpager"], 3)
                 summary[pattern] = rate
             report["standard_summary"] = summary

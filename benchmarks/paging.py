@@ -10,7 +10,7 @@ pageout throughput and hit-path measurements on unless ``--no-disk`` /
 Usage (from the repository root)::
 
     python benchmarks/paging.py [--mib 512] [--limit-mib 128] [--reps 3]
-        [--patterns seq,random,zipf] [--variants loop,batch] [--kernel auto|yes|no]
+        [--patterns seq,random,zipf] [--variants loop,batch,mapped] [--kernel auto|yes|no]
         [--page-size 4096] [--device file|ram] [--config key=value ...]
         [--output benchmarks/results/paging.json] [--plot benchmarks/results/paging.png]
 
@@ -46,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=512, help="object / region size, MiB")
     parser.add_argument("--limit-mib", type=int, default=128, help="memory budget, MiB")
     parser.add_argument("--patterns", default="seq,random,zipf")
-    parser.add_argument("--variants", default="loop", help="loop and/or batch (comma-separated)")
+    parser.add_argument(
+        "--variants",
+        default="loop",
+        help="some of loop, batch and mapped (a mapped numpy array), comma-separated",
+    )
     parser.add_argument("--batch", type=int, default=4096, help="accesses per batched call")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--kernel", choices=("auto", "yes", "no"), default="auto")

@@ -177,3 +177,19 @@ def test_bound_page_cap_keeps_the_rest_inactive() -> None:
         assert info["soft_faults"] > 0  # pages came back from the inactive queue
         assert pager.statistics().pagein_pages == 0  # ... without any I/O
         pager.check()
+
+
+def test_a_write_through_the_array_is_seen_by_the_next_call(pager: PagerProcess) -> None:
+    # The pager's call path reads frames without the VM lock: the faulting thread
+    # must not run on before its page's frame is the shared page (once failed 9
+    # times in 20 on a page faulted after a soft fault).
+    for _ in range(20):
+        obj = pager.allocate(16 * PS)
+        obj.write(3 * PS + 5, b"hello")
+        view = obj.map()
+        assert bytes(view[3 * PS + 5 : 3 * PS + 10]) == b"hello"  # a soft fault
+        a = np.frombuffer(view, np.uint8)
+        a[100] = 7  # a new page, zero-filled
+        assert obj.read(100, 1) == b"\x07"
+        del a, view
+        obj.close()

@@ -149,3 +149,28 @@ def test_fds_cross_a_socket() -> None:
         os.close(f)
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_madvise_pages_empties_exactly_the_pages_given(
+    batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not batched:  # a kernel without process_madvise: one madvise each
+        monkeypatch.setattr(U, "_NR_PROCESS_MADVISE", None)
+        monkeypatch.setattr(U, "_self_pid", 0)
+    n = 2100  # more than one process_madvise call (1024 ranges each)
+    base = U.reserve(n * PS)
+    try:
+        ctypes.memset(base, 7, n * PS)
+        chosen = [p for p in range(n) if p % 3 != 1]
+        U.madvise_pages([base + p * PS for p in chosen], PS, U.MADV_DONTNEED)
+        view = np.frombuffer((ctypes.c_char * (n * PS)).from_address(base), np.uint8)
+        firsts = view.reshape(n, PS)[:, 0]
+        want = np.full(n, 7, np.uint8)
+        want[chosen] = 0
+        assert np.array_equal(firsts, want)
+        del view, firsts
+    finally:
+        U.munmap(base, n * PS)
+        monkeypatch.undo()
+        U._self_pid = 0  # the next call opens its pidfd again

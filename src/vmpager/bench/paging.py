@@ -10,6 +10,11 @@ alternating who goes first, this runs
 * ``vmpager-batch`` (variant ``batch``): the same accesses through the
   batched calls ``obj.read_words`` / ``obj.write_words``, ``batch`` accesses
   per call pair;
+* ``vmpager-mapped`` (variant ``mapped``): the workload as plain numpy
+  indexing on a mapped array (``vm.array``; ``a[w] = a[w] + 1`` per access,
+  the page faults served by the VM's pager process through userfaultfd,
+  ``vmpager run --mapped``), with its own private swap file; needs
+  userfaultfd (Linux, root or ``vm.unprivileged_userfaultfd=1``);
 * ``kernel``: ``kworkload.c`` (shipped with the package, compiled on the
   spot) in a memory cgroup limited to the same memory, swapping to a swap
   file of its own on the same disk (``vmpager.bench.kernel``), when running
@@ -131,8 +136,10 @@ class BenchOptions:
                 raise ValueError(f"patterns: {pattern!r} is not one of {', '.join(PATTERNS)}")
         if not self.patterns:
             raise ValueError("patterns: give at least one of seq, random, zipf")
-        if not self.variants or not set(self.variants) <= {"loop", "batch"}:
-            raise ValueError(f"variants must be loop and/or batch, got {','.join(self.variants)}")
+        if not self.variants or not set(self.variants) <= {"loop", "batch", "mapped"}:
+            raise ValueError(
+                f"variants must be some of loop, batch, mapped, got {','.join(self.variants)}"
+            )
         if self.kernel not in ("auto", "yes", "no"):
             raise ValueError(f"kernel must be auto, yes or no, got {self.kernel!r}")
         if self.device not in ("file", "ram"):
@@ -475,6 +482,60 @@ def run_vmpager(
     return result
 
 
+def run_vmpager_mapped(
+    pattern: str, mib: int, limit_mib: int, *, page_size: int, accesses: int | None
+) -> dict[str, Any]:
+    """The ``mapped`` variant: ``vmpager run --mapped`` (a mapped numpy array indexed
+    by plain numpy code); the measurements of one run, in ``run_vmpager``'s fields."""
+    from vmpager.mapped.run import run_mapped_pattern
+
+    disk = _disk_of(tempfile.gettempdir())
+    disk_before = _diskstats(disk)
+    loadavg_before = _loadavg()
+    row = run_mapped_pattern(
+        pattern,
+        size=mib * MIB,
+        memory=limit_mib * MIB,
+        swap=None,
+        accesses=accesses,
+        verify=True,
+        page_size=page_size,
+    )
+    disk_after = _diskstats(disk)  # fill and verification included
+    if row["bad_pages"]:
+        raise BenchError(
+            f"vmpager-mapped {pattern}: {row['bad_pages']} pages do not hold what they should"
+        )
+    keys = (
+        "accesses",
+        "accesses_per_s",
+        "faults",
+        "miss_ratio",
+        "pageins",
+        "pages_in",
+        "pageouts",
+        "pages_out",
+        "mean_cluster_npages",
+        "readaround_pages",
+        "readaround_hits",
+        "soft_faults",
+        "wp_faults",
+        "client_faults",
+        "ahead_pages",
+        "verified_pages",
+    )
+    result: dict[str, Any] = {"system": "vmpager-mapped", "pattern": pattern}
+    result.update({key: row[key] for key in keys if key in row})
+    result.update(
+        access_s=row["seconds"],
+        fill_s=row["fill_seconds"],
+        disk_with_fill_and_verify=_disk_delta(disk, disk_before, disk_after),
+        loadavg_before=loadavg_before,
+        loadavg_after=_loadavg(),
+    )
+    return result
+
+
 def _disk_delta(
     disk: str | None, before: tuple[int, int, int, int], after: tuple[int, int, int, int]
 ) -> dict[str, Any]:
@@ -754,7 +815,11 @@ def run_bench(
                 for pattern in options.patterns:
                     jobs = [("vmpager", v) for v in options.variants]
                     if use_kernel:
-                        kjobs = [("kernel", v) for v in options.variants]
+                        # The kernel's counterpart of the mapped variant is its plain run.
+                        kvariants = dict.fromkeys(
+                            "loop" if v == "mapped" else v for v in options.variants
+                        )
+                        kjobs = [("kernel", v) for v in kvariants]
                         # Alternate who goes first, so drift in the load hits both alike.
                         jobs = [*kjobs, *jobs] if rep % 2 == 0 else [*jobs, *kjobs]
                     for system, variant in jobs:
@@ -768,6 +833,14 @@ def run_bench(
                                 binary=binary,
                                 accesses=options.accesses,
                                 willneed=options.batch if variant == "batch" else 0,
+                            )
+                        elif variant == "mapped":
+                            run = run_vmpager_mapped(
+                                pattern,
+                                options.mib,
+                                options.limit_mib,
+                                page_size=page_size,
+                                accesses=options.accesses,
                             )
                         else:
                             run = run_vmpager(
@@ -791,7 +864,7 @@ def run_bench(
                             f"rep {rep} {pattern:>6} {run['system']:<13} "
                             f"{run['accesses_per_s']:>10,.0f} accesses/s  "
                             f"miss {run['miss_ratio']:.3f}  "
-                            f"pages in {run['pages_in']:,} out {run['pages_out']:,}"
+                            f"pages in {run.get('pages_in', 0):,} out {run.get('pages_out', 0):,}"
                         )
     except kernel.KernelBenchError as exc:
         raise BenchError(
@@ -811,7 +884,11 @@ def ratio_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The table of a report: accesses/s medians per system and the ratios, per pattern."""
     summary = report["summary"]
     medians = summary["medians"]
-    systems = [s for s in ("vmpager", "vmpager-batch", "kernel", "kernel-batch") if s in medians]
+    systems = [
+        s
+        for s in ("vmpager", "vmpager-batch", "vmpager-mapped", "kernel", "kernel-batch")
+        if s in medians
+    ]
     header = ["pattern", *(f"{s} acc/s" for s in systems)]
     ratio_columns: list[tuple[str, str, str]] = []
     for key, reference in (

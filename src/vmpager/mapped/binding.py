@@ -36,6 +36,7 @@ All methods run with the VM lock held.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -54,6 +55,11 @@ __all__ = ["SharedRegion", "bound_page_limit"]
 _AHEAD_MIN = 8
 _AHEAD_MAX = 128
 _NSTREAMS = 8
+#: In the read-as-write mode, one read fault in this many is still mapped
+#: write-protected (a probe: each costs a second fault when the page is written).
+_PROBE_EVERY = 32
+#: Pages unbound together past the cap of bound pages.
+_UNBIND_BATCH = 64
 
 
 def bound_page_limit() -> int:
@@ -71,6 +77,10 @@ def _clean(page: Page) -> bool:
     pageout of it is in flight: its completion marks it clean, so a write that
     did not fault would be lost."""
     return not page.dirty or page.writing
+
+
+class _Held(Exception):
+    """A fault found the region held by a call or a flush when about to bind: retry."""
 
 
 class SharedRegion:
@@ -113,16 +123,39 @@ class SharedRegion:
         self._protected = 0
         self._written = 0
         self._reads = 0
+        #: Bound pages whose frame is an alias of the memfd page (bound while a
+        #: pageout of them was reading the frame); the others' frames are empty.
+        self.aliased: set[int] = set()
         #: A flush of the file is writing its pages: faults wait (``fault``).
         self.flushing = False
+        #: Calls on the object in progress (the VM reads and writes frames, which
+        #: must hold the pages: ``detach`` first); faults wait meanwhile.
+        self.calls = 0
         self.closed = False
 
     # -- faults ------------------------------------------------------------
 
     def fault(self, fault: U.Fault) -> None:
-        """Resolve one client fault in this region. VM lock held; may wait for I/O."""
-        while self.flushing:
-            self.vm.cond.wait()
+        """Resolve one client fault in this region. VM lock held; may wait for I/O.
+
+        Faults wait while a call or a flush uses the object's frames; one that
+        began before (its page-in released the lock) and would bind a page
+        meanwhile starts again once they are done (``_Held``)."""
+        while True:
+            while self.held:
+                self.vm.cond.wait()
+            try:
+                self._fault(fault)
+            except _Held:
+                continue
+            return
+
+    @property
+    def held(self) -> bool:
+        """Is a call or a flush using the frames? Then no page may be bound."""
+        return self.flushing or self.calls > 0
+
+    def _fault(self, fault: U.Fault) -> None:
         pindex = (fault.address - self.base) >> self._shift
         addr = self.base + (pindex << self._shift)
         counts = self.counts
@@ -153,10 +186,10 @@ class SharedRegion:
             # then a write-protect fault. When most read-mapped pages are written
             # soon after, take the read as a write (the page is dirty at once,
             # its swap copy freed): one fault instead of two.
-            # In that mode one read fault in 8 is still mapped protected: a probe
+            # In that mode one read fault in 32 is still mapped protected: a probe
             # that keeps the estimate current.
             self._reads += 1
-            write = likely and self._reads % 8 != 0
+            write = likely and self._reads % _PROBE_EVERY != 0
             if write:
                 counts["early_dirty"] += 1
             else:
@@ -205,6 +238,12 @@ class SharedRegion:
             first, end = max(pindex - window, 0), pindex
             self._expect(first - 1, -1, window)
         vm = self.vm
+        behind = self.obj.readahead_npages
+        if direction > 0 and behind >= vm.config.readahead_max_npages:
+            # The VM gives up the pages a full-speed stream left a window behind
+            # (Kernel.fault_done), one by one as the window's pages come in: unbind
+            # them first, together.
+            self._unbind_range(max(first - behind - window - 1, 0), end - behind)
         held: list[Page] = []
         for q in range(first, end):
             if q in self.bound:
@@ -213,7 +252,10 @@ class SharedRegion:
                 break  # no frame to spare without waiting: stop here
             held.append(self._hold(q, write=write))
         # Holding may have released the lock (I/O): bind what is still there, idle
-        # and unbound, in runs of consecutive pages.
+        # and unbound, in runs of consecutive pages (none while a call or a flush
+        # uses the frames).
+        if self.held:
+            return
         pages = self.obj.pages
         run: list[Page] = []
         for page in held:
@@ -260,11 +302,17 @@ class SharedRegion:
             i = j
         fview = self.vm.frames.view
         buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
-        written = os.pwritev(self.memfd, buffers, first << shift)
-        if written != len(run) * ps:
-            raise OSError(f"short write to the memfd: {written} of {len(run) * ps} bytes")
+        for page in run:
+            page.busy = True  # the lockless read path waits until the frames are shared
+        try:
+            written = os.pwritev(self.memfd, buffers, first << shift)
+            if written != len(run) * ps:
+                raise OSError(f"short write to the memfd: {written} of {len(run) * ps} bytes")
+            self._give_frames(run)
+        finally:
+            for page in run:
+                page.busy = False
         for page, protected in zip(run, clean, strict=True):
-            U.map_fixed(self.arena + (page.frame << shift), ps, self.memfd, page.pindex << shift)
             self._bound(page, writable=not protected)
         self.counts["ahead_pages"] += len(run)
 
@@ -272,10 +320,45 @@ class SharedRegion:
         pindex = page.pindex
         offset = pindex << self._shift
         frame_addr = self.arena + (page.frame << self._shift)
-        if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
-            raise AssertionError(f"memfd page {pindex} exists but is not bound")
-        U.map_fixed(frame_addr, self.ps, self.memfd, offset)
+        # The copy wakes the faulting thread at once: what it then writes is in the
+        # memfd page, and a call that reads the page takes the VM lock (to detach
+        # it) after this fault is done. Busy meanwhile, for the VM's lockless read
+        # path all the same.
+        if self.held:
+            raise _Held
+        page.busy = True
+        try:
+            if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
+                raise AssertionError(f"memfd page {pindex} exists but is not bound")
+            self._give_frame(page)
+        finally:
+            page.busy = False
         self._bound(page, writable=not wp)
+
+    def _give_frame(self, page: Page) -> None:
+        """The memfd page now holds the page's contents: free the frame's memory
+        (``MADV_DONTNEED``: the frame reads as zeros until the page unbinds), so the
+        page is counted once against the budget. No mapping changes, so the frame
+        arena stays one mapping. A frame a pageout is reading (``page.writing``)
+        is aliased to the memfd page instead (``mmap MAP_FIXED``): the write must
+        see the contents."""
+        frame_addr = self.arena + (page.frame << self._shift)
+        if page.writing:
+            U.map_fixed(frame_addr, self.ps, self.memfd, page.pindex << self._shift)
+            self.aliased.add(page.pindex)
+        else:
+            U.madvise(frame_addr, self.ps, U.MADV_DONTNEED)
+
+    def _give_frames(self, run: list[Page]) -> None:
+        """``_give_frame`` for several pages: one system call for the emptied frames."""
+        shift = self._shift
+        empty = []
+        for page in run:
+            if page.writing:
+                self._give_frame(page)
+            else:
+                empty.append(self.arena + (page.frame << shift))
+        U.madvise_pages(empty, self.ps, U.MADV_DONTNEED)
 
     def _bound(self, page: Page, *, writable: bool) -> None:
         pindex = page.pindex
@@ -287,8 +370,72 @@ class SharedRegion:
         page.referenced = True
         self.vm.queues.activate(page)
         if len(self.bound) > self.limit:
-            oldest = next(iter(self.bound.values()))
-            self.vm.queues.deactivate(oldest)  # leaving_active unbinds it
+            # Past the cap (mappings to spare), the oldest go together.
+            self._unbind_oldest(_UNBIND_BATCH)
+
+    def _unbind_oldest(self, n: int) -> None:
+        """Unbind the ``n`` oldest bound pages together and deactivate them (the BSD
+        inactive queue: a touch soft-faults them back)."""
+        self._unbind_pages(list(itertools.islice(self.bound.values(), n)))
+
+    def _unbind_range(self, first: int, end: int) -> None:
+        """Unbind the bound pages of ``[first, end)`` together and put them at the head
+        of the inactive queue, unreferenced (what ``Kernel.fault_done`` does with
+        what a stream left behind)."""
+        bound = self.bound
+        pages = [page for p in range(first, end) if (page := bound.get(p)) is not None]
+        self._unbind_pages(pages, noreuse=True)
+
+    def _unbind_pages(self, pages: list[Page], *, noreuse: bool = False) -> None:
+        """Unbind bound ``pages`` in runs of consecutive pages (one protect, one read,
+        one punch each), then take them off the active queue: to the inactive
+        queue's tail, or with ``noreuse`` its head, unreferenced. Aliased pages
+        take the single-page path."""
+        if not pages:
+            return
+        pages.sort(key=lambda page: page.pindex)
+        run: list[Page] = []
+        for page in pages:
+            if page.pindex in self.aliased:
+                continue  # rare: leaving_active unbinds it alone, below
+            if run and page.pindex != run[-1].pindex + 1:
+                self._unbind_run(run)
+                run = []
+            run.append(page)
+        if run:
+            self._unbind_run(run)
+        queues = self.vm.queues
+        if noreuse:
+            # Highest first: each goes to the head, so the head ends in ascending order.
+            for page in reversed(pages):
+                page.referenced = False
+                queues.deactivate_noreuse(page)
+        else:
+            for page in pages:
+                queues.deactivate(page)
+
+    def _unbind_run(self, run: list[Page]) -> None:
+        """Unbind consecutive pages (none aliased): protect them from client writes,
+        read the memfd pages back into their frames in one ``preadv``, punch them."""
+        shift = self._shift
+        offset = run[0].pindex << shift
+        length = len(run) << shift
+        writable = self.writable
+        if any(page.pindex in writable for page in run):
+            try:
+                self.uffd.writeprotect(self.base + offset, length, True)
+            except OSError:
+                pass  # the client unmapped the region or exited
+        fview = self.vm.frames.view
+        buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
+        got = os.preadv(self.memfd, buffers, offset)
+        if got != length:
+            raise OSError(f"short read of the memfd: {got} of {length} bytes")
+        U.fallocate_punch(self.memfd, offset, length)
+        for page in run:
+            del self.bound[page.pindex]
+            writable.discard(page.pindex)
+        self.counts["unbinds"] += len(run)
 
     # -- PageStorage ------------------------------------------------------------------
 
@@ -304,8 +451,15 @@ class SharedRegion:
             except OSError:
                 pass  # the client unmapped the region or exited
             self.writable.discard(page.pindex)
-        ctypes.memmove(self.scratch, frame_addr, self.ps)
-        U.mremap_fixed(self.scratch, self.ps, frame_addr, keep=True)
+        if page.pindex in self.aliased:
+            ctypes.memmove(self.scratch, frame_addr, self.ps)
+            U.mremap_fixed(self.scratch, self.ps, frame_addr, keep=True)
+            self.aliased.discard(page.pindex)
+        else:
+            start = page.frame << self._shift
+            got = os.preadv(self.memfd, [self.vm.frames.view[start : start + self.ps]], offset)
+            if got != self.ps:
+                raise OSError(f"short read of the memfd: {got} of {self.ps} bytes")
         U.fallocate_punch(self.memfd, offset, self.ps)
         del self.bound[page.pindex]
         self.counts["unbinds"] += 1
@@ -315,7 +469,9 @@ class SharedRegion:
             return
         offset = page.pindex << self._shift
         U.fallocate_punch(self.memfd, offset, self.ps)
-        U.map_fixed(self.arena + (page.frame << self._shift), self.ps)
+        if page.pindex in self.aliased:
+            U.map_fixed(self.arena + (page.frame << self._shift), self.ps)
+            self.aliased.discard(page.pindex)
         del self.bound[page.pindex]
         self.writable.discard(page.pindex)
 
@@ -326,6 +482,8 @@ class SharedRegion:
                 problems.append(f"mapped page {obj.oid}:{pindex} is bound but not resident")
             elif page.queue != QUEUE_ACTIVE:
                 problems.append(f"mapped page {obj.oid}:{pindex} is bound but not active")
+        for pindex in self.aliased - self.bound.keys():
+            problems.append(f"mapped page {obj.oid}:{pindex} is aliased but not bound")
         if not self.closed:
             allocated = U.allocated_bytes(self.memfd)
             if allocated != len(self.bound) * self.ps:
@@ -337,10 +495,26 @@ class SharedRegion:
 
     # -- end ------------------------------------------------------------
 
+    def detach(self, first: int, end: int) -> None:
+        """Unbind the bound pages in ``[first, end)`` (their frames hold them again)
+        and deactivate them, before a call reads or writes them through the VM.
+        VM lock held."""
+        bound = self.bound
+        if end - first > len(bound):
+            pages = [page for p, page in bound.items() if first <= p < end]
+        else:
+            pages = [page for p in range(first, end) if (page := bound.get(p)) is not None]
+        self._unbind_pages(pages)
+
+    def detach_pages(self, pindices: list[int]) -> None:
+        """``detach`` for scattered pages."""
+        bound = self.bound
+        self._unbind_pages([page for p in pindices if (page := bound.get(p)) is not None])
+
     def unbind_all(self) -> None:
-        """Deactivate every bound page (before a clone, an unmap). VM lock held."""
-        for page in list(self.bound.values()):
-            self.vm.queues.deactivate(page)
+        """Unbind and deactivate every bound page (before a clone, an unmap, a flush).
+        VM lock held."""
+        self._unbind_pages(list(self.bound.values()))
 
     def close(self) -> None:
         """The client unmapped the region: detach every page, forget the memfd."""

@@ -37,6 +37,8 @@ import threading
 import traceback
 from typing import Any
 
+import numpy as np
+
 from vmpager.devices.faulty import FaultyDevice
 from vmpager.devices.memory import MemoryDevice
 from vmpager.mapped import uffd as U
@@ -161,7 +163,7 @@ class PagerServer:
             if name == "flush":
                 self._flush(self.objects[oid])
                 return None
-            return getattr(self.objects[oid], name)(*args)
+            return self._object_call(self.objects[oid], name, args)
         if op == "clone":
             return self._clone(self.objects[request[1]])
         if op == "close":
@@ -209,6 +211,36 @@ class PagerServer:
             del self._bases[i]
             del self._by_base[i]
             region.close()
+
+    def _object_call(self, obj: VMObject, name: str, args: tuple[Any, ...]) -> object:
+        """A call on a mapped object: the frames of the bound pages it reads or writes
+        are empty (their contents are in the memfd), so those pages are detached
+        first, and the region's faults wait until the call is done."""
+        region = self.regions.get(obj.oid)
+        if region is None or name == "reserve":
+            return getattr(obj, name)(*args)
+        cond = self.vm.kernel.cond
+        shift = self.vm.kernel.page_shift
+        with cond:
+            region.calls += 1
+            try:
+                if name in ("read", "write", "discard"):
+                    offset = int(args[0])
+                    length = int(args[1]) if name != "write" else len(args[1])
+                    region.detach(offset >> shift, ((offset + length - 1) >> shift) + 1)
+                else:  # read_words, write_words: byte offsets; read_pages, write_pages
+                    indices = np.asarray(args[0]).astype(np.int64, copy=False)
+                    if name.endswith("_words"):
+                        indices = indices >> shift
+                    region.detach_pages(np.unique(indices).tolist())
+            except (TypeError, ValueError, OverflowError):
+                region.unbind_all()  # arguments the call itself will refuse
+        try:
+            return getattr(obj, name)(*args)
+        finally:
+            with cond:
+                region.calls -= 1
+                cond.notify_all()
 
     def _clone(self, obj: VMObject) -> tuple[int, int, int]:
         vm = self.vm

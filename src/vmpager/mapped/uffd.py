@@ -38,6 +38,7 @@ __all__ = [
     "fallocate_punch",
     "libc",
     "madvise",
+    "madvise_pages",
     "map_fixed",
     "memfd",
     "mremap_fixed",
@@ -187,6 +188,45 @@ def madvise(addr: int, length: int, advice: int) -> None:
         _raise_errno(f"madvise({advice}) at {addr:#x}")
 
 
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_NR_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440}.get(os.uname().machine)
+_UIO_MAXIOV = 1024
+#: A pidfd of this process for process_madvise (-1: unavailable), and its pid.
+_self_pidfd = -1
+_self_pid = 0
+
+
+def madvise_pages(addrs: list[int], length: int, advice: int) -> None:
+    """``madvise(addr, length, advice)`` for every address: one ``process_madvise``
+    call on this process per 1024 ranges where the kernel allows it (any advice
+    on oneself: Linux >= 5.10 for some, 6.x for all), else one ``madvise`` each."""
+    global _self_pidfd, _self_pid
+    pid = os.getpid()
+    if _self_pid != pid:  # first use, or a fork() child
+        _self_pid = pid
+        if _self_pidfd >= 0:
+            os.close(_self_pidfd)  # the parent's, inherited
+        try:
+            _self_pidfd = os.pidfd_open(pid) if _NR_PROCESS_MADVISE is not None else -1
+        except OSError:
+            _self_pidfd = -1
+    for start in range(0, len(addrs), _UIO_MAXIOV):
+        part = addrs[start : start + _UIO_MAXIOV]
+        if _self_pidfd >= 0 and len(part) > 1:
+            iov = (_IOVec * len(part))(*[_IOVec(a, length) for a in part])
+            done = libc.syscall(_NR_PROCESS_MADVISE, _self_pidfd, iov, len(part), advice, 0)
+            if done == len(part) * length:
+                continue
+            if done < 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                os.close(_self_pidfd)
+                _self_pidfd = -1  # refused here: one madvise each from now on
+        for addr in part:  # (again: these advices are idempotent)
+            madvise(addr, length, advice)
+
+
 def mprotect(addr: int, length: int, prot: int) -> None:
     if libc.mprotect(addr, length, prot) != 0:
         _raise_errno(f"mprotect at {addr:#x}")
@@ -328,10 +368,12 @@ class Userfaultfd:
     def unregister(self, start: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_UNREGISTER, struct.pack("QQ", start, length))
 
-    def copy(self, dst: int, src: int, length: int, *, wp: bool = False) -> bool:
+    def copy(self, dst: int, src: int, length: int, *, wp: bool = False, wake: bool = True) -> bool:
         """Fill ``[dst, dst + length)`` with a copy of ``src`` and wake the faulting
-        threads. False when a page is already there (EEXIST; the caller wakes)."""
-        buf = bytearray(struct.pack("QQQQq", dst, src, length, COPY_WP if wp else 0, 0))
+        threads (unless not ``wake``: then the caller wakes them). False when a
+        page is already there (EEXIST; the caller wakes)."""
+        mode = (COPY_WP if wp else 0) | (0 if wake else COPY_DONTWAKE)
+        buf = bytearray(struct.pack("QQQQq", dst, src, length, mode, 0))
         try:
             fcntl.ioctl(self.fd, UFFDIO_COPY, buf, True)
         except FileExistsError:

@@ -322,14 +322,15 @@ class VMObject:
         self._kernel.discard(self, offset, length)
 
     def map(self) -> memoryview:
-        """Objects of a VM live in its process and cannot be mapped (mapped objects are
-        paged by the VM's pager process: ``vm.array(...)``, ``vm.mapped.allocate(size)``,
-        ``vm.mapped.map_file(path)``)."""
-        raise TypeError(
-            f"VM object {self.oid} cannot be mapped: create mapped objects with "
-            "vm.array(shape, dtype), vm.mapped.allocate(size) or vm.mapped.map_file(path) "
-            "(see docs/mapped.md)"
-        )
+        """A writable memoryview of the whole object (anonymous objects only).
+
+        The first call moves the object into the VM's pager process, where its
+        pages are served to the mapping and to this object's calls alike
+        (mapped/moved.py, docs/mapped.md); ``TypeError`` for other kinds.
+        """
+        from vmpager.vm.system import map_object
+
+        return map_object(self)
 
     def clone(self) -> VMObject:
         """A copy-on-write snapshot: from now on writes on either side are invisible

@@ -12,6 +12,7 @@ busy, and one condition variable carries every wake-up.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
 __all__ = ["VM", "ScrubReport"]
 
 _MIN_NFRAMES = 4
+
+#: The VM of each kernel, for ``VMObject.map`` (an object knows only its kernel).
+_VM_OF: weakref.WeakKeyDictionary[Kernel, VM] = weakref.WeakKeyDictionary()
 
 
 class VM:
@@ -133,6 +137,7 @@ class VM:
         # creates for it go with the VM.
         remove_created = self.tier is not None and self.tier.encrypt
         self._mapped: PagerProcess | None = None  # transparent paging, started on demand
+        _VM_OF[kernel] = self
         self._swapctl = SwapControl(kernel, replicas, remove_created=remove_created)
         try:
             self._swapctl.open_initial(swap)
@@ -510,6 +515,16 @@ class ScrubReport:
 
     checked: int
     corrupt: tuple[CorruptPage, ...]
+
+
+def map_object(obj: VMObject) -> memoryview:
+    """``obj.map()``: the object moves into its VM's pager process (mapped/moved.py)."""
+    vm = _VM_OF.get(obj.kernel)
+    if vm is None:
+        raise TypeError(f"VM object {obj.oid} belongs to no VM and cannot be mapped")
+    from vmpager.mapped.moved import move_and_map
+
+    return move_and_map(vm, obj)
 
 
 def _pool_share(
