@@ -369,3 +369,66 @@ def test_swapoff_moves_pages_out_of_the_pool_and_off_the_device(name: str) -> No
         for p in range(0, 300, 3):
             assert obj.read(p * PAGE, PAGE) == page_bytes(p), p
         vm.check()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("name", ["integrity", "encrypt", "lz4"])
+def test_batched_page_ins_through_a_tier_use_the_redis_pipeline(
+    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+    from vmpager.devices.redis import RedisDevice
+
+    device = RedisDevice(redis_url, 1024, name="redis")
+    calls: list[int] = []
+    singles: list[int] = []
+    real_many, real_read = device.read_many, device.read_blocks
+
+    def read_many(requests: Any, run: Any) -> Any:
+        calls.append(len(requests))
+        return real_many(requests, run)
+
+    def read_blocks(blk: int, buffers: Any) -> None:
+        singles.append(blk)
+        real_read(blk, buffers)
+
+    monkeypatch.setattr(device, "read_many", read_many)
+    monkeypatch.setattr(device, "read_blocks", read_blocks)
+    with VM(memory=32 * PAGE, swap=[device], config=CONFIG, **TIERS[name]) as vm:
+        obj = vm.allocate(256 * PAGE)
+        fill(vm, obj, compressible=False)  # rejects: on the device even with a pool
+        client = redis.Redis.from_url(redis_url)
+        before = client.info("stats")["total_commands_processed"]
+        singles.clear()
+        pages = np.arange(0, 256, 9, dtype=np.int64)
+        got = obj.read_words(pages * PAGE)
+        after = client.info("stats")["total_commands_processed"]
+        client.close()
+        assert (got == pages.astype(np.uint64)).all()  # word 0 of a page: its number
+        # Every page came back through the device's pipeline, several requests a call,
+        # none one request at a time.
+        assert calls and max(calls) > 1
+        assert sum(calls) >= len(pages) - 16  # a few may still be resident
+        assert singles == []
+        assert after - before <= len(pages) + 2  # one MGET a request (and INFO itself)
+        vm.check()
+
+
+@pytest.mark.parametrize("name", ["integrity", "encrypt"])
+def test_a_corrupt_page_in_a_batch_fails_its_request_alone(name: str) -> None:
+    device = FaultyDevice(MemoryDevice(512, PAGE, name="ram"))
+    with VM(memory=32 * PAGE, swap=[device], config=CONFIG, **TIERS[name]) as vm:
+        obj = vm.allocate(128 * PAGE)
+        fill(vm, obj, compressible=False)
+        _, dblk = swapped_block(vm, obj, 64)
+        device.corrupt_stored([dblk], offset=3)
+        offsets = np.arange(0, 128, 4, dtype=np.int64) * PAGE
+        with pytest.raises(CorruptPage) as info:
+            obj.read_words(offsets)
+        assert (info.value.object_id, info.value.offset) == (obj.oid, 64 * PAGE)
+        for p in range(128):
+            if p != 64:
+                assert obj.read(p * PAGE, PAGE) == page_bytes(p, compressible=False), p
+        with pytest.raises(CorruptPage):
+            obj.read(64 * PAGE, 8)
+        vm.check()

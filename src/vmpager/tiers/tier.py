@@ -37,6 +37,7 @@ held (VM lock, then tier lock). ``read``/``write`` run in I/O threads.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import threading
@@ -95,6 +96,8 @@ class TierStatistics:
     corrupt_pages: int
     #: Pages that failed their check once and passed when read again.
     reread_ok: int
+    #: Pages that failed their check twice and were read from a device replica.
+    replica_ok: int
     bad_pending: int
     meta_bytes: int
     meta_bytes_per_block: int
@@ -153,6 +156,28 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((i, 1))
     return runs
+
+
+def _read_blocks_each(
+    device: BlockDevice,
+    items: Sequence[tuple[int, Sequence[WritableBuffer]]],
+    run: Callable[[Callable[[int], None], Sequence[int]], None],
+) -> list[DeviceError | None]:
+    """``read_many`` for a device without one: one ``read_blocks`` per request, run
+    by ``run``; an ``OSError`` becomes a ``DeviceError`` naming the device and block."""
+    results: list[DeviceError | None] = [None] * len(items)
+
+    def one(k: int) -> None:
+        dblk, buffers = items[k]
+        try:
+            device.read_blocks(dblk, buffers)
+        except DeviceError as error:
+            results[k] = error
+        except OSError as error:
+            results[k] = DeviceError(error.errno or errno.EIO, device.name, dblk, str(error))
+
+    run(one, range(len(items)))
+    return results
 
 
 class SwapTier:
@@ -221,6 +246,7 @@ class SwapTier:
         self._dev_read = 0
         self._corrupt = 0
         self._reread_ok = 0
+        self._replica_ok = 0
 
     @property
     def compress(self) -> str | None:
@@ -488,21 +514,144 @@ class SwapTier:
         bad); ``DeviceError`` from the device. Blocks for the device reads.
         """
         pages = _pages(buffers, self.page_size)
-        n = len(pages)
         hits: list[tuple[int, bytes | int]] = []
-        from_device: list[int] = []
         with self._mu:
-            for i in range(n):
-                bad = self._bad.get(blk + i)
-                if bad is not None:
-                    raise CorruptPage(bad[0], bad[1], blk + i, "found corrupt before")
-                entry = self._pool.get(blk + i)
-                if entry is None:
-                    from_device.append(i)
+            from_device, seal = self._plan(blk, device, len(pages), hits)
+        if hits:
+            self._fill_hits(pages, hits)
+        if not from_device:
+            return
+        size = self.page_size
+        corrupt: list[int] = []
+        for first, count in _runs(from_device):
+            targets = pages[first : first + count]
+            if seal is not None and seal.needs_scratch:
+                scratch = self._scratch.get("sealed", count * size)
+                device.read_blocks(dblk + first, [scratch])
+                data = [scratch[k * size : (k + 1) * size] for k in range(count)]
+            else:
+                device.read_blocks(dblk + first, targets)
+                data = targets
+            if seal is not None:
+                corrupt += self._check_run(device, seal, dblk, first, data, targets)
+        self._read_done(blk, device, dblk, pages, len(from_device), corrupt)
+
+    def read_many(
+        self,
+        requests: Sequence[tuple[int, BlockDevice, int, Sequence[WritableBuffer]]],
+        run: Callable[[Callable[[int], None], Sequence[int]], None],
+    ) -> list[DeviceError | None]:
+        """Independent reads of runs ``(blk, device, dblk, buffers)``, batched per device.
+
+        Pool hits are decompressed first; the device parts of every request go
+        to each device's own ``read_many`` in one call (one pipeline per Redis
+        node, several preads at once on a file), and the pages are checked and
+        decrypted after. A device without ``read_many`` gets one
+        ``read_blocks`` per part through ``run``. Result ``i``: None, or the
+        ``DeviceError`` (``CorruptPage`` for a page failing its check) of
+        request ``i``. Blocks for the I/O.
+        """
+        size = self.page_size
+        n = len(requests)
+        errors: list[DeviceError | None] = [None] * n
+        plans: list[tuple[list[memoryview], list[int], Seal | None]] = [
+            (_pages(buffers, size), [], None) for _, _, _, buffers in requests
+        ]
+        hits: list[list[tuple[int, bytes | int]]] = [[] for _ in range(n)]
+        with self._mu:
+            for i, (blk, device, _, _) in enumerate(requests):
+                pages = plans[i][0]
+                try:
+                    from_device, seal = self._plan(blk, device, len(pages), hits[i])
+                except CorruptPage as error:
+                    errors[i] = error
+                    continue
+                plans[i] = (pages, from_device, seal)
+        for i, found in enumerate(hits):
+            if found and errors[i] is None:
+                self._fill_hits(plans[i][0], found)
+        # The device parts: (request, first page, count, read buffer) grouped by device.
+        scratch_pages = sum(
+            len(plan[1]) for plan in plans if plan[2] is not None and plan[2].needs_scratch
+        )
+        scratch = self._scratch.get("many", scratch_pages * size) if scratch_pages else None
+        used = 0
+        groups: dict[int, tuple[BlockDevice, list[tuple[int, int, int, list[memoryview]]]]] = {}
+        for i, (pages, from_device, seal) in enumerate(plans):
+            if not from_device or errors[i] is not None:
+                continue
+            device = requests[i][1]
+            parts = groups.setdefault(id(device), (device, []))[1]
+            for first, count in _runs(from_device):
+                if seal is not None and seal.needs_scratch:
+                    assert scratch is not None
+                    area = scratch[used * size : (used + count) * size]
+                    used += count
+                    data = [area[k * size : (k + 1) * size] for k in range(count)]
                 else:
-                    hits.append((i, entry[0]))
-            seal = self._seals.get(id(device))
-            self._hits += len(hits)
+                    data = pages[first : first + count]
+                parts.append((i, first, count, data))
+        for device, parts in groups.values():
+            items = [(requests[i][2] + first, data) for i, first, _, data in parts]
+            many = getattr(device, "read_many", None)
+            if many is not None:
+                results: list[DeviceError | None] = many(items, run)
+            else:
+                results = _read_blocks_each(device, items, run)
+            for part, failed in zip(parts, results, strict=True):
+                if failed is not None and errors[part[0]] is None:
+                    errors[part[0]] = failed
+        # Check and decrypt, then count and retire, request by request.
+        for device, parts in groups.values():
+            corrupt_of: dict[int, list[int]] = {}
+            for i, first, count, data in parts:
+                if errors[i] is not None:
+                    continue
+                seal = plans[i][2]
+                targets = plans[i][0][first : first + count]
+                if seal is None:
+                    continue
+                corrupt_of.setdefault(i, []).extend(
+                    self._check_run(device, seal, requests[i][2], first, data, targets)
+                )
+            for i in {part[0] for part in parts}:
+                if errors[i] is not None:
+                    continue
+                blk, _, dblk, _ = requests[i]
+                try:
+                    self._read_done(
+                        blk, device, dblk, plans[i][0], len(plans[i][1]), corrupt_of.get(i, [])
+                    )
+                except CorruptPage as corrupt:
+                    errors[i] = corrupt
+        return errors
+
+    def _plan(
+        self, blk: int, device: BlockDevice, n: int, hits: list[tuple[int, bytes | int]]
+    ) -> tuple[list[int], Seal | None]:
+        """Split a read of ``n`` pages at ``blk``: pool hits appended to ``hits`` as
+        (index, payload); returns the indices left for the device and its seal.
+        ``CorruptPage`` for a block known bad. Tier lock held."""
+        pool = self._pool
+        bad = self._bad
+        if not pool and not bad:
+            return list(range(n)), self._seals.get(id(device))
+        from_device: list[int] = []
+        for i in range(n):
+            if bad:
+                found = bad.get(blk + i)
+                if found is not None:
+                    raise CorruptPage(found[0], found[1], blk + i, "found corrupt before")
+            entry = pool.get(blk + i)
+            if entry is None:
+                from_device.append(i)
+            else:
+                hits.append((i, entry[0]))
+        self._hits += n - len(from_device)
+        return from_device, self._seals.get(id(device))
+
+    def _fill_hits(self, pages: list[memoryview], hits: list[tuple[int, bytes | int]]) -> None:
+        """Decompress (or refill) the pool hits ``_plan`` found into their pages."""
         codec = self._codec
         for i, payload in hits:
             if isinstance(payload, int):
@@ -510,33 +659,84 @@ class SwapTier:
             else:
                 assert codec is not None
                 codec.decompress_into(payload, pages[i])
-        if not from_device:
-            return
+
+    def _check_run(
+        self,
+        device: BlockDevice,
+        seal: Seal,
+        dblk: int,
+        first: int,
+        data: list[memoryview],
+        targets: list[memoryview],
+    ) -> list[int]:
+        """Unseal pages ``first ..`` of a read at device block ``dblk`` from ``data`` into
+        ``targets``; the indices of those that fail even when read again and from
+        every replica."""
         corrupt: list[int] = []
-        for first, count in _runs(from_device):
-            targets = pages[first : first + count]
-            if seal is not None and seal.needs_scratch:
-                scratch = self._scratch.get("sealed", count * self.page_size)
-                device.read_blocks(dblk + first, [scratch])
-                data = [
-                    scratch[k * self.page_size : (k + 1) * self.page_size] for k in range(count)
-                ]
-            else:
-                device.read_blocks(dblk + first, targets)
-                data = targets
-            if seal is None:
+        unseal = seal.unseal
+        for k, (got, out) in enumerate(zip(data, targets, strict=True)):
+            block = dblk + first + k
+            if unseal(block, got, out):
                 continue
-            for k in range(count):
-                if not seal.unseal(dblk + first + k, data[k], targets[k]):
-                    # Read the block once more: corruption on the way is not rot at rest.
-                    device.read_blocks(dblk + first + k, [data[k]])
-                    if seal.unseal(dblk + first + k, data[k], targets[k]):
-                        with self._mu:
-                            self._reread_ok += 1
-                    else:
-                        corrupt.append(first + k)
+            how = self._recover(device, seal, block, got, out)
+            if how is None:
+                corrupt.append(first + k)
+            else:
+                with self._mu:
+                    self._count_recovered(how)
+        return corrupt
+
+    def _recover(
+        self, device: BlockDevice, seal: Seal, block: int, got: memoryview, out: memoryview
+    ) -> str | None:
+        """A page failed its check: read it once more (damage on the way is not rot at
+        rest), then from each of the device's replicas (``read_replica``). Returns
+        ``"reread"`` or ``"replica"`` when a copy passed (its page is in ``out``),
+        None when none did. Takes no lock (``verify`` calls it with the tier lock held)."""
+        device.read_blocks(block, [got])
+        if seal.unseal(block, got, out):
+            return "reread"
+        read_replica = getattr(device, "read_replica", None)
+        if read_replica is None:
+            return None
+        replica = 0
+        while True:
+            try:
+                if not read_replica(block, [got], replica):
+                    return None
+            except DeviceError as error:
+                log.warning("swap tier: replica %d of %s: %s", replica, device.name, error)
+            else:
+                if seal.unseal(block, got, out):
+                    log.warning(
+                        "swap tier: block %d of %s failed its check; replica %d's copy passed",
+                        block,
+                        device.name,
+                        replica,
+                    )
+                    return "replica"
+            replica += 1
+
+    def _count_recovered(self, how: str) -> None:
+        """Count a page ``_recover`` saved (tier lock held)."""
+        if how == "reread":
+            self._reread_ok += 1
+        else:
+            self._replica_ok += 1
+
+    def _read_done(
+        self,
+        blk: int,
+        device: BlockDevice,
+        dblk: int,
+        pages: list[memoryview],
+        from_device: int,
+        corrupt: list[int],
+    ) -> None:
+        """Count a read's device pages; retire and zero its corrupt pages and raise
+        ``CorruptPage`` for the first."""
         with self._mu:
-            self._dev_read += len(from_device)
+            self._dev_read += from_device
             for i in corrupt:
                 self._bad[blk + i] = (device.name, dblk + i)
             self._corrupt += len(corrupt)
@@ -582,9 +782,9 @@ class SwapTier:
             self._dev_read += 1
             if seal.unseal(dblk, scratch, page):
                 return None
-            device.read_blocks(dblk, [scratch])  # once more, as a read does
-            if seal.unseal(dblk, scratch, page):
-                self._reread_ok += 1
+            how = self._recover(device, seal, dblk, scratch, page)  # as a read does
+            if how is not None:
+                self._count_recovered(how)
                 return None
             self._bad[blk] = (device.name, dblk)
             self._corrupt += 1
@@ -654,6 +854,7 @@ class SwapTier:
                 device_pages_read=self._dev_read,
                 corrupt_pages=self._corrupt,
                 reread_ok=self._reread_ok,
+                replica_ok=self._replica_ok,
                 bad_pending=len(self._bad),
                 meta_bytes=meta,
                 meta_bytes_per_block=per_block,
