@@ -611,9 +611,12 @@ class SwapTier:
                 targets = plans[i][0][first : first + count]
                 if seal is None:
                     continue
-                corrupt_of.setdefault(i, []).extend(
-                    self._check_run(device, seal, requests[i][2], first, data, targets)
-                )
+                try:
+                    bad = self._check_run(device, seal, requests[i][2], first, data, targets)
+                except DeviceError as failed:  # a re-read failed, or the key is spent
+                    errors[i] = failed
+                    continue
+                corrupt_of.setdefault(i, []).extend(bad)
             for i in {part[0] for part in parts}:
                 if errors[i] is not None:
                     continue
