@@ -233,7 +233,8 @@ class SwapTier:
         self._data_bytes = 0
         self._same = 0
         self._seals: dict[int, Seal] = {}  # by id(device)
-        self._writing: dict[int, int] = {}  # global block -> device writes in flight
+        #: Device writes in flight: (first global block, count), one entry per run.
+        self._writing: list[tuple[int, int]] = []
         self._writeback: dict[int, BlockDevice] = {}  # global blocks being written back
         self._bad: dict[int, tuple[str, int]] = {}  # corrupt global block -> (device, dblk)
         self._stores = 0
@@ -330,8 +331,8 @@ class SwapTier:
                     self._store(blk + i, (payload, device, dblk + i))
             self._rejects += rejects
             seal = self._seals.get(id(device))
-            for i in to_device:
-                self._writing[blk + i] = self._writing.get(blk + i, 0) + 1
+            writing = [(blk + first, count) for first, count in _runs(to_device)]
+            self._writing += writing
             if self._pool_bytes > self._capacity:
                 victims = self._pick_victims()
         try:
@@ -341,13 +342,13 @@ class SwapTier:
             with self._cv:
                 for i in range(n):
                     self._drop(blk + i)  # a failed write stores nothing
-                self._done_writing(blk, to_device)
+                self._done_writing(writing)
                 for b, _ in victims:
                     self._writeback.pop(b, None)
                 self._cv.notify_all()
             raise
         with self._cv:
-            self._done_writing(blk, to_device)
+            self._done_writing(writing)
             self._dev_written += len(to_device)
         while victims:
             if not self._write_back(victims):
@@ -359,25 +360,26 @@ class SwapTier:
         self, blk: int, device: BlockDevice, dblk: int, pages: list[memoryview]
     ) -> None:
         """``write`` without a pool: every page sealed and written (the common case,
-        kept short: no pool entries to drop, no writeback to wait for)."""
+        kept short: two lock round trips a run, no pool entries to drop, no
+        writeback to wait for)."""
         n = len(pages)
-        indices = list(range(n))
+        run = (blk, n)
         with self._mu:
             bad = self._bad
             if bad:
                 for b in range(blk, blk + n):
                     bad.pop(b, None)  # rewritten: the block holds new data
             seal = self._seals.get(id(device))
-            writing = self._writing
-            for b in range(blk, blk + n):
-                writing[b] = writing.get(b, 0) + 1
+            self._writing.append(run)
+        done = False
         try:
-            self._device_write(device, dblk, pages, indices, seal)
+            self._device_write(device, dblk, pages, None, seal)
+            done = True
         finally:
             with self._mu:
-                self._done_writing(blk, indices)
-        with self._mu:
-            self._dev_written += n
+                self._writing.remove(run)
+                if done:
+                    self._dev_written += n
 
     def _store(self, blk: int, entry: _Entry) -> None:
         payload = entry[0]
@@ -401,34 +403,38 @@ class SwapTier:
         else:
             self._same -= 1
 
-    def _done_writing(self, blk: int, indices: list[int]) -> None:
-        for i in indices:
-            left = self._writing[blk + i] - 1
-            if left:
-                self._writing[blk + i] = left
-            else:
-                del self._writing[blk + i]
+    def _done_writing(self, runs: list[tuple[int, int]]) -> None:
+        """Writes of ``runs`` are over (tier lock held)."""
+        for run in runs:
+            self._writing.remove(run)
+
+    def _in_flight(self, blk: int) -> bool:
+        """True when a device write of ``blk`` is in flight (tier lock held)."""
+        return any(first <= blk < first + count for first, count in self._writing)
 
     def _device_write(
         self,
         device: BlockDevice,
         dblk: int,
         pages: list[memoryview],
-        indices: list[int],
+        indices: list[int] | None,
         seal: Seal | None,
     ) -> None:
+        """Seal and write ``pages[i]`` for ``i`` in ``indices`` (all when None) to their
+        blocks from ``dblk``, one request per run of consecutive indices."""
         size = self.page_size
-        for first, count in _runs(indices):
-            if seal is None or not seal.needs_scratch:
-                if seal is not None:
-                    for k in range(count):
-                        seal.seal(dblk + first + k, pages[first + k])
-                device.write_blocks(dblk + first, pages[first : first + count])
-                continue
-            out = self._scratch.get("sealed", count * size)
-            for k in range(count):
-                out[k * size : (k + 1) * size] = seal.seal(dblk + first + k, pages[first + k])
-            device.write_blocks(dblk + first, [out])
+        runs = [(0, len(pages))] if indices is None else _runs(indices)
+        for first, count in runs:
+            run = pages[first : first + count]
+            if seal is None:
+                device.write_blocks(dblk + first, run)
+            elif not seal.needs_scratch:
+                seal.seal_run(dblk + first, run, None)
+                device.write_blocks(dblk + first, run)
+            else:
+                out = self._scratch.get("sealed", count * size)
+                seal.seal_run(dblk + first, run, out)
+                device.write_blocks(dblk + first, [out])
 
     def _pick_victims(self) -> list[tuple[int, _Entry]]:
         """The oldest entries, not already being written back, whose removal brings the
@@ -477,7 +483,7 @@ class SwapTier:
             with self._mu:
                 seal = self._seals.get(id(device))
             try:
-                self._device_write(device, first, pages, list(range(len(run))), seal)
+                self._device_write(device, first, pages, None, seal)
             except (DeviceError, OSError, ValueError) as error:
                 # The data stays in the pool (over capacity) rather than be lost.
                 log.warning("swap tier: writeback of %d pages failed: %s", len(run), error)
@@ -514,6 +520,12 @@ class SwapTier:
         bad); ``DeviceError`` from the device. Blocks for the device reads.
         """
         pages = _pages(buffers, self.page_size)
+        if not self._pool and not self._bad:
+            # The common case, without the lock: nothing in the pool, no bad block.
+            # (Neither can gain an entry for these blocks meanwhile: only a write
+            # or a read of them could, and the caller owns them for this read.)
+            self._read_through(blk, device, dblk, buffers, pages)
+            return
         hits: list[tuple[int, bytes | int]] = []
         with self._mu:
             from_device, seal = self._plan(blk, device, len(pages), hits)
@@ -535,6 +547,28 @@ class SwapTier:
             if seal is not None:
                 corrupt += self._check_run(device, seal, dblk, first, data, targets)
         self._read_done(blk, device, dblk, pages, len(from_device), corrupt)
+
+    def _read_through(
+        self,
+        blk: int,
+        device: BlockDevice,
+        dblk: int,
+        buffers: Sequence[WritableBuffer],
+        pages: list[memoryview],
+    ) -> None:
+        """``read`` of a run wholly on the device: one request, then the run's check."""
+        seal = self._seals.get(id(device))
+        n = len(pages)
+        if seal is None or not seal.needs_scratch:
+            device.read_blocks(dblk, buffers)
+            data = pages
+        else:
+            size = self.page_size
+            scratch = self._scratch.get("sealed", n * size)
+            device.read_blocks(dblk, [scratch])
+            data = [scratch] if n == 1 else [scratch[k * size : (k + 1) * size] for k in range(n)]
+        corrupt = [] if seal is None else self._check_run(device, seal, dblk, 0, data, pages)
+        self._read_done(blk, device, dblk, pages, n, corrupt)
 
     def read_many(
         self,
@@ -675,13 +709,12 @@ class SwapTier:
         """Unseal pages ``first ..`` of a read at device block ``dblk`` from ``data`` into
         ``targets``; the indices of those that fail even when read again and from
         every replica."""
+        failed = seal.unseal_run(dblk + first, data, targets)
+        if not failed:
+            return []
         corrupt: list[int] = []
-        unseal = seal.unseal
-        for k, (got, out) in enumerate(zip(data, targets, strict=True)):
-            block = dblk + first + k
-            if unseal(block, got, out):
-                continue
-            how = self._recover(device, seal, block, got, out)
+        for k in failed:
+            how = self._recover(device, seal, dblk + first + k, data[k], targets[k])
             if how is None:
                 corrupt.append(first + k)
             else:
@@ -775,7 +808,7 @@ class SwapTier:
                     assert self._codec is not None
                     self._codec.decompress_into(payload, page)
                 return None
-            if blk in self._writing:
+            if self._in_flight(blk):
                 return None
             seal = self._seals.get(id(device))
             if seal is None:
