@@ -303,57 +303,78 @@ class SwapTier:
             self._write_through(blk, device, dblk, pages)
             return
         n = len(pages)
-        kept: list[bytes | int | None] = [None] * n
         codec = self._codec
+        accept = self._accept
+        compress = codec.compress
+        kept: list[bytes | int | None] = []
         rejects = 0
-        if codec is not None:
-            accept = self._accept
-            for i, page in enumerate(pages):
-                word = same_fill_word(page)
-                if word is not None:
-                    kept[i] = word
-                    continue
-                data = codec.compress(page)
-                if len(data) <= accept:
-                    kept[i] = data
-                else:
-                    rejects += 1
-        to_device = [i for i in range(n) if kept[i] is None]
+        for page in pages:
+            word = same_fill_word(page)
+            if word is not None:
+                kept.append(word)
+                continue
+            data = compress(page)
+            if len(data) <= accept:
+                kept.append(data)
+            else:
+                kept.append(None)
+                rejects += 1
+        to_device = [i for i, p in enumerate(kept) if p is None] if rejects else []
         victims: list[tuple[int, _Entry]] = []
-        with self._cv:
-            while any(blk + i in self._writeback for i in range(n)):
-                self._cv.wait()
-            for i in range(n):
-                self._drop(blk + i)
-                self._bad.pop(blk + i, None)  # rewritten: the block holds new data
+        writing: list[tuple[int, int]] = []
+        seal: Seal | None = None
+        with self._mu:
+            inflight = self._writeback
+            if inflight:
+                while any(blk + i in inflight for i in range(n)):
+                    self._cv.wait()
+            pool, bad = self._pool, self._bad
+            for b in range(blk, blk + n):
+                if b in pool:
+                    self._drop(b)
+                if bad:
+                    bad.pop(b, None)  # rewritten: the block holds new data
+            charged = data_bytes = same = 0
             for i, payload in enumerate(kept):
-                if payload is not None:
-                    self._store(blk + i, (payload, device, dblk + i))
+                if payload is None:
+                    continue
+                pool[blk + i] = (payload, device, dblk + i)
+                if isinstance(payload, bytes):
+                    charged += ENTRY_OVERHEAD + len(payload)
+                    data_bytes += len(payload)
+                else:
+                    charged += ENTRY_OVERHEAD
+                    same += 1
+            self._pool_bytes += charged
+            self._data_bytes += data_bytes
+            self._same += same
+            self._stores += n - rejects
             self._rejects += rejects
-            seal = self._seals.get(id(device))
-            writing = [(blk + first, count) for first, count in _runs(to_device)]
-            self._writing += writing
+            if to_device:
+                seal = self._seals.get(id(device))
+                writing = [(blk + first, count) for first, count in _runs(to_device)]
+                self._writing += writing
             if self._pool_bytes > self._capacity:
                 victims = self._pick_victims()
-        try:
-            if to_device:
+        if to_device:
+            try:
                 self._device_write(device, dblk, pages, to_device, seal)
-        except BaseException:
-            with self._cv:
-                for i in range(n):
-                    self._drop(blk + i)  # a failed write stores nothing
+            except BaseException:
+                with self._cv:
+                    for i in range(n):
+                        self._drop(blk + i)  # a failed write stores nothing
+                    self._done_writing(writing)
+                    for b, _ in victims:
+                        self._writeback.pop(b, None)
+                    self._cv.notify_all()
+                raise
+            with self._mu:
                 self._done_writing(writing)
-                for b, _ in victims:
-                    self._writeback.pop(b, None)
-                self._cv.notify_all()
-            raise
-        with self._cv:
-            self._done_writing(writing)
-            self._dev_written += len(to_device)
+                self._dev_written += len(to_device)
         while victims:
             if not self._write_back(victims):
                 break  # the device refuses: the pool stays over capacity until it heals
-            with self._cv:
+            with self._mu:
                 victims = self._pick_victims() if self._pool_bytes > self._capacity else []
 
     def _write_through(
@@ -380,16 +401,6 @@ class SwapTier:
                 self._writing.remove(run)
                 if done:
                     self._dev_written += n
-
-    def _store(self, blk: int, entry: _Entry) -> None:
-        payload = entry[0]
-        self._pool[blk] = entry
-        self._pool_bytes += _charge(payload)
-        self._stores += 1
-        if isinstance(payload, bytes):
-            self._data_bytes += len(payload)
-        else:
-            self._same += 1
 
     def _drop(self, blk: int) -> None:
         """Forget the pool entry of ``blk``, if any (tier lock held)."""
