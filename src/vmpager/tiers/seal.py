@@ -15,7 +15,7 @@ One ``Seal`` per swap device holds the per-block metadata, in memory only:
   bytes of the GCM tag. A block whose generation would wrap (2^32 writes)
   refuses further writes (``DeviceError``, ENOSPC).
 
-  Why a 64-bit tag: the issue's budget is 16 bytes per swapped page for the
+  Why a 64-bit tag: the budget is 16 bytes per swapped page for the
   swap metadata *and* the check, and the swap metadata takes about 5 (a
   96-bit tag alone would break it). NIST SP 800-38D (appendix C) allows
   64-bit tags for messages up to 2^15 bytes provided the number of forgery

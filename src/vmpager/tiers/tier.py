@@ -10,13 +10,16 @@ page really goes). On the way out, per page of a run:
    memory when the result is at most ``accept_limit`` bytes. Pages that do
    not compress that well (*rejects*) go on to the device.
 2. *seal* (per device): AES-256-GCM with a per-device key, or an xxh3-64
-   checksum of the page (``seal.py``); the 16 or 8 bytes of metadata per
+   checksum of the page (``seal.py``); the 10 or 8 bytes of metadata per
    block stay in memory.
 3. the device write, one request per run of consecutive device blocks.
 
 The way in is the reverse: a block in the pool is decompressed without
-touching a device; a block on a device is read and checked, and a mismatch
-raises ``CorruptPage``, the data never reaching the caller. The block is then
+touching a device; a block on a device is read and checked (batches of
+reads through each device's own ``read_many``, then checked page by page).
+A page that fails is read once more, then from the device's replicas
+(``read_replica``, the Redis devices); when no copy passes, ``CorruptPage``,
+the data never reaching the caller. The block is then
 *bad* for the tier (later reads fail at once) and the swap space marks it bad
 when its owner frees it (``freed``).
 
