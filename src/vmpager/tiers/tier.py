@@ -698,6 +698,9 @@ class SwapTier:
                 from_device.append(i)
             else:
                 hits.append((i, entry[0]))
+                # The page is about to be resident: its entry is the least useful
+                # while it is, so it is the first to be written back.
+                pool.move_to_end(blk + i, last=False)
         self._hits += n - len(from_device)
         return from_device, self._seals.get(id(device))
 
