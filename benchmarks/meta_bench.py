@@ -20,8 +20,15 @@ model and over a no-op method (the harness floor). Range operations too:
 lookup_range of 16 and 1024 pages, free_range of 16 pages, free_all and
 transfer of the whole object.
 
+Swap tiers (``--tiers``): the whole per-page metadata of a swapped page with
+its check -- the swap metadata above plus the tier's per-block checksum
+(xxh3-64) or authentication data (AES-256-GCM) -- measured the same way
+(tracemalloc over building the structure and sealing one page into every
+block of a device as large as the pages swapped), per layout and size.
+
 Usage: ``python benchmarks/meta_bench.py [--runs 5] [--sizes 1048576,4194304]
-[--ops-pages 1048576] [--out benchmarks/results/meta.json]``. Prints JSON.
+[--ops-pages 1048576] [--tiers] [--tiers-only] [--out benchmarks/results/meta.json]``.
+Prints JSON.
 """
 
 from __future__ import annotations
@@ -112,6 +119,47 @@ def memory(npages: int, name: str, wide: bool = False) -> dict[str, Any]:
         tracemalloc.stop()
         result["dict_model_bytes_per_page_traced"] = round(traced / len(model), 2)
         del model
+    return result
+
+
+def tier_memory(npages: int, name: str, seal_kind: str) -> dict[str, Any]:
+    """Bytes per swapped page of the swap metadata plus the tier's check, traced.
+
+    ``seal_kind`` is "xxh3" or "gcm". The device has as many blocks as there
+    are swapped pages (its metadata arrays are sized by the device), and every
+    block is sealed once, so every byte of them is touched.
+    """
+    from vmpager.tiers.seal import Checksum, Encryption
+
+    pindexes = layout(name, npages).tolist()
+    nblocks = len(pindexes)
+    blks = np.random.default_rng(2).permutation(nblocks).tolist()
+    page = memoryview(bytes(range(256)) * 16)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    meta = SwapMeta(_ignore)
+    build = meta.build
+    for pindex, blk in zip(pindexes, blks, strict=True):
+        build(1, pindex, blk)
+    gc.collect()
+    after_meta = tracemalloc.get_traced_memory()[0]
+    seal = Checksum(nblocks) if seal_kind == "xxh3" else Encryption(nblocks, "bench")
+    for blk in range(nblocks):
+        seal.seal(blk, page)
+    gc.collect()
+    after_seal = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    pages = meta.statistics().pages
+    result = {
+        "swapped_pages": pages,
+        "seal": seal_kind,
+        "meta_bytes_per_page": round((after_meta - before) / pages, 2),
+        "seal_bytes_per_page": round((after_seal - after_meta) / pages, 2),
+        "seal_bytes_per_block_declared": seal.bytes_per_block,
+        "total_bytes_per_page": round((after_seal - before) / pages, 2),
+    }
+    del meta, seal
     return result
 
 
@@ -287,11 +335,27 @@ def main() -> None:
     parser.add_argument("--ops-pages", type=int, default=1 << 20)
     parser.add_argument("--layouts", default="dense,alternate,random_half")
     parser.add_argument("--out", default="")
+    parser.add_argument("--tiers", action="store_true", help="also the swap tiers' metadata")
+    parser.add_argument("--tiers-only", action="store_true", help="only the swap tiers' part")
     args = parser.parse_args()
     report: dict[str, Any] = {
         "benchmark": "swap metadata (vmpager.swap.meta)",
         "machine": machine(),
     }
+    if args.tiers or args.tiers_only:
+        report["tiers_memory"] = {
+            f"{name}_{size}_{kind}": tier_memory(size, name, kind)
+            for size in (int(s) for s in args.sizes.split(","))
+            for name in args.layouts.split(",")
+            for kind in ("xxh3", "gcm")
+        }
+    if args.tiers_only:
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return
     report["memory"] = {
         f"{name}_{size}": memory(size, name)
         for size in (int(s) for s in args.sizes.split(","))

@@ -7,6 +7,9 @@ Three parts, all in one run (JSON on stdout, and in ``--output``):
   the benchmark's compressible pages (same-filled check, lz4 and zstd
   compression and decompression, xxh3-64, AES-256-GCM seal and unseal), one
   thread, medians of ``--stage-reps`` timings of ``--stage-pages`` pages.
+* ``tier``: microseconds per page through the whole ``SwapTier`` (runs of 1
+  and 8 pages, written and read, around a RAM device) against the device
+  alone: the tier's own cost per page, Python and lock included.
 * ``seals``: the standard workload (``--content compressible``) on vmpager with
   no check, with xxh3-64 checksums (the default) and with encryption,
   alternating A B C A B C for ``--reps`` rounds; ratios to no check.
@@ -24,7 +27,7 @@ Usage (as root for the kernel systems; from the repository root)::
 
     python benchmarks/tiers.py [--mib 512] [--limit-mib 128] [--patterns random,zipf]
         [--accesses 200000] [--reps 1] [--systems vmpager,vmpager-lz4,kernel,zswap,zram]
-        [--parts stages,seals,systems] [--output benchmarks/results/tiers.json]
+        [--parts stages,tier,seals,systems] [--output benchmarks/results/tiers.json]
 
 Safety: the kernel systems refuse to start when swap is already active, and
 every setting changed (zswap's parameters, zram0, the swap file, the cgroup)
@@ -123,6 +126,54 @@ def measure_stages(npages: int, reps: int) -> dict[str, Any]:
             "gcm": Encryption.bytes_per_block,
         },
     }
+    return result
+
+
+def measure_tier(npages: int, reps: int) -> dict[str, Any]:
+    """Microseconds per page through ``SwapTier`` around a RAM device, against the
+    device alone: runs of 1 and 8 pages written and read, per seal (and the pool).
+
+    The difference to ``device`` is the tier's whole cost per page (its Python,
+    its lock, the hashing or crypto); minimum of ``reps`` passes (the floor,
+    which the other load on the machine disturbs least).
+    """
+    from vmpager.devices.memory import MemoryDevice
+    from vmpager.tiers.tier import SwapTier
+
+    workload = Workload(1 << 14, "seq", content="compressible")
+    content = workload.fill_pages(0, 8).tobytes()
+    configs: dict[str, dict[str, Any] | None] = {
+        "device": None,
+        "xxh3": {},
+        "gcm": {"encrypt": True},
+        "lz4_pool_no_writeback": {"compress": "lz4", "pool_capacity": 2 * npages * PAGE},
+    }
+    result: dict[str, Any] = {"pages": npages, "reps": reps}
+    for run in (1, 8):
+        buffers = [memoryview(bytearray(content[: run * PAGE]))]
+        out = [memoryview(bytearray(run * PAGE))]
+        for name, kwargs in configs.items():
+            times: dict[str, list[float]] = {"write": [], "read": []}
+            for _ in range(reps):
+                device = MemoryDevice(npages, PAGE, name="ram")
+                tier = None
+                if kwargs is not None:
+                    tier = SwapTier(PAGE, **kwargs)
+                    tier.device_added(device)
+                for op in ("write", "read"):
+                    t0 = time.perf_counter()
+                    for blk in range(0, npages - run + 1, run):
+                        if tier is None:
+                            if op == "write":
+                                device.write_blocks(blk, buffers)
+                            else:
+                                device.read_blocks(blk, out)
+                        elif op == "write":
+                            tier.write(blk, device, blk, buffers)
+                        else:
+                            tier.read(blk, device, blk, out)
+                    times[op].append((time.perf_counter() - t0) / npages * 1e6)
+            result[f"run{run}_{name}"] = {op: round(min(v), 2) for op, v in times.items()}
     return result
 
 
@@ -341,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     if "stages" in parts:
         report["stages"] = measure_stages(args.stage_pages, args.stage_reps)
         print(json.dumps(report["stages"], indent=1), file=sys.stderr)
+    if "tier" in parts:
+        report["tier"] = measure_tier(args.stage_pages, args.stage_reps)
+        print(json.dumps(report["tier"], indent=1), file=sys.stderr)
     if "seals" in parts:
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for _ in range(args.reps):

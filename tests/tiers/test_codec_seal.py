@@ -97,7 +97,7 @@ def test_encryption_round_trip_hides_the_page_and_never_repeats_a_nonce() -> Non
     assert seal.unseal(5, memoryview(bytearray(second)), out) and out == page
     # The older ciphertext is stale: its nonce is not the block's current one.
     assert not seal.unseal(5, memoryview(bytearray(first)), memoryview(bytearray(PAGE)))
-    assert seal.nbytes() == 8 * 16 and seal.bytes_per_block == 16
+    assert seal.nbytes() == 8 * 10 and seal.bytes_per_block == 10
 
 
 def test_encryption_detects_tampering_and_keys_differ_per_device() -> None:
@@ -116,9 +116,38 @@ def test_encryption_detects_tampering_and_keys_differ_per_device() -> None:
     assert not one.unseal(3, memoryview(bytearray(PAGE)), memoryview(bytearray(PAGE)))
 
 
+def test_generations_past_16_bits_keep_their_high_bits_and_nonces_stay_unique() -> None:
+    seal = Encryption(4, "dev")
+    page = os.urandom(PAGE)
+    seal._set_generation(2, 0xFFFE)
+    seen = set()
+    for _ in range(4):  # 0xFFFF, 0x10000, 0x10001, 0x10002: across the 16-bit wrap
+        sealed = bytes(seal.seal(2, memoryview(page)))
+        assert sealed not in seen
+        seen.add(sealed)
+        out = memoryview(bytearray(PAGE))
+        assert seal.unseal(2, memoryview(bytearray(sealed)), out) and out == page
+    assert seal.generation(2) == 0x10002 and seal._gen_high == {2: 1}
+    assert seal.generation(3) == 0
+    assert seal.nbytes() == 4 * 10 + 100
+
+
+def test_a_key_past_its_forgery_budget_refuses_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmpager.tiers import seal as seal_module
+
+    monkeypatch.setattr(seal_module, "FORGERY_BUDGET", 3)
+    seal = Encryption(4, "dev")
+    page = os.urandom(PAGE)
+    good = bytes(seal.seal(1, memoryview(page)))
+    for _ in range(3):
+        assert not seal.unseal(1, memoryview(bytearray(PAGE)), memoryview(bytearray(PAGE)))
+    with pytest.raises(DeviceError, match="failed authentications"):
+        seal.unseal(1, memoryview(bytearray(good)), memoryview(bytearray(PAGE)))
+
+
 def test_a_block_whose_generations_are_used_up_refuses_writes() -> None:
     seal = Encryption(2, "dev")
-    seal._gens[1] = (1 << 32) - 1
+    seal._set_generation(1, (1 << 32) - 1)
     with pytest.raises(DeviceError, match="generations are used up") as info:
         seal.seal(1, memoryview(bytes(PAGE)))
     assert info.value.block == 1

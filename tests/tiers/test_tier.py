@@ -176,3 +176,31 @@ def test_bad_arguments_name_themselves() -> None:
     space.swapon(MemoryDevice(4, PAGE))
     with pytest.raises(ValueError, match="already has devices"):
         space.attach_tier(SwapTier(PAGE))
+
+
+def test_a_page_read_from_the_pool_is_the_first_written_back() -> None:
+    capacity = 12 * (1700 + ENTRY_OVERHEAD)
+    tier = SwapTier(PAGE, compress="lz4", pool_capacity=capacity, writeback_cluster=1)
+    space, _ = space_with(tier)
+    blk, _ = space.alloc(12) or (0, 0)
+    contents = {blk + i: compressible(i) for i in range(10)}
+    for b, page in contents.items():
+        space.write(b, [bytearray(page)])
+    assert tier.pool_blocks() == list(contents)  # the oldest first
+    hit = blk + 6
+    assert read(space, hit) == contents[hit]
+    # Read back, the page is resident: its entry is the least useful, so it goes
+    # first when the pool overflows, before the older entries of pages not in use.
+    assert tier.pool_blocks()[0] == hit
+    more, _ = space.alloc(8) or (0, 0)
+    for i in range(8):  # until the first writeback
+        space.write(more + i, [bytearray(compressible(100 + i))])
+        if tier.statistics().writebacks:
+            break
+    assert tier.statistics().writebacks >= 1
+    assert hit not in tier.pool_blocks()
+    assert blk + 0 in tier.pool_blocks()  # older, but not read: still in the pool
+    assert read(space, hit) == contents[hit]  # from the device now
+    for b, page in contents.items():
+        assert read(space, b) == page
+    tier.check()

@@ -5,16 +5,20 @@ tiny VM whose swap devices rot (a byte flipped in a stored block) and whose
 reads are damaged on the way (a byte flipped in transit). The property: no
 read ever returns a wrong byte. A read either returns exactly the model's
 bytes, or raises ``CorruptPage`` naming a page whose swap block was damaged
-at rest; damage on the way is absorbed by the tier's second read.
+at rest; damage on the way is absorbed by the tier's second read. Reads go
+through the per-access path and the batched one (``read_words``: the
+devices' ``read_many``).
 ``check()`` runs after every step.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any
 
 import hypothesis.strategies as st
+import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (
     Bundle,
@@ -161,6 +165,25 @@ class TieredVMModel(RuleBasedStateMachine):
     def damage_the_next_read(self, which: int) -> None:
         device = self.devices[which]
         device.corrupt_reads(range(device.nblocks), times=1)
+
+    @rule(obj=objects, data=st.data())
+    def read_words(self, obj: VMObject, data: st.DataObject) -> None:
+        """Batched page-ins: several pages at once, through the devices' read_many."""
+        if obj.closed:
+            return
+        pages = data.draw(st.lists(st.integers(0, obj.npages - 1), min_size=1, max_size=6))
+        offsets = [p * PAGE + 8 * data.draw(st.integers(0, PAGE // 8 - 1)) for p in pages]
+        try:
+            got = obj.read_words(np.array(offsets, dtype=np.int64))
+        except SwapExhausted:
+            return
+        except CorruptPage as err:
+            assert err.object_id == obj.oid and err.offset is not None
+            assert (err.object_id, err.offset // PAGE) in self.poisoned, str(err)
+            return
+        model = self.model[obj.oid]
+        for off, word in zip(offsets, got.tolist(), strict=True):
+            assert word == int.from_bytes(model[off : off + 8], sys.byteorder), off
 
     @rule()
     def scrub(self) -> None:

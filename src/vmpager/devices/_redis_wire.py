@@ -33,11 +33,13 @@ __all__ = [
     "BACKOFF_FIRST_S",
     "BACKOFF_MAX_S",
     "Identity",
+    "ReplicaPools",
     "Retrier",
     "exchange",
     "exchange_each",
     "import_redis",
     "pack",
+    "replica_addresses",
     "server_error",
 ]
 
@@ -92,6 +94,83 @@ def server_error(
     else:
         err = errno.EIO
     return DeviceError(err, device, blk, f"server {where}: {_short(error)}")
+
+
+def replica_addresses(info: Any) -> list[tuple[str, int]]:
+    """``(host, port)`` of each online replica in an INFO replication reply (raw text
+    or parsed dict), in the server's order (``slave0``, ``slave1``...)."""
+    found: list[tuple[int, str, int]] = []
+    if isinstance(info, dict):
+        entries = [(str(k), v) for k, v in info.items()]
+    else:
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        entries = []
+        for line in text.splitlines():
+            name, _, rest = line.partition(":")
+            if name.startswith("slave") and name[5:].isdigit():
+                fields = dict(item.partition("=")[::2] for item in rest.strip().split(","))
+                entries.append((name, fields))
+    for name, fields in entries:
+        if not (name.startswith("slave") and name[5:].isdigit()) or not isinstance(fields, dict):
+            continue
+        if str(fields.get("state", "online")) != "online" or "ip" not in fields:
+            continue
+        found.append((int(name[5:]), str(fields["ip"]), int(fields["port"])))
+    return [(host, port) for _, host, port in sorted(found)]
+
+
+class ReplicaPools:
+    """Connection pools to the replicas of masters, as each master's INFO replication
+    lists them: where a swap block that failed its check is read again.
+
+    ``of(pool, where, refresh=...)`` gives ``[(host:port, pool)]`` for the master
+    reached through ``pool`` (named ``where``), asking it afresh when ``refresh`` or
+    not asked before; the replicas' pools copy the master pool's connection
+    settings (credentials, TLS, timeouts) but not its on-connect check. Empty for
+    a pool without an address (a ready client such as fakeredis). Raises the
+    redis-py error of a failed INFO. Thread-safe.
+    """
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+        self._lock = threading.Lock()
+        self._pools: dict[str, list[tuple[str, Any]]] = {}
+
+    def of(self, pool: Any, where: str, *, refresh: bool) -> list[tuple[str, Any]]:
+        with self._lock:
+            known = self._pools.get(where)
+        if known is not None and not refresh:
+            return known
+        kwargs = dict(getattr(pool, "connection_kwargs", {}) or {})
+        if "host" not in kwargs:
+            return []
+        kwargs.pop("redis_connect_func", None)
+        info = exchange(self._redis, [(pool, [("INFO", "replication")])])[0][0]
+        if isinstance(info, Exception):
+            raise info
+        old = dict(known or [])
+        fresh: list[tuple[str, Any]] = []
+        for host, port in replica_addresses(info):
+            address = f"{host}:{port}"
+            replica = old.pop(address, None)
+            if replica is None:
+                replica = self._redis.ConnectionPool(
+                    connection_class=pool.connection_class, **{**kwargs, "host": host, "port": port}
+                )
+            fresh.append((address, replica))
+        for stale in old.values():
+            stale.disconnect()
+        with self._lock:
+            self._pools[where] = fresh
+        return fresh
+
+    def close(self) -> None:
+        """Disconnect every replica pool."""
+        with self._lock:
+            pools, self._pools = self._pools, {}
+        for found in pools.values():
+            for _, replica in found:
+                replica.disconnect()
 
 
 def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:

@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["BlockDevice", "DeviceStatistics", "ReadableBuffer", "WritableBuffer"]
+__all__ = [
+    "BlockDevice",
+    "DeviceStatistics",
+    "ReadableBuffer",
+    "ReplicatedDevice",
+    "WritableBuffer",
+]
 
 #: Buffers the device reads from (write requests).
 ReadableBuffer = bytes | bytearray | memoryview
@@ -93,4 +99,22 @@ class BlockDevice(Protocol):
 
     def statistics(self) -> DeviceStatistics:
         """Counters since the device was opened."""
+        ...
+
+
+@runtime_checkable
+class ReplicatedDevice(Protocol):
+    """A device that keeps copies of its blocks elsewhere (the Redis devices' replicas).
+
+    The swap tiers read a block that fails its check from the copies, in
+    order, before declaring it corrupt (``read_replica``, optional beside the
+    ``BlockDevice`` methods).
+    """
+
+    def read_replica(self, blk: int, buffers: Sequence[WritableBuffer], replica: int) -> bool:
+        """Fill ``buffers`` from copy number ``replica`` (0, 1, ...) of the blocks at ``blk``.
+
+        False, reading nothing, when there is no such copy; ``DeviceError``
+        when it cannot be read. A copy may be stale: the caller checks it.
+        """
         ...

@@ -37,7 +37,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vmpager.devices._redis_wire import Identity, Retrier, exchange, import_redis
+from vmpager.devices._redis_wire import (
+    Identity,
+    ReplicaPools,
+    Retrier,
+    exchange,
+    import_redis,
+    server_error,
+)
 from vmpager.devices._request import DeviceCounters, as_byte_views, check_block_size, check_range
 from vmpager.devices.protocol import DeviceStatistics, ReadableBuffer, WritableBuffer
 from vmpager.devices.url import SwapURL
@@ -172,6 +179,8 @@ class RedisDevice:
         self._retrier = Retrier(redis, self._name, float(retry))
         self._close_lock = threading.Lock()
         self._closed = False
+        #: Connection pools to the server's replicas (``read_replica``).
+        self._replica_pools = ReplicaPools(redis)
         try:
             self._open()
         except BaseException:
@@ -354,6 +363,41 @@ class RedisDevice:
         self._counters.count_reads(sum(1 for e in errors if e is None), done)
         return errors
 
+    def read_replica(self, blk: int, buffers: Sequence[WritableBuffer], replica: int) -> bool:
+        """Fill ``buffers`` from the blocks at ``blk`` as replica number ``replica`` holds them.
+
+        For the swap tiers: a block that fails its check on the server is read
+        from its replicas instead, in the order INFO replication lists the
+        online ones (asked afresh when ``replica`` is 0). False, reading
+        nothing, when there is no such replica or the device cannot reach
+        replicas (a ready client without an address). One round trip to the
+        server (for ``replica`` 0) and one to the replica, no retries; a
+        replica that does not answer is ``DeviceError`` naming it. A replica
+        may lag behind a write not waited for (``replicas=0``): the caller
+        checks what it gets.
+        """
+        self._check_open()
+        replica = check_int(replica, "replica", minimum=0)
+        views, nblocks = as_byte_views(
+            self._name, self._nblocks, self._block_size, blk, buffers, writable=True
+        )
+        redis = self._redis
+        where = self._server()
+        try:
+            pools = self._replica_pools.of(self._pool, where, refresh=replica == 0)
+            if replica >= len(pools):
+                return False
+            where, pool = pools[replica]
+            where += " (replica)"
+            command = ("MGET", *self._keys(blk, nblocks))
+            reply = exchange(redis, [(pool, [command])])[0][0]
+            if isinstance(reply, Exception):
+                raise reply
+        except (redis.exceptions.RedisError, OSError) as error:
+            raise server_error(redis, error, self._name, blk, where) from None
+        fill_views(self._name, blk, self._block_size, views, reply)
+        return True
+
     def write_blocks(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Store ``buffers`` at the blocks at ``blk`` with one MSET (and WAIT): one round trip.
 
@@ -426,6 +470,7 @@ class RedisDevice:
         finally:
             if self._owns_pool:
                 self._pool.disconnect()
+            self._replica_pools.close()
 
     def statistics(self) -> DeviceStatistics:
         """Counters since the device was opened."""

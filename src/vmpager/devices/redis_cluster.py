@@ -53,6 +53,7 @@ from vmpager.devices._redis_wire import (
     BACKOFF_FIRST_S,
     BACKOFF_MAX_S,
     Identity,
+    ReplicaPools,
     Retrier,
     exchange_each,
     import_redis,
@@ -152,6 +153,8 @@ class RedisClusterDevice:
         #: slot -> index of the identity key (master at open) that vouches for it.
         self._vouch = np.full(_NSLOTS, -1, dtype=np.int16)
         self._identity = Identity(redis, [], handshake=False)
+        #: Connection pools to the masters' replicas (``read_replica``).
+        self._replica_pools = ReplicaPools(redis)
         kwargs: dict[str, Any] = {
             "host": url.host,
             "port": url.port,
@@ -519,6 +522,47 @@ class RedisClusterDevice:
         self._counters.count_reads(done_ops, done_blocks)
         return errors
 
+    def read_replica(self, blk: int, buffers: Sequence[WritableBuffer], replica: int) -> bool:
+        """Fill ``buffers`` from the blocks at ``blk`` as replica ``replica`` of each
+        block's master holds them (for the swap tiers, when a block fails its check).
+
+        Replicas are those each master's INFO replication lists (asked afresh
+        when ``replica`` is 0: the cluster's slot map may not show a new replica
+        for seconds); each connection is switched to ``READONLY`` so the replica
+        answers for its master's slots. False, reading nothing, when a master of
+        the range has no such replica. One round trip (two with the INFO), no
+        retries; a replica that does not answer is ``DeviceError``. A replica may
+        lag behind a write not waited for (``replicas=0``): the caller checks
+        what it gets.
+        """
+        self._check_open()
+        replica = check_int(replica, "replica", minimum=0)
+        views, nblocks = as_byte_views(
+            self._name, self._nblocks, self._block_size, blk, buffers, writable=True
+        )
+        pieces = self._pieces(blk, nblocks, lambda keys, _f, _n: ("MGET", *keys))
+        redis = self._redis
+        batches: list[tuple[Any, list[tuple[Any, ...]]]] = []
+        try:
+            for piece in pieces:
+                pool, where = self._pool(piece.slot)
+                found = self._replica_pools.of(pool, where, refresh=replica == 0)
+                if replica >= len(found):
+                    return False
+                batches.append((found[replica][1], [("READONLY",), piece.command]))
+            values: list[Any] = []
+            for result in exchange_each(redis, batches):
+                if isinstance(result, Exception):
+                    raise result
+                for reply in result:
+                    if isinstance(reply, Exception):
+                        raise reply
+                values.extend(result[-1])
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
+            raise server_error(redis, e, self._name, blk, "replica read") from None
+        fill_views(self._name, blk, self._block_size, views, values)
+        return True
+
     def write_blocks(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Store ``buffers`` at ``blk``: one MSET per group (plus WAIT), one round trip.
 
@@ -584,6 +628,7 @@ class RedisClusterDevice:
             pass
         finally:
             self._cluster.close()
+            self._replica_pools.close()
 
     def statistics(self) -> DeviceStatistics:
         """Counters since the device was opened."""

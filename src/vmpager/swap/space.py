@@ -444,24 +444,13 @@ class SwapSpace:
         requests: Sequence[tuple[int, Sequence[WritableBuffer]]],
         run: Callable[[Callable[[int], None], Sequence[int]], None],
     ) -> list[DeviceError | None]:
-        """``read_many`` through the tier: one tier read per request, several at once.
-
-        The devices' own ``read_many`` (one pipeline per Redis node) is not
-        used: the tier checks and decrypts page by page after each read.
-        """
+        """``read_many`` through the tier: the tier reads the device parts of all the
+        requests with each device's own ``read_many`` (one pipeline per Redis node),
+        then checks and decrypts page by page."""
         tier = self._tier
         assert tier is not None
-        targets = [self._io_target(blk, buffers) for blk, buffers in requests]
-
-        def read(k: int) -> None:
-            blk, buffers = requests[k]
-            device, dblk = targets[k]
-            tier.read(blk, device, dblk, buffers)
-
-        def where(k: int) -> tuple[str, int]:
-            return targets[k][0].name, targets[k][1]
-
-        return _read_each(read, where, len(requests), run)
+        items = [(blk, *self._io_target(blk, buffers), buffers) for blk, buffers in requests]
+        return tier.read_many(items, run)
 
     def write(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Write ``buffers`` to the run at global ``blk`` (one device request); see ``read``."""

@@ -10,13 +10,16 @@ page really goes). On the way out, per page of a run:
    memory when the result is at most ``accept_limit`` bytes. Pages that do
    not compress that well (*rejects*) go on to the device.
 2. *seal* (per device): AES-256-GCM with a per-device key, or an xxh3-64
-   checksum of the page (``seal.py``); the 16 or 8 bytes of metadata per
+   checksum of the page (``seal.py``); the 10 or 8 bytes of metadata per
    block stay in memory.
 3. the device write, one request per run of consecutive device blocks.
 
 The way in is the reverse: a block in the pool is decompressed without
-touching a device; a block on a device is read and checked, and a mismatch
-raises ``CorruptPage``, the data never reaching the caller. The block is then
+touching a device; a block on a device is read and checked (batches of
+reads through each device's own ``read_many``, then checked page by page).
+A page that fails is read once more, then from the device's replicas
+(``read_replica``, the Redis devices); when no copy passes, ``CorruptPage``,
+the data never reaching the caller. The block is then
 *bad* for the tier (later reads fail at once) and the swap space marks it bad
 when its owner frees it (``freed``).
 
@@ -37,6 +40,7 @@ held (VM lock, then tier lock). ``read``/``write`` run in I/O threads.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import threading
@@ -95,6 +99,8 @@ class TierStatistics:
     corrupt_pages: int
     #: Pages that failed their check once and passed when read again.
     reread_ok: int
+    #: Pages that failed their check twice and were read from a device replica.
+    replica_ok: int
     bad_pending: int
     meta_bytes: int
     meta_bytes_per_block: int
@@ -155,6 +161,28 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _read_blocks_each(
+    device: BlockDevice,
+    items: Sequence[tuple[int, Sequence[WritableBuffer]]],
+    run: Callable[[Callable[[int], None], Sequence[int]], None],
+) -> list[DeviceError | None]:
+    """``read_many`` for a device without one: one ``read_blocks`` per request, run
+    by ``run``; an ``OSError`` becomes a ``DeviceError`` naming the device and block."""
+    results: list[DeviceError | None] = [None] * len(items)
+
+    def one(k: int) -> None:
+        dblk, buffers = items[k]
+        try:
+            device.read_blocks(dblk, buffers)
+        except DeviceError as error:
+            results[k] = error
+        except OSError as error:
+            results[k] = DeviceError(error.errno or errno.EIO, device.name, dblk, str(error))
+
+    run(one, range(len(items)))
+    return results
+
+
 class SwapTier:
     """The pipeline between a ``SwapSpace`` and its devices; see the module docstring.
 
@@ -208,7 +236,8 @@ class SwapTier:
         self._data_bytes = 0
         self._same = 0
         self._seals: dict[int, Seal] = {}  # by id(device)
-        self._writing: dict[int, int] = {}  # global block -> device writes in flight
+        #: Device writes in flight: (first global block, count), one entry per run.
+        self._writing: list[tuple[int, int]] = []
         self._writeback: dict[int, BlockDevice] = {}  # global blocks being written back
         self._bad: dict[int, tuple[str, int]] = {}  # corrupt global block -> (device, dblk)
         self._stores = 0
@@ -221,6 +250,7 @@ class SwapTier:
         self._dev_read = 0
         self._corrupt = 0
         self._reread_ok = 0
+        self._replica_ok = 0
 
     @property
     def compress(self) -> str | None:
@@ -276,92 +306,104 @@ class SwapTier:
             self._write_through(blk, device, dblk, pages)
             return
         n = len(pages)
-        kept: list[bytes | int | None] = [None] * n
         codec = self._codec
+        accept = self._accept
+        compress = codec.compress
+        kept: list[bytes | int | None] = []
         rejects = 0
-        if codec is not None:
-            accept = self._accept
-            for i, page in enumerate(pages):
-                word = same_fill_word(page)
-                if word is not None:
-                    kept[i] = word
-                    continue
-                data = codec.compress(page)
-                if len(data) <= accept:
-                    kept[i] = data
-                else:
-                    rejects += 1
-        to_device = [i for i in range(n) if kept[i] is None]
+        for page in pages:
+            word = same_fill_word(page)
+            if word is not None:
+                kept.append(word)
+                continue
+            data = compress(page)
+            if len(data) <= accept:
+                kept.append(data)
+            else:
+                kept.append(None)
+                rejects += 1
+        to_device = [i for i, p in enumerate(kept) if p is None] if rejects else []
         victims: list[tuple[int, _Entry]] = []
-        with self._cv:
-            while any(blk + i in self._writeback for i in range(n)):
-                self._cv.wait()
-            for i in range(n):
-                self._drop(blk + i)
-                self._bad.pop(blk + i, None)  # rewritten: the block holds new data
+        writing: list[tuple[int, int]] = []
+        seal: Seal | None = None
+        with self._mu:
+            inflight = self._writeback
+            if inflight:
+                while any(blk + i in inflight for i in range(n)):
+                    self._cv.wait()
+            pool, bad = self._pool, self._bad
+            for b in range(blk, blk + n):
+                if b in pool:
+                    self._drop(b)
+                if bad:
+                    bad.pop(b, None)  # rewritten: the block holds new data
+            charged = data_bytes = same = 0
             for i, payload in enumerate(kept):
-                if payload is not None:
-                    self._store(blk + i, (payload, device, dblk + i))
+                if payload is None:
+                    continue
+                pool[blk + i] = (payload, device, dblk + i)
+                if isinstance(payload, bytes):
+                    charged += ENTRY_OVERHEAD + len(payload)
+                    data_bytes += len(payload)
+                else:
+                    charged += ENTRY_OVERHEAD
+                    same += 1
+            self._pool_bytes += charged
+            self._data_bytes += data_bytes
+            self._same += same
+            self._stores += n - rejects
             self._rejects += rejects
-            seal = self._seals.get(id(device))
-            for i in to_device:
-                self._writing[blk + i] = self._writing.get(blk + i, 0) + 1
+            if to_device:
+                seal = self._seals.get(id(device))
+                writing = [(blk + first, count) for first, count in _runs(to_device)]
+                self._writing += writing
             if self._pool_bytes > self._capacity:
                 victims = self._pick_victims()
-        try:
-            if to_device:
+        if to_device:
+            try:
                 self._device_write(device, dblk, pages, to_device, seal)
-        except BaseException:
-            with self._cv:
-                for i in range(n):
-                    self._drop(blk + i)  # a failed write stores nothing
-                self._done_writing(blk, to_device)
-                for b, _ in victims:
-                    self._writeback.pop(b, None)
-                self._cv.notify_all()
-            raise
-        with self._cv:
-            self._done_writing(blk, to_device)
-            self._dev_written += len(to_device)
+            except BaseException:
+                with self._cv:
+                    for i in range(n):
+                        self._drop(blk + i)  # a failed write stores nothing
+                    self._done_writing(writing)
+                    for b, _ in victims:
+                        self._writeback.pop(b, None)
+                    self._cv.notify_all()
+                raise
+            with self._mu:
+                self._done_writing(writing)
+                self._dev_written += len(to_device)
         while victims:
             if not self._write_back(victims):
                 break  # the device refuses: the pool stays over capacity until it heals
-            with self._cv:
+            with self._mu:
                 victims = self._pick_victims() if self._pool_bytes > self._capacity else []
 
     def _write_through(
         self, blk: int, device: BlockDevice, dblk: int, pages: list[memoryview]
     ) -> None:
         """``write`` without a pool: every page sealed and written (the common case,
-        kept short: no pool entries to drop, no writeback to wait for)."""
+        kept short: two lock round trips a run, no pool entries to drop, no
+        writeback to wait for)."""
         n = len(pages)
-        indices = list(range(n))
+        run = (blk, n)
         with self._mu:
             bad = self._bad
             if bad:
                 for b in range(blk, blk + n):
                     bad.pop(b, None)  # rewritten: the block holds new data
             seal = self._seals.get(id(device))
-            writing = self._writing
-            for b in range(blk, blk + n):
-                writing[b] = writing.get(b, 0) + 1
+            self._writing.append(run)
+        done = False
         try:
-            self._device_write(device, dblk, pages, indices, seal)
+            self._device_write(device, dblk, pages, None, seal)
+            done = True
         finally:
             with self._mu:
-                self._done_writing(blk, indices)
-        with self._mu:
-            self._dev_written += n
-
-    def _store(self, blk: int, entry: _Entry) -> None:
-        payload = entry[0]
-        self._pool[blk] = entry
-        self._pool_bytes += _charge(payload)
-        self._stores += 1
-        if isinstance(payload, bytes):
-            self._data_bytes += len(payload)
-        else:
-            self._same += 1
+                self._writing.remove(run)
+                if done:
+                    self._dev_written += n
 
     def _drop(self, blk: int) -> None:
         """Forget the pool entry of ``blk``, if any (tier lock held)."""
@@ -375,34 +417,38 @@ class SwapTier:
         else:
             self._same -= 1
 
-    def _done_writing(self, blk: int, indices: list[int]) -> None:
-        for i in indices:
-            left = self._writing[blk + i] - 1
-            if left:
-                self._writing[blk + i] = left
-            else:
-                del self._writing[blk + i]
+    def _done_writing(self, runs: list[tuple[int, int]]) -> None:
+        """Writes of ``runs`` are over (tier lock held)."""
+        for run in runs:
+            self._writing.remove(run)
+
+    def _in_flight(self, blk: int) -> bool:
+        """True when a device write of ``blk`` is in flight (tier lock held)."""
+        return any(first <= blk < first + count for first, count in self._writing)
 
     def _device_write(
         self,
         device: BlockDevice,
         dblk: int,
         pages: list[memoryview],
-        indices: list[int],
+        indices: list[int] | None,
         seal: Seal | None,
     ) -> None:
+        """Seal and write ``pages[i]`` for ``i`` in ``indices`` (all when None) to their
+        blocks from ``dblk``, one request per run of consecutive indices."""
         size = self.page_size
-        for first, count in _runs(indices):
-            if seal is None or not seal.needs_scratch:
-                if seal is not None:
-                    for k in range(count):
-                        seal.seal(dblk + first + k, pages[first + k])
-                device.write_blocks(dblk + first, pages[first : first + count])
-                continue
-            out = self._scratch.get("sealed", count * size)
-            for k in range(count):
-                out[k * size : (k + 1) * size] = seal.seal(dblk + first + k, pages[first + k])
-            device.write_blocks(dblk + first, [out])
+        runs = [(0, len(pages))] if indices is None else _runs(indices)
+        for first, count in runs:
+            run = pages[first : first + count]
+            if seal is None:
+                device.write_blocks(dblk + first, run)
+            elif not seal.needs_scratch:
+                seal.seal_run(dblk + first, run, None)
+                device.write_blocks(dblk + first, run)
+            else:
+                out = self._scratch.get("sealed", count * size)
+                seal.seal_run(dblk + first, run, out)
+                device.write_blocks(dblk + first, [out])
 
     def _pick_victims(self) -> list[tuple[int, _Entry]]:
         """The oldest entries, not already being written back, whose removal brings the
@@ -451,7 +497,7 @@ class SwapTier:
             with self._mu:
                 seal = self._seals.get(id(device))
             try:
-                self._device_write(device, first, pages, list(range(len(run))), seal)
+                self._device_write(device, first, pages, None, seal)
             except (DeviceError, OSError, ValueError) as error:
                 # The data stays in the pool (over capacity) rather than be lost.
                 log.warning("swap tier: writeback of %d pages failed: %s", len(run), error)
@@ -488,21 +534,178 @@ class SwapTier:
         bad); ``DeviceError`` from the device. Blocks for the device reads.
         """
         pages = _pages(buffers, self.page_size)
-        n = len(pages)
+        if not self._pool and not self._bad:
+            # The common case, without the lock: nothing in the pool, no bad block.
+            # (Neither can gain an entry for these blocks meanwhile: only a write
+            # or a read of them could, and the caller owns them for this read.)
+            self._read_through(blk, device, dblk, buffers, pages)
+            return
         hits: list[tuple[int, bytes | int]] = []
-        from_device: list[int] = []
         with self._mu:
-            for i in range(n):
-                bad = self._bad.get(blk + i)
-                if bad is not None:
-                    raise CorruptPage(bad[0], bad[1], blk + i, "found corrupt before")
-                entry = self._pool.get(blk + i)
-                if entry is None:
-                    from_device.append(i)
+            from_device, seal = self._plan(blk, device, len(pages), hits)
+        if hits:
+            self._fill_hits(pages, hits)
+        if not from_device:
+            return
+        size = self.page_size
+        corrupt: list[int] = []
+        for first, count in _runs(from_device):
+            targets = pages[first : first + count]
+            if seal is not None and seal.needs_scratch:
+                scratch = self._scratch.get("sealed", count * size)
+                device.read_blocks(dblk + first, [scratch])
+                data = [scratch[k * size : (k + 1) * size] for k in range(count)]
+            else:
+                device.read_blocks(dblk + first, targets)
+                data = targets
+            if seal is not None:
+                corrupt += self._check_run(device, seal, dblk, first, data, targets)
+        self._read_done(blk, device, dblk, pages, len(from_device), corrupt)
+
+    def _read_through(
+        self,
+        blk: int,
+        device: BlockDevice,
+        dblk: int,
+        buffers: Sequence[WritableBuffer],
+        pages: list[memoryview],
+    ) -> None:
+        """``read`` of a run wholly on the device: one request, then the run's check."""
+        seal = self._seals.get(id(device))
+        n = len(pages)
+        if seal is None or not seal.needs_scratch:
+            device.read_blocks(dblk, buffers)
+            data = pages
+        else:
+            size = self.page_size
+            scratch = self._scratch.get("sealed", n * size)
+            device.read_blocks(dblk, [scratch])
+            data = [scratch] if n == 1 else [scratch[k * size : (k + 1) * size] for k in range(n)]
+        corrupt = [] if seal is None else self._check_run(device, seal, dblk, 0, data, pages)
+        self._read_done(blk, device, dblk, pages, n, corrupt)
+
+    def read_many(
+        self,
+        requests: Sequence[tuple[int, BlockDevice, int, Sequence[WritableBuffer]]],
+        run: Callable[[Callable[[int], None], Sequence[int]], None],
+    ) -> list[DeviceError | None]:
+        """Independent reads of runs ``(blk, device, dblk, buffers)``, batched per device.
+
+        Pool hits are decompressed first; the device parts of every request go
+        to each device's own ``read_many`` in one call (one pipeline per Redis
+        node, several preads at once on a file), and the pages are checked and
+        decrypted after. A device without ``read_many`` gets one
+        ``read_blocks`` per part through ``run``. Result ``i``: None, or the
+        ``DeviceError`` (``CorruptPage`` for a page failing its check) of
+        request ``i``. Blocks for the I/O.
+        """
+        size = self.page_size
+        n = len(requests)
+        errors: list[DeviceError | None] = [None] * n
+        plans: list[tuple[list[memoryview], list[int], Seal | None]] = [
+            (_pages(buffers, size), [], None) for _, _, _, buffers in requests
+        ]
+        hits: list[list[tuple[int, bytes | int]]] = [[] for _ in range(n)]
+        with self._mu:
+            for i, (blk, device, _, _) in enumerate(requests):
+                pages = plans[i][0]
+                try:
+                    from_device, seal = self._plan(blk, device, len(pages), hits[i])
+                except CorruptPage as error:
+                    errors[i] = error
+                    continue
+                plans[i] = (pages, from_device, seal)
+        for i, found in enumerate(hits):
+            if found and errors[i] is None:
+                self._fill_hits(plans[i][0], found)
+        # The device parts: (request, first page, count, read buffer) grouped by device.
+        scratch_pages = sum(
+            len(plan[1]) for plan in plans if plan[2] is not None and plan[2].needs_scratch
+        )
+        scratch = self._scratch.get("many", scratch_pages * size) if scratch_pages else None
+        used = 0
+        groups: dict[int, tuple[BlockDevice, list[tuple[int, int, int, list[memoryview]]]]] = {}
+        for i, (pages, from_device, seal) in enumerate(plans):
+            if not from_device or errors[i] is not None:
+                continue
+            device = requests[i][1]
+            parts = groups.setdefault(id(device), (device, []))[1]
+            for first, count in _runs(from_device):
+                if seal is not None and seal.needs_scratch:
+                    assert scratch is not None
+                    area = scratch[used * size : (used + count) * size]
+                    used += count
+                    data = [area[k * size : (k + 1) * size] for k in range(count)]
                 else:
-                    hits.append((i, entry[0]))
-            seal = self._seals.get(id(device))
-            self._hits += len(hits)
+                    data = pages[first : first + count]
+                parts.append((i, first, count, data))
+        for device, parts in groups.values():
+            items = [(requests[i][2] + first, data) for i, first, _, data in parts]
+            many = getattr(device, "read_many", None)
+            if many is not None:
+                results: list[DeviceError | None] = many(items, run)
+            else:
+                results = _read_blocks_each(device, items, run)
+            for part, failed in zip(parts, results, strict=True):
+                if failed is not None and errors[part[0]] is None:
+                    errors[part[0]] = failed
+        # Check and decrypt, then count and retire, request by request.
+        for device, parts in groups.values():
+            corrupt_of: dict[int, list[int]] = {}
+            for i, first, count, data in parts:
+                if errors[i] is not None:
+                    continue
+                seal = plans[i][2]
+                targets = plans[i][0][first : first + count]
+                if seal is None:
+                    continue
+                try:
+                    bad = self._check_run(device, seal, requests[i][2], first, data, targets)
+                except DeviceError as failed:  # a re-read failed, or the key is spent
+                    errors[i] = failed
+                    continue
+                corrupt_of.setdefault(i, []).extend(bad)
+            for i in {part[0] for part in parts}:
+                if errors[i] is not None:
+                    continue
+                blk, _, dblk, _ = requests[i]
+                try:
+                    self._read_done(
+                        blk, device, dblk, plans[i][0], len(plans[i][1]), corrupt_of.get(i, [])
+                    )
+                except CorruptPage as corrupt:
+                    errors[i] = corrupt
+        return errors
+
+    def _plan(
+        self, blk: int, device: BlockDevice, n: int, hits: list[tuple[int, bytes | int]]
+    ) -> tuple[list[int], Seal | None]:
+        """Split a read of ``n`` pages at ``blk``: pool hits appended to ``hits`` as
+        (index, payload); returns the indices left for the device and its seal.
+        ``CorruptPage`` for a block known bad. Tier lock held."""
+        pool = self._pool
+        bad = self._bad
+        if not pool and not bad:
+            return list(range(n)), self._seals.get(id(device))
+        from_device: list[int] = []
+        for i in range(n):
+            if bad:
+                found = bad.get(blk + i)
+                if found is not None:
+                    raise CorruptPage(found[0], found[1], blk + i, "found corrupt before")
+            entry = pool.get(blk + i)
+            if entry is None:
+                from_device.append(i)
+            else:
+                hits.append((i, entry[0]))
+                # The page is about to be resident: its entry is the least useful
+                # while it is, so it is the first to be written back.
+                pool.move_to_end(blk + i, last=False)
+        self._hits += n - len(from_device)
+        return from_device, self._seals.get(id(device))
+
+    def _fill_hits(self, pages: list[memoryview], hits: list[tuple[int, bytes | int]]) -> None:
+        """Decompress (or refill) the pool hits ``_plan`` found into their pages."""
         codec = self._codec
         for i, payload in hits:
             if isinstance(payload, int):
@@ -510,33 +713,83 @@ class SwapTier:
             else:
                 assert codec is not None
                 codec.decompress_into(payload, pages[i])
-        if not from_device:
-            return
+
+    def _check_run(
+        self,
+        device: BlockDevice,
+        seal: Seal,
+        dblk: int,
+        first: int,
+        data: list[memoryview],
+        targets: list[memoryview],
+    ) -> list[int]:
+        """Unseal pages ``first ..`` of a read at device block ``dblk`` from ``data`` into
+        ``targets``; the indices of those that fail even when read again and from
+        every replica."""
+        failed = seal.unseal_run(dblk + first, data, targets)
+        if not failed:
+            return []
         corrupt: list[int] = []
-        for first, count in _runs(from_device):
-            targets = pages[first : first + count]
-            if seal is not None and seal.needs_scratch:
-                scratch = self._scratch.get("sealed", count * self.page_size)
-                device.read_blocks(dblk + first, [scratch])
-                data = [
-                    scratch[k * self.page_size : (k + 1) * self.page_size] for k in range(count)
-                ]
+        for k in failed:
+            how = self._recover(device, seal, dblk + first + k, data[k], targets[k])
+            if how is None:
+                corrupt.append(first + k)
             else:
-                device.read_blocks(dblk + first, targets)
-                data = targets
-            if seal is None:
-                continue
-            for k in range(count):
-                if not seal.unseal(dblk + first + k, data[k], targets[k]):
-                    # Read the block once more: corruption on the way is not rot at rest.
-                    device.read_blocks(dblk + first + k, [data[k]])
-                    if seal.unseal(dblk + first + k, data[k], targets[k]):
-                        with self._mu:
-                            self._reread_ok += 1
-                    else:
-                        corrupt.append(first + k)
+                with self._mu:
+                    self._count_recovered(how)
+        return corrupt
+
+    def _recover(
+        self, device: BlockDevice, seal: Seal, block: int, got: memoryview, out: memoryview
+    ) -> str | None:
+        """A page failed its check: read it once more (damage on the way is not rot at
+        rest), then from each of the device's replicas (``read_replica``). Returns
+        ``"reread"`` or ``"replica"`` when a copy passed (its page is in ``out``),
+        None when none did. Takes no lock (``verify`` calls it with the tier lock held)."""
+        device.read_blocks(block, [got])
+        if seal.unseal(block, got, out):
+            return "reread"
+        read_replica = getattr(device, "read_replica", None)
+        if read_replica is None:
+            return None
+        replica = 0
+        while True:
+            try:
+                if not read_replica(block, [got], replica):
+                    return None
+            except DeviceError as error:
+                log.warning("swap tier: replica %d of %s: %s", replica, device.name, error)
+            else:
+                if seal.unseal(block, got, out):
+                    log.warning(
+                        "swap tier: block %d of %s failed its check; replica %d's copy passed",
+                        block,
+                        device.name,
+                        replica,
+                    )
+                    return "replica"
+            replica += 1
+
+    def _count_recovered(self, how: str) -> None:
+        """Count a page ``_recover`` saved (tier lock held)."""
+        if how == "reread":
+            self._reread_ok += 1
+        else:
+            self._replica_ok += 1
+
+    def _read_done(
+        self,
+        blk: int,
+        device: BlockDevice,
+        dblk: int,
+        pages: list[memoryview],
+        from_device: int,
+        corrupt: list[int],
+    ) -> None:
+        """Count a read's device pages; retire and zero its corrupt pages and raise
+        ``CorruptPage`` for the first."""
         with self._mu:
-            self._dev_read += len(from_device)
+            self._dev_read += from_device
             for i in corrupt:
                 self._bad[blk + i] = (device.name, dblk + i)
             self._corrupt += len(corrupt)
@@ -572,7 +825,7 @@ class SwapTier:
                     assert self._codec is not None
                     self._codec.decompress_into(payload, page)
                 return None
-            if blk in self._writing:
+            if self._in_flight(blk):
                 return None
             seal = self._seals.get(id(device))
             if seal is None:
@@ -582,9 +835,9 @@ class SwapTier:
             self._dev_read += 1
             if seal.unseal(dblk, scratch, page):
                 return None
-            device.read_blocks(dblk, [scratch])  # once more, as a read does
-            if seal.unseal(dblk, scratch, page):
-                self._reread_ok += 1
+            how = self._recover(device, seal, dblk, scratch, page)  # as a read does
+            if how is not None:
+                self._count_recovered(how)
                 return None
             self._bad[blk] = (device.name, dblk)
             self._corrupt += 1
@@ -654,6 +907,7 @@ class SwapTier:
                 device_pages_read=self._dev_read,
                 corrupt_pages=self._corrupt,
                 reread_ok=self._reread_ok,
+                replica_ok=self._replica_ok,
                 bad_pending=len(self._bad),
                 meta_bytes=meta,
                 meta_bytes_per_block=per_block,
