@@ -89,7 +89,7 @@ def move_and_map(vm: VM, obj: VMObject) -> memoryview:
         obj.__class__ = MovedObject
         moved = cast(MovedObject, obj)
         moved._remote = remote
-        moved.closed = False
+        moved._gone = False
     return remote.map()
 
 
@@ -116,6 +116,12 @@ class MovedObject(VMObject):
     """
 
     _remote: MappedObject
+    _gone: bool
+
+    @property
+    def closed(self) -> bool:
+        """Has the object been closed (after the move, by its own ``close``)?"""
+        return self._gone
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
@@ -193,8 +199,8 @@ class MovedObject(VMObject):
 
     def close(self) -> None:
         """Release the object in the pager. Its mapping must not be used afterwards."""
-        if not self.closed:
-            self.closed = True
+        if not self._gone:
+            self._gone = True
             try:
                 self._remote.close()
             except ObjectClosed:
