@@ -116,12 +116,17 @@ class MovedObject(VMObject):
     """
 
     _remote: MappedObject
-    _gone: bool
+    _gone: bool = False
 
     @property
     def closed(self) -> bool:
         """Has the object been closed (after the move, by its own ``close``)?"""
         return self._gone
+
+    def check_open(self) -> None:
+        """Raise ``ObjectClosed`` once the moved object is closed. O(1)."""
+        if self._gone:
+            raise ObjectClosed(f"VM object {self.oid} is closed")
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
