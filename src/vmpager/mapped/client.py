@@ -295,10 +295,23 @@ class PagerProcess:
         region = _Region(obj, base, size)
         raw = (ctypes.c_char * size).from_address(base)
         view = memoryview(raw).cast("B")
-        weakref.finalize(raw, self._unmapped, region)
+        weakref.finalize(raw, self._finalized, region)
         with self._lock:
             self._regions[base] = region
         return view
+
+    def _finalized(self, region: _Region) -> None:
+        """The view's finalizer. It may run from the garbage collector inside a
+        ``_call`` of this thread, which holds the (non-reentrant) lock: then the
+        unmap is done by a thread of its own once the lock is free."""
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            self._unmapped(region)
+            return
+        try:
+            threading.Thread(target=self._unmapped, args=(region,), daemon=True).start()
+        except RuntimeError:  # interpreter shutting down: the pager goes with it
+            U.munmap(region.base, region.size)
 
     def _unmapped(self, region: _Region) -> None:
         with self._lock:
