@@ -303,6 +303,43 @@ class FileDevice:
                 bounce.release()
         self._counters.count_read(nblocks)
 
+    def read_block(self, blk: int, buffer: memoryview) -> None:
+        """``read_blocks(blk, [buffer])`` for one buffer of one block, in one ``preadv``.
+
+        Same checks, results, errors and counters as ``read_blocks``. In
+        direct mode, a writable, contiguous byte memoryview of exactly one
+        block (a frame view) goes to ``preadv`` without the request checks;
+        anything else, an unaligned buffer (``EINVAL``), a short read and
+        cached mode take ``read_blocks``, which then says what is wrong.
+        """
+        fd = self._fd
+        size = self._block_size
+        if (
+            fd < 0
+            or not self._direct
+            or type(buffer) is not memoryview
+            or type(blk) is not int
+            or not 0 <= blk < self._nblocks
+            or buffer.nbytes != size
+            or buffer.readonly
+            or buffer.format != "B"
+            or not buffer.c_contiguous
+        ):
+            self.read_blocks(blk, [buffer])
+            return
+        try:
+            done = os.preadv(fd, [buffer], blk * size)
+        except OSError as error:
+            if error.errno == errno.EINVAL:
+                self.read_blocks(blk, [buffer])  # not aligned: the bounce buffer
+                return
+            self._counters.count_read_error()
+            raise DeviceError(error.errno or errno.EIO, self._name, blk) from error
+        if done != size:
+            self.read_blocks(blk, [buffer])  # short: read again, the careful way
+            return
+        self._counters.count_read(1)
+
     def read_many(
         self,
         requests: Sequence[tuple[int, Sequence[WritableBuffer]]],

@@ -76,6 +76,28 @@ class MemoryDevice:
             offset = end
         self._counters.count_read(nblocks)
 
+    def read_block(self, blk: int, buffer: memoryview) -> None:
+        """``read_blocks(blk, [buffer])`` for one buffer of one block, without the
+        request checks when ``buffer`` is a writable, contiguous byte memoryview of
+        exactly one block inside the device; anything else takes ``read_blocks``."""
+        view = self._view
+        size = self._block_size
+        if (
+            view is None
+            or type(buffer) is not memoryview
+            or type(blk) is not int
+            or not 0 <= blk < self._nblocks
+            or buffer.nbytes != size
+            or buffer.readonly
+            or buffer.format != "B"
+            or not buffer.c_contiguous
+        ):
+            self.read_blocks(blk, [buffer])
+            return
+        offset = blk * size
+        buffer[:] = view[offset : offset + size]
+        self._counters.count_read(1)
+
     def write_blocks(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Copy ``buffers`` into the blocks starting at ``blk``. Never fails with DeviceError."""
         view = self._open_view()

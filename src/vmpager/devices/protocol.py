@@ -12,7 +12,7 @@ suite against any implementation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +22,7 @@ __all__ = [
     "ReadableBuffer",
     "ReplicatedDevice",
     "WritableBuffer",
+    "block_reader",
 ]
 
 #: Buffers the device reads from (write requests).
@@ -118,3 +119,23 @@ class ReplicatedDevice(Protocol):
         when it cannot be read. A copy may be stale: the caller checks it.
         """
         ...
+
+
+def block_reader(device: BlockDevice) -> Callable[[int, memoryview], None]:
+    """The device's way to read one block into one buffer: the page-in of a fault.
+
+    A device may offer ``read_block(blk, buffer)`` beside the ``BlockDevice``
+    methods: the same request as ``read_blocks(blk, [buffer])`` for a buffer
+    of exactly one block, with the same checks, results, errors and
+    counters, but without the per-request generality. Devices without one
+    get ``read_blocks`` with a one-buffer list. O(1).
+    """
+    read_block: Callable[[int, memoryview], None] | None = getattr(device, "read_block", None)
+    if read_block is not None:
+        return read_block
+    read_blocks = device.read_blocks
+
+    def one(blk: int, buffer: memoryview) -> None:
+        read_blocks(blk, [buffer])
+
+    return one

@@ -101,14 +101,7 @@ class SwapPager:
             return 0
         stale.sort()
         count = len(stale)
-        free = self.space.free
-        start = prev = stale[0]
-        for blk in stale:
-            if blk > prev + 1:
-                free(start, prev - start + 1)
-                start = blk
-            prev = blk
-        free(start, prev - start + 1)
+        self.space.free_many(stale)
         stale.clear()
         self._vm.note_swap_freed()
         return count
@@ -187,6 +180,12 @@ class SwapPager:
     # -- page-in --------------------------------------------------------------
 
     def get_pages(self, obj: VMObject, pages: Sequence[Page], reqpage: int) -> PagerResult:
+        if len(pages) == 1:
+            return self._get_page(obj, pages[0])
+        return self._get_run(obj, pages, reqpage)
+
+    def _get_run(self, obj: VMObject, pages: Sequence[Page], reqpage: int) -> PagerResult:
+        """``get_pages`` of any run: one request through ``Kernel.transfer_unlocked``."""
         vm = self._vm
         blk = self.meta.lookup(obj.oid, pages[reqpage].pindex)
         if blk == SWAPBLK_NONE:
@@ -214,6 +213,49 @@ class SwapPager:
         if request.error is not None:
             vm.note_read_error(request.error)
             return PagerResult.ERROR
+        return PagerResult.OK
+
+    def _get_page(self, obj: VMObject, page: Page) -> PagerResult:
+        """``get_pages`` of one page (a random fault): the same transfer, counters,
+        errors and results as ``_get_run``, without the request a run needs. The read is the swap
+        space's ``read_page``, with the VM lock released, the page busy, one read
+        slot and one page of the pager map held, as ``get_pages`` does."""
+        vm = self._vm
+        blk = self.meta.lookup(obj.oid, page.pindex)
+        if blk == SWAPBLK_NONE:
+            return PagerResult.FAIL
+        view = vm.frames.frame_view(page.frame)
+        inflight = vm.inflight
+        pagermap = vm.pagermap
+        inflight.acquire(IOKind.READ)
+        token = pagermap.map_in(1, daemon=vm.in_daemon())
+        err: DeviceError | None = None
+        try:
+            lock = vm.lock
+            lock.release()
+            try:
+                self.space.read_page(blk, view)
+            except CorruptPage as exc:
+                err = vm.name_corrupt(exc, blk, (page,))
+            except DeviceError as exc:
+                err = exc
+            except OSError as exc:
+                err = DeviceError(exc.errno or errno.EIO, "swap", blk, str(exc))
+            finally:
+                lock.acquire()
+        finally:
+            pagermap.map_out(token)
+            inflight.release(IOKind.READ)
+        counters = vm.counters
+        counters.pageins += 1
+        counters.pagein_pages += 1
+        if err is not None:
+            log.error("swap_pager: I/O error - pagein failed; %s", err)
+            counters.read_errors += 1
+            vm.cond.notify_all()
+            vm.note_read_error(err)
+            return PagerResult.ERROR
+        vm.cond.notify_all()
         return PagerResult.OK
 
     def block_of(self, obj: VMObject, pindex: int) -> int:

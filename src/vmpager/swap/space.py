@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
-from vmpager.devices.protocol import BlockDevice, ReadableBuffer, WritableBuffer
+from vmpager.devices.protocol import BlockDevice, ReadableBuffer, WritableBuffer, block_reader
 from vmpager.errors import DeviceError, InvariantViolation
 from vmpager.swap.blist import Blist
 from vmpager.units import check_int
@@ -129,12 +129,25 @@ class SwapSpaceStatistics:
 class _Slot:
     """A device in the space: its block states, counts and (per_device) blist and slice."""
 
-    __slots__ = ("bad", "base", "blist", "device", "draining", "index", "seq", "state", "used")
+    __slots__ = (
+        "bad",
+        "base",
+        "blist",
+        "device",
+        "draining",
+        "index",
+        "read_block",
+        "seq",
+        "state",
+        "used",
+    )
 
     def __init__(self, index: int, seq: int, device: BlockDevice, base: int) -> None:
         self.index = index
         self.seq = seq  # swapon order: the round-robin order of per_device allocation
         self.device = device
+        #: The device's one-block read (``block_reader``): ``read_page``'s way in.
+        self.read_block = block_reader(device)
         self.base = base
         self.state: npt.NDArray[np.uint8] = np.zeros(device.nblocks, dtype=np.uint8)
         self.used = 0
@@ -405,6 +418,27 @@ class SwapSpace:
             self._tier.read(blk, device, dblk, buffers)
             return
         device.read_blocks(dblk, buffers)
+
+    def read_page(self, blk: int, page: memoryview) -> None:
+        """``read(blk, [page])`` for one page of one block: the page-in of a fault.
+
+        Same results and errors as ``read``, without its per-request generality:
+        a memoryview of exactly one block goes to the tier's ``read_page`` or the
+        device's one-block read (``block_reader``); anything else goes through
+        ``read``. Blocks for the I/O; the VM lock need not be held.
+        """
+        if type(blk) is not int or blk < 0 or type(page) is not memoryview:
+            self.read(blk, [page])
+            return
+        if page.nbytes != self._block_size:
+            self.read(blk, [page])
+            return
+        slot, dblk, _ = self._where(blk)
+        tier = self._tier
+        if tier is not None:
+            tier.read_page(blk, slot.device, dblk, page)
+        else:
+            slot.read_block(dblk, page)
 
     def read_many(
         self,
@@ -746,6 +780,99 @@ class SwapSpace:
                 return
         self._free_pieces(pieces)
         self._sizecheck()
+
+    def free_many(self, blocks: Sequence[int]) -> None:
+        """Give back allocated ``blocks`` (sorted, no repeats): ``free`` of each run of
+        consecutive blocks among them, in one call.
+
+        The same end state, statistics, retirements (blocks the tier found
+        corrupt are marked bad) and log messages as those ``free`` calls; the
+        checks are made for all blocks at once, before anything changes. A
+        list that is not strictly increasing, a block that does not exist or
+        is not allocated, and the stripe layout take the ``free`` calls one
+        run at a time (so the error is ``free``'s). Cost: O(len(blocks)) in
+        numpy, plus one blist free per run.
+        """
+        if not blocks:
+            return
+        if self._layout != "per_device" or not self._by_base:
+            self._free_runs(blocks)
+            return
+        array = np.asarray(blocks)
+        if (
+            array.dtype.kind not in "iu"
+            or array.ndim != 1
+            or int(array[0]) < 0
+            or (len(array) > 1 and not bool((array[1:] > array[:-1]).all()))
+        ):
+            self._free_runs(blocks)
+            return
+        array = array.astype(np.int64, copy=False)
+        parts = self._by_slot(array)
+        if parts is None:
+            self._free_runs(blocks)
+            return
+        if self._tier is not None:
+            retired = self._tier.freed_blocks(array.tolist())
+            if retired:
+                # Blocks whose pages were found corrupt are not handed out again.
+                for bad in retired:
+                    self.mark_bad(bad, 1)
+                array = np.setdiff1d(array, np.asarray(retired, dtype=np.int64))
+                parts = self._by_slot(array)
+                assert parts is not None
+        for slot, dblks in parts:
+            count = len(dblks)
+            if not count:
+                continue
+            slot.state[dblks] = _FREE
+            slot.used -= count
+            self._used -= count
+            self._blocks_freed += count
+            assert slot.blist is not None
+            free = slot.blist.free
+            breaks = np.flatnonzero(dblks[1:] != dblks[:-1] + 1).tolist()
+            starts = dblks[[0, *(b + 1 for b in breaks)]].tolist()
+            ends = dblks[[*breaks, count - 1]].tolist()
+            for start, end in zip(starts, ends, strict=True):
+                free(start, end - start + 1)
+            if not slot.draining:
+                self._free += count
+        self._sizecheck()
+
+    def _by_slot(
+        self, array: npt.NDArray[np.int64]
+    ) -> list[tuple[_Slot, npt.NDArray[np.int64]]] | None:
+        """per_device: sorted global blocks as (slot, device blocks) per device, or
+        None when one does not exist or is not allocated."""
+        if not len(array):
+            return []
+        bases = self._bases
+        if len(bases) == 1:
+            slots = [(self._by_base[0], array)]
+        else:
+            where = np.searchsorted(np.asarray(bases, dtype=np.int64), array, side="right") - 1
+            if int(where[0]) < 0:
+                return None
+            cuts = np.flatnonzero(where[1:] != where[:-1]) + 1
+            slots = [
+                (self._by_base[int(where[a])], array[a:b])
+                for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(array)], strict=True)
+            ]
+        parts: list[tuple[_Slot, npt.NDArray[np.int64]]] = []
+        for slot, global_blocks in slots:
+            dblks = global_blocks - slot.base
+            if int(dblks[0]) < 0 or int(dblks[-1]) >= slot.nblocks:
+                return None
+            if not bool((slot.state[dblks] == _USED).all()):
+                return None
+            parts.append((slot, dblks))
+        return parts
+
+    def _free_runs(self, blocks: Sequence[int]) -> None:
+        """``free`` of each run of consecutive numbers in ``blocks``, in order."""
+        for start, length in _runs_of_numbers(list(blocks)):
+            self.free(start, length)
 
     def _free_pieces(self, pieces: list[tuple[_Slot, int, int]]) -> None:
         for slot, dblk, length in pieces:

@@ -48,7 +48,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from vmpager.devices.protocol import BlockDevice, ReadableBuffer, WritableBuffer
+from vmpager.devices.protocol import BlockDevice, ReadableBuffer, WritableBuffer, block_reader
 from vmpager.errors import CorruptPage, DeviceError, InvariantViolation
 from vmpager.tiers.codec import Codec, fill_word, same_fill_word
 from vmpager.tiers.seal import Checksum, Encryption, Seal
@@ -236,6 +236,8 @@ class SwapTier:
         self._data_bytes = 0
         self._same = 0
         self._seals: dict[int, Seal] = {}  # by id(device)
+        #: Each device's one-block read (``block_reader``), by id(device).
+        self._readers: dict[int, Callable[[int, memoryview], None]] = {}
         #: Device writes in flight: (first global block, count), one entry per run.
         self._writing: list[tuple[int, int]] = []
         self._writeback: dict[int, BlockDevice] = {}  # global blocks being written back
@@ -274,6 +276,7 @@ class SwapTier:
         with self._mu:
             if seal is not None:
                 self._seals[id(device)] = seal
+            self._readers[id(device)] = block_reader(device)
 
     def device_removed(self, device: BlockDevice) -> None:
         """A device left the swap space (none of its blocks in use): forget its metadata.
@@ -285,6 +288,7 @@ class SwapTier:
             while any(d is device for d in self._writeback.values()):
                 self._cv.wait()
             self._seals.pop(id(device), None)
+            self._readers.pop(id(device), None)
             stale = [b for b, (_, d, _) in self._pool.items() if d is device]
             for blk in stale:
                 self._drop(blk)
@@ -561,6 +565,34 @@ class SwapTier:
             if seal is not None:
                 corrupt += self._check_run(device, seal, dblk, first, data, targets)
         self._read_done(blk, device, dblk, pages, len(from_device), corrupt)
+
+    def read_page(self, blk: int, device: BlockDevice, dblk: int, page: memoryview) -> None:
+        """``read(blk, device, dblk, [page])`` for one page: the page-in of a fault.
+
+        Same results and errors as ``read``: when nothing is in the pool and no
+        block is bad, and the device's seal checks in place (the checksum), the
+        page is read with the device's one-block read (``block_reader``) and
+        checked; a page that fails its check takes ``read``'s way (read again,
+        then the replicas, then ``CorruptPage``). Anything else (a pool, bad
+        blocks, encryption, a buffer that is not one page) goes through
+        ``read``.
+        """
+        if self._pool or self._bad or type(page) is not memoryview or page.nbytes != self.page_size:
+            self.read(blk, device, dblk, [page])
+            return
+        key = id(device)
+        seal = self._seals.get(key)
+        reader = self._readers.get(key)
+        if reader is None or (seal is not None and seal.needs_scratch):
+            self.read(blk, device, dblk, [page])
+            return
+        reader(dblk, page)
+        if seal is not None and not seal.unseal(dblk, page, page):
+            corrupt = self._check_run(device, seal, dblk, 0, [page], [page])
+            self._read_done(blk, device, dblk, [page], 1, corrupt)
+            return
+        with self._mu:
+            self._dev_read += 1
 
     def _read_through(
         self,
@@ -860,6 +892,22 @@ class SwapTier:
         with self._mu:
             pool, bad = self._pool, self._bad
             for b in range(blk, blk + count):
+                if b in pool:
+                    self._drop(b)
+                if bad and b in bad:
+                    del bad[b]
+                    retired.append(b)
+        return retired
+
+    def freed_blocks(self, blocks: Sequence[int]) -> list[int]:
+        """``freed(b, 1)`` for every block of ``blocks``, under one lock: the blocks
+        among them found corrupt, in the order given. VM lock held; O(len(blocks))."""
+        retired: list[int] = []
+        with self._mu:
+            pool, bad = self._pool, self._bad
+            if not pool and not bad:
+                return retired
+            for b in blocks:
                 if b in pool:
                     self._drop(b)
                 if bad and b in bad:
