@@ -433,7 +433,14 @@ class SwapSpace:
         if page.nbytes != self._block_size:
             self.read(blk, [page])
             return
-        slot, dblk, _ = self._where(blk)
+        by_base = self._by_base
+        if len(by_base) == 1:  # per_device with one device: no search
+            slot = by_base[0]
+            dblk = blk - slot.base
+            if not 0 <= dblk < len(slot.state):
+                slot, dblk, _ = self._where(blk)  # raises: not on any device
+        else:
+            slot, dblk, _ = self._where(blk)
         tier = self._tier
         if tier is not None:
             tier.read_page(blk, slot.device, dblk, page)
