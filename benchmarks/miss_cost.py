@@ -21,22 +21,32 @@ its memory budget. Per pattern (random, zipf), one process:
   and on a loaded machine the µs stretch with the time a thread holding the
   GIL waits for a CPU: compare the shares, or runs at the same load.
 
+* ``calls``: with ``--calls``, a third run of the same phase under cProfile
+  with the page daemon in the faulting thread (``daemon_thread=False``), so
+  the count is deterministic: Python function calls per miss (every call the
+  accesses make, the daemon's included, over the misses) and the functions
+  called most often per miss.
+
 The swap device is a private O_DIRECT file in the temporary directory
 (``--swap file``, as ``benchmarks/paging.py``) or RAM (``--swap ram``: no
 disk wait, the same Python). Usage (from the repository root)::
 
     PYTHONPATH=src python benchmarks/miss_cost.py [--mib 512] [--limit-mib 128]
         [--patterns random,zipf] [--accesses 200000] [--swap file|ram]
-        [--breakdown] [--rate 250] [--output benchmarks/results/miss_cost.json]
+        [--breakdown] [--rate 250] [--calls]
+        [--output benchmarks/results/miss_cost.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import dataclasses
 import json
 import os
 import platform
+import pstats
 import resource
 import shutil
 import signal
@@ -55,6 +65,7 @@ from vmpager.bench import loop
 from vmpager.console import Bar
 from vmpager.devices.file import FileDevice
 from vmpager.devices.memory import MemoryDevice
+from vmpager.vm.config import VMConfig
 from vmpager.workload import Workload
 
 MIB = 1 << 20
@@ -188,12 +199,16 @@ def _run(
     swap_kind: str,
     hit_us: float,
     sampler: list[str] | None,
+    *,
+    count_calls: bool = False,
 ) -> dict[str, Any]:
     npages = mib * MIB // PAGE
     workload = Workload(npages, pattern, accesses=accesses)  # type: ignore[arg-type]
     devices = _swap(swap_kind, 2 * npages)
+    config = dataclasses.replace(VMConfig(), daemon_thread=False) if count_calls else None
+    profile = cProfile.Profile() if count_calls else None
     try:
-        with VM(memory=f"{limit_mib}M", swap=devices) as vm:
+        with VM(memory=f"{limit_mib}M", swap=devices, config=config) as vm:
             obj = vm.allocate(mib * MIB)
             loop.fill(obj, workload, _bar())
             vm.wait_idle()
@@ -211,7 +226,11 @@ def _run(
                     stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1.0)  # let it attach
+            if profile is not None:
+                profile.enable()
             seconds = loop.access(obj, workload, _bar())
+            if profile is not None:
+                profile.disable()
             if proc is not None:
                 proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
                 proc.wait(timeout=60)
@@ -250,6 +269,36 @@ def _run(
             if threads1.get(k, 0.0) - threads0.get(k, 0.0) >= 0.005
         },
     }
+    if profile is not None:
+        stats = pstats.Stats(profile)
+        per_function = sorted(
+            (
+                (entry[1], f"{func[2]} ({func[0].rsplit('vmpager/', 1)[-1]}:{func[1]})")
+                for func, entry in stats.stats.items()  # type: ignore[attr-defined]
+            ),
+            reverse=True,
+        )
+        # Each call is charged to the part of its function, or, for a function
+        # outside vmpager (builtins, the standard library), to its caller's.
+        by_part: collections.Counter[str] = collections.Counter()
+        for func, entry in stats.stats.items():  # type: ignore[attr-defined]
+            part = _part_of(f"({func[0]}:{func[1]})")
+            if part is not None:
+                by_part[part] += entry[1]
+                continue
+            for caller, caller_entry in entry[4].items():
+                by_part[_part_of(f"({caller[0]}:{caller[1]})") or "outside vmpager"] += (
+                    caller_entry[1]
+                )
+        result["calls"] = {
+            "calls_per_miss": round(stats.total_calls / max(misses, 1), 1),  # type: ignore[attr-defined]
+            "calls_per_miss_by_part": {
+                part: round(count / max(misses, 1), 2) for part, count in by_part.most_common()
+            },
+            "top_calls_per_miss": {
+                name: round(count / max(misses, 1), 2) for count, name in per_function[:30]
+            },
+        }
     if raw_path is not None:
         text = Path(raw_path).read_text()
         os.unlink(raw_path)
@@ -300,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swap", choices=("file", "ram"), default="file")
     parser.add_argument("--breakdown", action="store_true", help="also sample with py-spy")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument(
+        "--calls", action="store_true", help="also count function calls per miss (cProfile)"
+    )
     parser.add_argument("--label", default="", help="a name for this run in the output")
     parser.add_argument("--output", help="write the JSON here too")
     args = parser.parse_args(argv)
@@ -322,6 +374,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             runs[-1]["breakdown"] = sampled["breakdown"]
             runs[-1]["breakdown"]["sampled_access_s"] = sampled["access_s"]
+        if args.calls:
+            counted = _run(
+                pattern,
+                args.mib,
+                args.limit_mib,
+                args.accesses,
+                args.swap,
+                hit_us,
+                None,
+                count_calls=True,
+            )
+            runs[-1]["calls"] = counted["calls"]
     report = {
         "benchmark": "miss_cost",
         "label": args.label,
