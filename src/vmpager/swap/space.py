@@ -464,8 +464,9 @@ class SwapSpace:
             return self._read_each_tiered(requests, run)
         groups: dict[int, tuple[BlockDevice, list[int], list[tuple[int, Sequence[WritableBuffer]]]]]
         groups = {}
-        for i, (blk, buffers) in enumerate(requests):
-            device, dblk = self._io_target(blk, buffers)
+        for i, ((_, buffers), (device, dblk)) in enumerate(
+            zip(requests, self._io_targets(requests), strict=True)
+        ):
             group = groups.setdefault(id(device), (device, [], []))
             group[1].append(i)
             group[2].append((dblk, buffers))
@@ -490,8 +491,44 @@ class SwapSpace:
         then checks and decrypts page by page."""
         tier = self._tier
         assert tier is not None
-        items = [(blk, *self._io_target(blk, buffers), buffers) for blk, buffers in requests]
+        items = [
+            (blk, device, dblk, buffers)
+            for (blk, buffers), (device, dblk) in zip(
+                requests, self._io_targets(requests), strict=True
+            )
+        ]
         return tier.read_many(items, run)
+
+    def _io_targets(
+        self, requests: Sequence[tuple[int, Sequence[WritableBuffer]]]
+    ) -> list[tuple[BlockDevice, int]]:
+        """``_io_target`` of every request (the same checks and errors, in order); with
+        one device (per_device) a request of memoryviews inside it is placed without
+        the search and the argument checks."""
+        by_base = self._by_base
+        if len(by_base) != 1:
+            return [self._io_target(blk, buffers) for blk, buffers in requests]
+        slot = by_base[0]
+        device = slot.device
+        base = slot.base
+        nblocks = len(slot.state)
+        size = self._block_size
+        assert size is not None
+        targets: list[tuple[BlockDevice, int]] = []
+        for blk, buffers in requests:
+            if type(blk) is int and base <= blk < base + nblocks:
+                nbytes = 0
+                for buffer in buffers:
+                    if type(buffer) is not memoryview:
+                        break
+                    nbytes += buffer.nbytes
+                else:
+                    dblk = blk - base
+                    if dblk + -(-nbytes // size) <= nblocks:
+                        targets.append((device, dblk))
+                        continue
+            targets.append(self._io_target(blk, buffers))
+        return targets
 
     def write(self, blk: int, buffers: Sequence[ReadableBuffer]) -> None:
         """Write ``buffers`` to the run at global ``blk`` (one device request); see ``read``."""
