@@ -70,6 +70,18 @@ class FramePool:
         self._is_free[frame] = 1
         self._free.append(frame)
 
+    def free_many(self, frames: list[int]) -> None:
+        """``free`` each of ``frames``, in order. O(len(frames)). ValueError on a
+        double free (a frame already free or listed twice), nothing freed then."""
+        is_free = self._is_free
+        for k, frame in enumerate(frames):
+            if is_free[frame]:
+                for earlier in frames[:k]:
+                    is_free[earlier] = 0
+                raise ValueError(f"frame {frame} freed twice")
+            is_free[frame] = 1
+        self._free.extend(frames)
+
     def frame_view(self, frame: int) -> memoryview:
         """A writable view of one frame (no copy)."""
         start = frame * self.page_size

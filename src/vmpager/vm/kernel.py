@@ -40,7 +40,7 @@ from vmpager.vm.config import VMConfig, watermarks
 from vmpager.vm.fault import hold_page
 from vmpager.vm.frames import FramePool
 from vmpager.vm.object import ObjectKind, VMObject, checked_range
-from vmpager.vm.page import QUEUE_NONE, QUEUE_WIRED, Page
+from vmpager.vm.page import QUEUE_INACTIVE, QUEUE_NONE, QUEUE_WIRED, Page
 from vmpager.vm.pagermap import PagerMap
 from vmpager.vm.queues import PageQueues
 from vmpager.vm.registry import PagerRegistry
@@ -613,6 +613,32 @@ class Kernel:
         self.stuck = False
         self.cond.notify_all()
 
+    def free_pages(self, pages: Sequence[Page]) -> None:
+        """``free_page`` for each of ``pages`` (distinct, resident, data elsewhere), with
+        one wake-up for all: the page daemon frees what a scan found clean this way."""
+        if not pages:
+            return
+        queues = self.queues
+        inactive = queues.inactive
+        frames: list[int] = []
+        for page in pages:
+            obj = page.obj
+            if obj.storage is not None:  # mapped objects: vm/storage.py
+                obj.storage.freeing(page)
+            if page.queue == QUEUE_INACTIVE:
+                del inactive[page]
+                page.queue = QUEUE_NONE
+            elif page.queue != QUEUE_NONE:
+                queues.remove(page)
+            if page._dirty:
+                page.dirty = False  # out of the count: its data is dropped or elsewhere
+            del obj.pages[page.pindex]
+            frames.append(page.frame)
+            page.wanted = False
+        self.frames.free_many(frames)
+        self.stuck = False
+        self.cond.notify_all()
+
     def note_swap_freed(self) -> None:
         self.stuck = False
 
@@ -620,8 +646,14 @@ class Kernel:
         """An asynchronous pageout finished: free its pages now if memory is short."""
         if self.frames.free_nframes >= self.pageout_target:
             return
-        for page in pages:
-            self.free_if_clean(page)
+        self.free_pages(
+            [
+                page
+                for page in pages
+                if page.obj.pages.get(page.pindex) is page
+                and not (page._dirty or page.busy or page.writing or page.referenced)
+            ]
+        )
 
     def free_if_clean(self, page: Page) -> bool:
         """Free ``page`` if it is still resident, clean, idle and unreferenced."""
