@@ -346,10 +346,13 @@ class SwapPager:
                 continue
             blk, n = got
             chunk = list(pages[i : i + n])
-            oid = obj.oid
-            for j, page in enumerate(chunk):
-                if self.meta.lookup(oid, page.pindex) != blk + j:
-                    self.meta.build(oid, page.pindex, blk + j)
+            if reserved is None:
+                self._build_runs(chunk, blk)
+            else:
+                oid = obj.oid
+                for j, page in enumerate(chunk):
+                    if self.meta.lookup(oid, page.pindex) != blk + j:
+                        self.meta.build(oid, page.pindex, blk + j)
             results[i : i + n] = self._start_write(chunk, blk, sync=sync)
             i += n
         return results
@@ -375,7 +378,6 @@ class SwapPager:
         self.flush_stale()
         results = [PagerResult.FAIL] * len(pages)
         cluster_max = vm.config.cluster_max_npages
-        meta = self.meta
         i = 0
         count = len(pages)
         while i < count:
@@ -387,13 +389,28 @@ class SwapPager:
                 continue
             blk, n = got
             chunk = list(pages[i : i + n])
-            for j, page in enumerate(chunk):
-                obj = page.obj
-                obj.swap_backed = True
-                meta.build(obj.oid, page.pindex, blk + j)
+            self._build_runs(chunk, blk)
             results[i : i + n] = self._start_write(chunk, blk, sync=sync)
             i += n
         return results
+
+    def _build_runs(self, chunk: list[Page], blk: int) -> None:
+        """Give ``chunk[j]`` block ``blk + j`` in the metadata (its objects become
+        swap-backed): one ``build_run`` per run of consecutive pages of one object."""
+        build_run = self.meta.build_run
+        start = 0
+        count = len(chunk)
+        while start < count:
+            first = chunk[start]
+            obj = first.obj
+            obj.swap_backed = True
+            end = start + 1
+            pindex = first.pindex + 1
+            while end < count and chunk[end].pindex == pindex and chunk[end].obj is obj:
+                end += 1
+                pindex += 1
+            build_run(obj.oid, first.pindex, blk + start, end - start)
+            start = end
 
     def _refuse(self, pages: Sequence[Page]) -> None:
         """No swap for ``pages``: they stay dirty and go back to the active queue."""

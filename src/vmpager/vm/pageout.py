@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from vmpager.vm.object import VMObject
     from vmpager.vm.page import Page
 
-__all__ = ["SCAN_SLICE", "WRITE_ERROR_PASSES", "PageDaemon", "ScanResult"]
+__all__ = ["WRITE_ERROR_PASSES", "PageDaemon", "ScanResult"]
 
 #: Passes ``run_until`` retries after passes whose writes all failed: enough
 #: for a transient fault to clear or for bad blocks to be left behind, few
@@ -75,9 +75,6 @@ class ScanResult:
         return bool(self.deactivated or self.aged) and not self.launder_failures
 
 
-#: Pages of the inactive queue the scan takes at once (see ``PageDaemon.scan``).
-SCAN_SLICE = 256
-
 #: Object order of pages: (object id, page index), computed in C.
 _object_order = attrgetter("obj.oid", "pindex")
 
@@ -100,8 +97,9 @@ class PageDaemon:
     def scan(self, target_free: int, *, asynchronous: bool) -> ScanResult:
         """One pass over the queues, aiming for ``target_free`` free frames.
 
-        The inactive queue is taken from its head in slices (``SCAN_SLICE``
-        pages, and never more than the frames still missing): the decisions
+        The inactive queue is taken from its head in slices (as many pages as
+        the batch being gathered has room for, and never more than the frames
+        still missing): the decisions
         for the pages of a slice are the per-page ones of the module
         docstring, in queue order, and the slice is given up as soon as
         anything may have released the lock (a launder), so every page
@@ -136,7 +134,9 @@ class PageDaemon:
             )
             if short <= 0:
                 break
-            chunk = list(islice(inactive, min(short, budget, SCAN_SLICE)))
+            # A full batch ends the slice (its launder may release the lock): no
+            # more pages than it has room for, so that none are taken in vain.
+            chunk = list(islice(inactive, min(short, budget, max_npages - len(batch))))
             budget -= len(chunk)
             for page in chunk:
                 if page.busy or page.writing:
