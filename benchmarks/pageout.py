@@ -50,8 +50,11 @@ def loadavg() -> list[float]:
     return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
 
 
-def disk_write(directory: str, write_bytes: int, seconds: float, file_mib: int = 1024) -> float:
-    """MiB/s of sequential O_DIRECT writes of ``write_bytes``, one in flight."""
+def disk_write(
+    directory: str, write_bytes: int, seconds: float, file_mib: int = 1024
+) -> tuple[float, float]:
+    """MiB/s of sequential O_DIRECT writes of ``write_bytes``, one in flight, and the
+    CPU time (user + system) per 4 KiB written."""
     fd, path = tempfile.mkstemp(prefix="pageout-bench-", suffix=".dat", dir=directory)
     os.close(fd)
     buf = mmap.mmap(-1, write_bytes)
@@ -60,16 +63,17 @@ def disk_write(directory: str, write_bytes: int, seconds: float, file_mib: int =
         fd = os.open(path, os.O_RDWR | os.O_DIRECT)
         os.ftruncate(fd, file_mib * MIB)
         written = 0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             os.pwritev(fd, [buf], written % (file_mib * MIB))
             written += write_bytes
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
         os.close(fd)
     finally:
         os.unlink(path)
         buf.close()
-    return written / MIB / elapsed
+    return written / MIB / elapsed, 1e6 * cpu / (written / 4096)
 
 
 def pageout_rates(
@@ -146,10 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--phases", choices=("both", "drain", "writer"), default="both", help="for profiling"
     )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a VMConfig field (int or bool), e.g. swap_async_max=8; repeatable",
+    )
     parser.add_argument("--label", default="", help="a name for this tree in the output")
     parser.add_argument("--output", help="write the JSON report here (else stdout)")
     options = parser.parse_args(argv)
-    config = VMConfig()
+    fields: dict[str, Any] = {}
+    for item in options.config:
+        key, _, value = item.partition("=")
+        fields[key] = value == "true" if value in ("true", "false") else int(value)
+    config = VMConfig(**fields)
     write_bytes = config.cluster_max_npages * options.page_size
     report: dict[str, Any] = {
         "benchmark": "pageout bandwidth against the disk's sequential write bandwidth",
@@ -163,15 +178,16 @@ def main(argv: list[str] | None = None) -> int:
             "page_size": options.page_size,
             "write_kib": write_bytes // 1024,
             "swap_dir": options.swap_dir,
+            "vm_config": fields,
         },
         "reps": [],
     }
     for _ in range(options.reps):
         rep: dict[str, Any] = {}
         if not options.no_disk:
-            rep["disk_mib_per_s"] = round(
-                disk_write(options.swap_dir, write_bytes, options.disk_seconds), 1
-            )
+            rate, cpu = disk_write(options.swap_dir, write_bytes, options.disk_seconds)
+            rep["disk_mib_per_s"] = round(rate, 1)
+            rep["disk_cpu_us_per_4k"] = round(cpu, 2)
         rep.update(
             pageout_rates(
                 options.limit_mib, options.swap_dir, options.page_size, config, options.phases

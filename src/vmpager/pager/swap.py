@@ -30,6 +30,7 @@ import errno
 import functools
 import logging
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, TypeAlias
 
 from vmpager.errors import CorruptPage, DeviceError
@@ -55,6 +56,9 @@ log = logging.getLogger("vmpager.swap")
 
 Int64Array: TypeAlias = "npt.NDArray[np.int64]"
 
+
+_owner = attrgetter("obj")
+_frame_of = attrgetter("frame")
 
 #: Smallest run a pageout halves towards. FreeBSD ``swap_pager_putpages``
 #: (2002) stops halving at 4 pages and fails those; here the halving goes on
@@ -464,10 +468,7 @@ class SwapPager:
         vm = self._vm
         n = len(chunk)
         kind = IOKind.WRITE_SYNC if sync else IOKind.WRITE_ASYNC
-        frame_view = vm.frames.frame_view
-        request = IORequest(
-            kind, blk, [frame_view(p.frame) for p in chunk], chunk, self._write_done
-        )
+        request = IORequest(kind, blk, self._frame_buffers(chunk), chunk, self._write_done)
         vm.counters.pageouts += 1
         vm.counters.pageout_pages += n
         vm.counters.note_cluster(n)
@@ -487,6 +488,23 @@ class SwapPager:
             vm.inflight.release(kind)
         return self._finish_write(request)
 
+    def _frame_buffers(self, chunk: list[Page]) -> list[memoryview]:
+        """The frames of ``chunk``, in order, as few views as possible: one per run of
+        consecutive frames (fewer, larger buffers for the swap space and device)."""
+        frames = self._vm.frames
+        view = frames.view
+        size = frames.page_size
+        numbers = list(map(_frame_of, chunk))
+        buffers: list[memoryview] = []
+        start = prev = numbers[0]
+        for frame in numbers[1:]:
+            if frame != prev + 1:
+                buffers.append(view[start * size : (prev + 1) * size])
+                start = frame
+            prev = frame
+        buffers.append(view[start * size : (prev + 1) * size])
+        return buffers
+
     def _write_done(self, request: IORequest[Page]) -> None:
         """Completion of an asynchronous write (engine -> Kernel, lock held)."""
         self._vm.pagermap.map_out(self._async_maps.pop(id(request)))
@@ -497,14 +515,14 @@ class SwapPager:
         vm = self._vm
         err = request.error
         if err is None:
-            for page in request.pages:
-                page.writing = False
-                page.dirty = False
-                state = page.obj.reserve_state
-                if state is not None and state[page.pindex]:
-                    state[page.pindex] = RESERVED_WRITTEN
-                if page.wanted:
-                    page.wanted = False
+            pages = request.pages
+            vm.mark_written(pages)
+            for obj in set(map(_owner, pages)):
+                state = obj.reserve_state
+                if state is not None:
+                    for page in pages:
+                        if page.obj is obj and state[page.pindex]:
+                            state[page.pindex] = RESERVED_WRITTEN
             vm.cond.notify_all()
             if request.kind is IOKind.WRITE_ASYNC:
                 vm.free_written_if_short(request.pages)

@@ -71,8 +71,14 @@ class FramePool:
         self._free.append(frame)
 
     def free_many(self, frames: list[int]) -> None:
-        """``free`` each of ``frames``, in order. O(len(frames)). ValueError on a
-        double free (a frame already free or listed twice), nothing freed then."""
+        """``free`` each of ``frames``. O(len(frames)). ValueError on a double free
+        (a frame already free or listed twice), nothing freed then.
+
+        They are handed out again in the order given (the free list is a
+        stack, so they go onto it reversed): frames that the page daemon
+        frees in pageout order, which is object order, come back in that
+        order to the next pages faulted in, and consecutive pages then sit
+        in consecutive frames, which pageout writes as one buffer."""
         is_free = self._is_free
         for k, frame in enumerate(frames):
             if is_free[frame]:
@@ -80,7 +86,7 @@ class FramePool:
                     is_free[earlier] = 0
                 raise ValueError(f"frame {frame} freed twice")
             is_free[frame] = 1
-        self._free.extend(frames)
+        self._free.extend(reversed(frames))
 
     def frame_view(self, frame: int) -> memoryview:
         """A writable view of one frame (no copy)."""

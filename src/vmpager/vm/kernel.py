@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from vmpager.errors import CorruptPage, DeviceError, ObjectClosed, SwapExhausted
@@ -54,6 +57,13 @@ if TYPE_CHECKING:
 __all__ = ["Kernel"]
 
 log = logging.getLogger("vmpager")
+
+# Page fields read in C-level passes over lists of pages (``free_pages``, ``mark_written``).
+_owner = attrgetter("obj")
+_queue_of = attrgetter("queue")
+_dirty_of = attrgetter("_dirty")
+_pindex_of = attrgetter("pindex")
+_frame_of = attrgetter("frame")
 
 
 class Kernel:
@@ -615,29 +625,54 @@ class Kernel:
 
     def free_pages(self, pages: Sequence[Page]) -> None:
         """``free_page`` for each of ``pages`` (distinct, resident, data elsewhere), with
-        one wake-up for all: the page daemon frees what a scan found clean this way."""
+        one wake-up for all: the page daemon frees what a scan found clean this way.
+
+        Clean inactive pages of ordinary objects (the common case) are freed
+        with C-level passes over the list; any other mix page by page."""
         if not pages:
             return
-        queues = self.queues
-        inactive = queues.inactive
-        frames: list[int] = []
-        for page in pages:
-            obj = page.obj
-            if obj.storage is not None:  # mapped objects: vm/storage.py
-                obj.storage.freeing(page)
-            if page.queue == QUEUE_INACTIVE:
-                del inactive[page]
-                page.queue = QUEUE_NONE
-            elif page.queue != QUEUE_NONE:
-                queues.remove(page)
-            if page._dirty:
-                page.dirty = False  # out of the count: its data is dropped or elsewhere
-            del obj.pages[page.pindex]
-            frames.append(page.frame)
-            page.wanted = False
-        self.frames.free_many(frames)
+        owners = set(map(_owner, pages))
+        if (
+            set(map(_queue_of, pages)) == {QUEUE_INACTIVE}
+            and not any(map(_dirty_of, pages))
+            and all(obj.storage is None for obj in owners)
+        ):
+            deque(map(self.queues.inactive.__delitem__, pages), 0)
+            deque(map(setattr, pages, repeat("queue"), repeat(QUEUE_NONE)), 0)
+            deque(map(setattr, pages, repeat("wanted"), repeat(False)), 0)
+            if len(owners) == 1:
+                (obj,) = owners
+                deque(map(obj.pages.__delitem__, map(_pindex_of, pages)), 0)
+            else:
+                for page in pages:
+                    del page.obj.pages[page.pindex]
+            self.frames.free_many(list(map(_frame_of, pages)))
+        else:
+            queues = self.queues
+            frames: list[int] = []
+            for page in pages:
+                obj = page.obj
+                if obj.storage is not None:  # mapped objects: vm/storage.py
+                    obj.storage.freeing(page)
+                if page.queue != QUEUE_NONE:
+                    queues.remove(page)
+                if page._dirty:
+                    page.dirty = False  # out of the count: its data is dropped or elsewhere
+                del obj.pages[page.pindex]
+                frames.append(page.frame)
+                page.wanted = False
+            self.frames.free_many(frames)
         self.stuck = False
         self.cond.notify_all()
+
+    def mark_written(self, pages: Sequence[Page]) -> None:
+        """``pages`` reached their backing store: clean (the dirty count kept) and no
+        longer being written. Waiters are not notified here. Lock held. O(pages),
+        in C-level passes."""
+        self.ndirty -= sum(map(_dirty_of, pages))
+        deque(map(setattr, pages, repeat("_dirty"), repeat(False)), 0)
+        deque(map(setattr, pages, repeat("writing"), repeat(False)), 0)
+        deque(map(setattr, pages, repeat("wanted"), repeat(False)), 0)
 
     def note_swap_freed(self) -> None:
         self.stuck = False
