@@ -28,7 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import TYPE_CHECKING
 
 from vmpager.errors import CorruptPage, DeviceError, ObjectClosed, SwapExhausted
@@ -64,6 +64,9 @@ _queue_of = attrgetter("queue")
 _dirty_of = attrgetter("_dirty")
 _pindex_of = attrgetter("pindex")
 _frame_of = attrgetter("frame")
+_pages_of = attrgetter("obj.pages")
+_free_state = attrgetter("_dirty", "busy", "writing", "referenced")
+_IDLE_CLEAN = (False, False, False, False)
 
 
 class Kernel:
@@ -681,20 +684,23 @@ class Kernel:
         """An asynchronous pageout finished: free its pages now if memory is short."""
         if self.frames.free_nframes >= self.pageout_target:
             return
-        self.free_pages(
-            [
-                page
-                for page in pages
-                if page.obj.pages.get(page.pindex) is page
-                and not (page._dirty or page.busy or page.writing or page.referenced)
-            ]
-        )
+        pages = list(pages)
+        if list(map(_free_state, pages)).count(_IDLE_CLEAN) != len(pages) or not all(
+            map(is_, map(dict.get, map(_pages_of, pages), map(_pindex_of, pages)), pages)
+        ):
+            pages = [page for page in pages if self._takeable(page)]
+        self.free_pages(pages)
+
+    @staticmethod
+    def _takeable(page: Page) -> bool:
+        """Resident, clean, idle and unreferenced: ``free_if_clean`` may free it."""
+        if page.obj.pages.get(page.pindex) is not page:
+            return False
+        return not (page._dirty or page.busy or page.writing or page.referenced)
 
     def free_if_clean(self, page: Page) -> bool:
         """Free ``page`` if it is still resident, clean, idle and unreferenced."""
-        if page.obj.pages.get(page.pindex) is not page:
-            return False
-        if page.dirty or page.busy or page.writing or page.referenced:
+        if not self._takeable(page):
             return False
         self.free_page(page)
         return True
