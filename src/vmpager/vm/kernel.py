@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from itertools import repeat
-from operator import attrgetter, is_
 from typing import TYPE_CHECKING
 
 from vmpager.errors import CorruptPage, DeviceError, ObjectClosed, SwapExhausted
@@ -57,16 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["Kernel"]
 
 log = logging.getLogger("vmpager")
-
-# Page fields read in C-level passes over lists of pages (``free_pages``, ``mark_written``).
-_owner = attrgetter("obj")
-_queue_of = attrgetter("queue")
-_dirty_of = attrgetter("_dirty")
-_pindex_of = attrgetter("pindex")
-_frame_of = attrgetter("frame")
-_pages_of = attrgetter("obj.pages")
-_free_state = attrgetter("_dirty", "busy", "writing", "referenced")
-_IDLE_CLEAN = (False, False, False, False)
 
 
 class Kernel:
@@ -628,54 +615,43 @@ class Kernel:
 
     def free_pages(self, pages: Sequence[Page]) -> None:
         """``free_page`` for each of ``pages`` (distinct, resident, data elsewhere), with
-        one wake-up for all: the page daemon frees what a scan found clean this way.
-
-        Clean inactive pages of ordinary objects (the common case) are freed
-        with C-level passes over the list; any other mix page by page."""
+        one wake-up for all, and their frames freed together (``FramePool.free_many``:
+        handed out again in ascending order). Lock held."""
         if not pages:
             return
-        owners = set(map(_owner, pages))
-        if (
-            set(map(_queue_of, pages)) == {QUEUE_INACTIVE}
-            and not any(map(_dirty_of, pages))
-            and all(obj.storage is None for obj in owners)
-        ):
-            deque(map(self.queues.inactive.__delitem__, pages), 0)
-            deque(map(setattr, pages, repeat("queue"), repeat(QUEUE_NONE)), 0)
-            deque(map(setattr, pages, repeat("wanted"), repeat(False)), 0)
-            if len(owners) == 1:
-                (obj,) = owners
-                deque(map(obj.pages.__delitem__, map(_pindex_of, pages)), 0)
-            else:
-                for page in pages:
-                    del page.obj.pages[page.pindex]
-            self.frames.free_many(list(map(_frame_of, pages)))
-        else:
-            queues = self.queues
-            frames: list[int] = []
-            for page in pages:
-                obj = page.obj
-                if obj.storage is not None:  # mapped objects: vm/storage.py
-                    obj.storage.freeing(page)
-                if page.queue != QUEUE_NONE:
-                    queues.remove(page)
-                if page._dirty:
-                    page.dirty = False  # out of the count: its data is dropped or elsewhere
-                del obj.pages[page.pindex]
-                frames.append(page.frame)
-                page.wanted = False
-            self.frames.free_many(frames)
+        queues = self.queues
+        inactive = queues.inactive
+        frames: list[int] = []
+        append = frames.append
+        for page in pages:
+            obj = page.obj
+            if obj.storage is not None:  # mapped objects: vm/storage.py
+                obj.storage.freeing(page)
+            if page.queue == QUEUE_INACTIVE:
+                del inactive[page]
+                page.queue = QUEUE_NONE
+            elif page.queue != QUEUE_NONE:
+                queues.remove(page)
+            if page._dirty:
+                page.dirty = False  # out of the count: its data is dropped or elsewhere
+            del obj.pages[page.pindex]
+            append(page.frame)
+            page.wanted = False
+        self.frames.free_many(frames)
         self.stuck = False
         self.cond.notify_all()
 
     def mark_written(self, pages: Sequence[Page]) -> None:
         """``pages`` reached their backing store: clean (the dirty count kept) and no
-        longer being written. Waiters are not notified here. Lock held. O(pages),
-        in C-level passes."""
-        self.ndirty -= sum(map(_dirty_of, pages))
-        deque(map(setattr, pages, repeat("_dirty"), repeat(False)), 0)
-        deque(map(setattr, pages, repeat("writing"), repeat(False)), 0)
-        deque(map(setattr, pages, repeat("wanted"), repeat(False)), 0)
+        longer being written. Waiters are not notified here. Lock held. O(pages)."""
+        cleaned = 0
+        for page in pages:
+            if page._dirty:
+                page._dirty = False
+                cleaned += 1
+            page.writing = False
+            page.wanted = False
+        self.ndirty -= cleaned
 
     def note_swap_freed(self) -> None:
         self.stuck = False
@@ -684,12 +660,8 @@ class Kernel:
         """An asynchronous pageout finished: free its pages now if memory is short."""
         if self.frames.free_nframes >= self.pageout_target:
             return
-        pages = list(pages)
-        if list(map(_free_state, pages)).count(_IDLE_CLEAN) != len(pages) or not all(
-            map(is_, map(dict.get, map(_pages_of, pages), map(_pindex_of, pages)), pages)
-        ):
-            pages = [page for page in pages if self._takeable(page)]
-        self.free_pages(pages)
+        takeable = self._takeable
+        self.free_pages([page for page in pages if takeable(page)])
 
     @staticmethod
     def _takeable(page: Page) -> bool:

@@ -23,9 +23,8 @@ the faulting thread runs the same scan itself with synchronous writes.
 from __future__ import annotations
 
 import threading
-from collections import deque
 from dataclasses import dataclass
-from itertools import islice, repeat
+from itertools import islice
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -78,11 +77,6 @@ class ScanResult:
 
 #: Object order of pages: (object id, page index), computed in C.
 _object_order = attrgetter("obj.oid", "pindex")
-#: What the scan looks at in a page, and the two states a whole slice is often in.
-_scan_state = attrgetter("busy", "writing", "referenced", "_dirty")
-_DIRTY_IDLE = (False, False, False, True)
-_CLEAN_IDLE = (False, False, False, False)
-_owner = attrgetter("obj")
 
 
 class PageDaemon:
@@ -144,25 +138,6 @@ class PageDaemon:
             # more pages than it has room for, so that none are taken in vain.
             chunk = list(islice(inactive, min(short, budget, max_npages - len(batch))))
             budget -= len(chunk)
-            # A slice of one kind (the common case: a run of dirty pages to write,
-            # or of clean ones to free) is handled with C-level passes over it.
-            count = len(chunk)
-            states = list(map(_scan_state, chunk))
-            if states.count(_DIRTY_IDLE) == count:
-                owners = set(map(_owner, chunk))
-                if batching and all(o.pager.batches_pageout(o) for o in owners):
-                    deque(map(move_to_end, chunk), 0)
-                    deque(map(setattr, chunk, repeat("writing"), repeat(True)), 0)
-                    batch.extend(chunk)
-                    if len(batch) >= max_npages:
-                        self._launder_batch(batch, asynchronous, result)
-                        batch = []
-                        last_obj = None  # the lock may have been released
-                    continue
-            elif states.count(_CLEAN_IDLE) == count:
-                vm.free_pages(chunk)
-                result.freed += count
-                continue
             for page in chunk:
                 if page.busy or page.writing:
                     move_to_end(page)
