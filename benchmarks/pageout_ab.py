@@ -45,6 +45,8 @@ def run_one(src: str, extra: list[str]) -> dict[str, Any]:
         os.unlink(out)
     rep: dict[str, Any] = report["reps"][0]
     rep["loadavg"] = report["loadavg_start"]
+    rep["machine"] = report["machine"]
+    rep["config"] = report["config"]
     return rep
 
 
@@ -68,6 +70,10 @@ def main() -> int:
     for _ in range(options.pairs):
         for name in ("before", "after"):
             rep = run_one(getattr(options, name), options.extra)
+            report.setdefault("machine", rep.pop("machine"))
+            report.setdefault("config", rep.pop("config"))
+            rep.pop("machine", None)
+            rep.pop("config", None)
             report["runs"][name].append(rep)
             print(name, json.dumps(rep), file=sys.stderr)
     keys = [
