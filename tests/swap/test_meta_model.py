@@ -129,9 +129,7 @@ class SwapMetaMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.model)
     @rule(data=st.data(), before=st.integers(0, 20), after=st.integers(0, 20))
-    def build_run_same_block_is_refused(
-        self, data: st.DataObject, before: int, after: int
-    ) -> None:
+    def build_run_same_block_is_refused(self, data: st.DataObject, before: int, after: int) -> None:
         """A run that would give one page the block it has changes nothing."""
         (oid, pindex), blk = data.draw(st.sampled_from(sorted(self.model.items())))
         before = min(before, pindex, blk)
