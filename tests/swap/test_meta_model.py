@@ -111,6 +111,37 @@ class SwapMetaMachine(RuleBasedStateMachine):
             self.model[(oid, pindex)] = blk
         self.expect_freed(olds, coalesced=False)
 
+    @rule(
+        oid=OIDS,
+        start=st.one_of(st.integers(0, 200), st.integers(2**40 - 20, 2**40 + 40)),
+        n=st.integers(0, 70),
+        far=st.booleans(),
+    )
+    def build_run_at_once(self, oid: int, start: int, n: int, far: bool) -> None:
+        """``build_run``: the same end state and frees as ``build`` page by page, the
+        old blocks given back in runs."""
+        blks = self.fresh(n, far)
+        olds = [self.model[(oid, p)] for p in range(start, start + n) if (oid, p) in self.model]
+        self.meta.build_run(oid, start, blks[0] if blks else 0, n)
+        for pindex, blk in zip(range(start, start + n), blks, strict=True):
+            self.model[(oid, pindex)] = blk
+        self.expect_freed(olds, coalesced=True)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), before=st.integers(0, 20), after=st.integers(0, 20))
+    def build_run_same_block_is_refused(self, data: st.DataObject, before: int, after: int) -> None:
+        """A run that would give one page the block it has changes nothing."""
+        (oid, pindex), blk = data.draw(st.sampled_from(sorted(self.model.items())))
+        before = min(before, pindex, blk)
+        after = min(after, 2**63 - 1 - pindex)
+        try:
+            self.meta.build_run(oid, pindex - before, blk - before, before + 1 + after)
+        except ValueError as exc:
+            assert "blk" in str(exc)
+        else:
+            raise AssertionError("building the block a page already has was accepted")
+        self.expect_freed([], coalesced=False)
+
     @precondition(lambda self: self.held)
     @rule(oid=OIDS, pindex=PINDEXES)
     def build_held(self, oid: int, pindex: int) -> None:

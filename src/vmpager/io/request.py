@@ -31,8 +31,9 @@ class IOKind(enum.Enum):
 class IORequest(Generic[PayloadT]):
     """One contiguous device transfer of whole pages.
 
-    ``buffers`` are frame views (one per page) covering blocks
-    ``blk .. blk + len(buffers) - 1``; ``pages`` is the payload of the pager
+    ``buffers`` are frame views covering blocks ``blk ..`` in order, each a
+    whole number of pages: one per page, or (a pageout) one per run of pages
+    in consecutive frames; ``pages`` is the payload of the pager
     that made the request (the pages the buffers belong to, busy for the life
     of the request), which the I/O layer never looks at. ``iodone`` runs under the VM lock when
     the transfer ends, with ``error`` set on failure.
@@ -50,7 +51,8 @@ class IORequest(Generic[PayloadT]):
 
     @property
     def npages(self) -> int:
-        return len(self.buffers)
+        """Pages transferred: the payload's, or one per buffer without a payload."""
+        return len(self.pages) or len(self.buffers)
 
     @property
     def is_write(self) -> bool:

@@ -30,6 +30,7 @@ import errno
 import functools
 import logging
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, TypeAlias
 
 from vmpager.errors import CorruptPage, DeviceError
@@ -55,6 +56,9 @@ log = logging.getLogger("vmpager.swap")
 
 Int64Array: TypeAlias = "npt.NDArray[np.int64]"
 
+
+_owner = attrgetter("obj")
+_frame_of = attrgetter("frame")
 
 #: Smallest run a pageout halves towards. FreeBSD ``swap_pager_putpages``
 #: (2002) stops halving at 4 pages and fails those; here the halving goes on
@@ -388,10 +392,13 @@ class SwapPager:
                 continue
             blk, n = got
             chunk = list(pages[i : i + n])
-            oid = obj.oid
-            for j, page in enumerate(chunk):
-                if self.meta.lookup(oid, page.pindex) != blk + j:
-                    self.meta.build(oid, page.pindex, blk + j)
+            if reserved is None:
+                self._build_runs(chunk, blk)
+            else:
+                oid = obj.oid
+                for j, page in enumerate(chunk):
+                    if self.meta.lookup(oid, page.pindex) != blk + j:
+                        self.meta.build(oid, page.pindex, blk + j)
             results[i : i + n] = self._start_write(chunk, blk, sync=sync)
             i += n
         return results
@@ -417,7 +424,6 @@ class SwapPager:
         self.flush_stale()
         results = [PagerResult.FAIL] * len(pages)
         cluster_max = vm.config.cluster_max_npages
-        meta = self.meta
         i = 0
         count = len(pages)
         while i < count:
@@ -429,13 +435,28 @@ class SwapPager:
                 continue
             blk, n = got
             chunk = list(pages[i : i + n])
-            for j, page in enumerate(chunk):
-                obj = page.obj
-                obj.swap_backed = True
-                meta.build(obj.oid, page.pindex, blk + j)
+            self._build_runs(chunk, blk)
             results[i : i + n] = self._start_write(chunk, blk, sync=sync)
             i += n
         return results
+
+    def _build_runs(self, chunk: list[Page], blk: int) -> None:
+        """Give ``chunk[j]`` block ``blk + j`` in the metadata (its objects become
+        swap-backed): one ``build_run`` per run of consecutive pages of one object."""
+        build_run = self.meta.build_run
+        start = 0
+        count = len(chunk)
+        while start < count:
+            first = chunk[start]
+            obj = first.obj
+            obj.swap_backed = True
+            end = start + 1
+            pindex = first.pindex + 1
+            while end < count and chunk[end].pindex == pindex and chunk[end].obj is obj:
+                end += 1
+                pindex += 1
+            build_run(obj.oid, first.pindex, blk + start, end - start)
+            start = end
 
     def _refuse(self, pages: Sequence[Page]) -> None:
         """No swap for ``pages``: they stay dirty and go back to the active queue."""
@@ -489,10 +510,7 @@ class SwapPager:
         vm = self._vm
         n = len(chunk)
         kind = IOKind.WRITE_SYNC if sync else IOKind.WRITE_ASYNC
-        frame_view = vm.frames.frame_view
-        request = IORequest(
-            kind, blk, [frame_view(p.frame) for p in chunk], chunk, self._write_done
-        )
+        request = IORequest(kind, blk, self._frame_buffers(chunk), chunk, self._write_done)
         vm.counters.pageouts += 1
         vm.counters.pageout_pages += n
         vm.counters.note_cluster(n)
@@ -512,6 +530,23 @@ class SwapPager:
             vm.inflight.release(kind)
         return self._finish_write(request)
 
+    def _frame_buffers(self, chunk: list[Page]) -> list[memoryview]:
+        """The frames of ``chunk``, in order, as few views as possible: one per run of
+        consecutive frames (fewer, larger buffers for the swap space and device)."""
+        frames = self._vm.frames
+        view = frames.view
+        size = frames.page_size
+        numbers = list(map(_frame_of, chunk))
+        buffers: list[memoryview] = []
+        start = prev = numbers[0]
+        for frame in numbers[1:]:
+            if frame != prev + 1:
+                buffers.append(view[start * size : (prev + 1) * size])
+                start = frame
+            prev = frame
+        buffers.append(view[start * size : (prev + 1) * size])
+        return buffers
+
     def _write_done(self, request: IORequest[Page]) -> None:
         """Completion of an asynchronous write (engine -> Kernel, lock held)."""
         self._vm.pagermap.map_out(self._async_maps.pop(id(request)))
@@ -522,14 +557,14 @@ class SwapPager:
         vm = self._vm
         err = request.error
         if err is None:
-            for page in request.pages:
-                page.writing = False
-                page.dirty = False
-                state = page.obj.reserve_state
-                if state is not None and state[page.pindex]:
-                    state[page.pindex] = RESERVED_WRITTEN
-                if page.wanted:
-                    page.wanted = False
+            pages = request.pages
+            vm.mark_written(pages)
+            for obj in set(map(_owner, pages)):
+                state = obj.reserve_state
+                if state is not None:
+                    for page in pages:
+                        if page.obj is obj and state[page.pindex]:
+                            state[page.pindex] = RESERVED_WRITTEN
             vm.cond.notify_all()
             if request.kind is IOKind.WRITE_ASYNC:
                 vm.free_written_if_short(request.pages)

@@ -36,6 +36,7 @@ every call, as FreeBSD 2002 runs these routines under Giant at splvm.
 
 from __future__ import annotations
 
+import operator
 import sys
 from array import array
 from collections.abc import Callable, Iterator
@@ -279,6 +280,92 @@ class SwapMeta:
             self._total += 1
         else:
             self._free_blocks(old, 1)
+
+    def build_run(self, oid: int, pindex: int, blk: int, count: int) -> None:
+        """``build(oid, pindex + k, blk + k)`` for every ``k < count``: a run of
+        pages gets a run of consecutive blocks (the pageout of a cluster).
+
+        Blocks the pages had before are freed through ``free_blocks``
+        (consecutive ones in one call). All or nothing: a page given the
+        block it already has is a ``ValueError`` before anything changes.
+        O(count / 16): one slice of the blocks per chunk.
+        """
+        if type(oid) is not int or oid >> _VALUE_BITS:
+            oid = _check_value(oid, "oid")
+        if type(pindex) is not int or pindex >> _VALUE_BITS:
+            pindex = _check_value(pindex, "pindex")
+        if type(blk) is not int or blk >> _VALUE_BITS:
+            blk = _check_value(blk, "blk")
+        count = check_int(count, "count", minimum=0, maximum=_VALUE_MAX + 1 - max(pindex, blk))
+        if count <= 1:
+            if count:
+                self.build(oid, pindex, blk)
+            return
+        obj = self._objects.get(oid)
+        end = pindex + count
+        wide = blk + count - 1 > _INT32_MAX
+        if obj is not None and obj.blocks.typecode == "q":
+            wide = True
+        new = array("q" if wide else "i", range(blk, blk + count))
+        if obj is not None:
+            # Refuse before any change: a page given the block it has.
+            leaves = obj.leaves
+            blocks = obj.blocks
+            p = pindex
+            while p < end:
+                chunk = p >> _CHUNK_SHIFT
+                stop = min(end, (chunk + 1) << _CHUNK_SHIFT)
+                leaf = leaves.get(chunk >> _LEAF_SHIFT)
+                if leaf is not None and (slot := leaf[chunk & _LEAF_MASK]) >= 0:
+                    base = (slot << _CHUNK_SHIFT) - (chunk << _CHUNK_SHIFT)
+                    olds = blocks[base + p : base + stop]
+                    wanted = new[p - pindex : stop - pindex]
+                    if any(map(operator.eq, olds, wanted)):
+                        k = [a == b for a, b in zip(olds, wanted, strict=True)].index(True)
+                        raise ValueError(
+                            f"blk {olds[k]} is already assigned to oid {oid} pindex {p + k}"
+                        )
+                p = stop
+            if wide and obj.blocks.typecode == "i":
+                obj.blocks = array("q", obj.blocks)
+        else:
+            obj = self._objects[oid] = _ObjectMeta()
+            if wide:
+                obj.blocks = array("q")
+        leaves = obj.leaves
+        blocks = obj.blocks
+        empty_chunk = _EMPTY_CHUNK_I if blocks.typecode == "i" else _EMPTY_CHUNK_Q
+        counts = obj.counts
+        freed: list[int] = []
+        added = 0
+        p = pindex
+        while p < end:
+            chunk = p >> _CHUNK_SHIFT
+            stop = min(end, (chunk + 1) << _CHUNK_SHIFT)
+            leaf = leaves.get(chunk >> _LEAF_SHIFT)
+            if leaf is None:
+                leaf = leaves[chunk >> _LEAF_SHIFT] = array("i", _EMPTY_LEAF)
+            slot = leaf[chunk & _LEAF_MASK]
+            if slot < 0:
+                slot = len(counts)
+                blocks.frombytes(empty_chunk)
+                counts.append(0)
+                obj.owners.append(chunk)
+                leaf[chunk & _LEAF_MASK] = slot
+                leaf[_LEAF_COUNT] += 1
+            i = (slot << _CHUNK_SHIFT) | (p & _CHUNK_MASK)
+            n = stop - p
+            olds = blocks[i : i + n]
+            blocks[i : i + n] = new[p - pindex : stop - pindex]
+            empty = olds.count(SWAPBLK_NONE)
+            if empty != n:
+                freed.extend(x for x in olds if x >= 0)
+            counts[slot] += empty
+            added += empty
+            p = stop
+        obj.npages += added
+        self._total += added
+        self._free_coalesced(freed)
 
     def lookup(self, oid: int, pindex: int) -> int:
         """The block of page ``pindex`` of ``oid``, or ``SWAPBLK_NONE``. O(1)."""

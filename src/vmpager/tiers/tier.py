@@ -307,7 +307,7 @@ class SwapTier:
         """
         pages = _pages(buffers, self.page_size)
         if self._codec is None:
-            self._write_through(blk, device, dblk, pages)
+            self._write_through(blk, device, dblk, pages, buffers)
             return
         n = len(pages)
         codec = self._codec
@@ -385,11 +385,18 @@ class SwapTier:
                 victims = self._pick_victims() if self._pool_bytes > self._capacity else []
 
     def _write_through(
-        self, blk: int, device: BlockDevice, dblk: int, pages: list[memoryview]
+        self,
+        blk: int,
+        device: BlockDevice,
+        dblk: int,
+        pages: list[memoryview],
+        buffers: Sequence[ReadableBuffer],
     ) -> None:
         """``write`` without a pool: every page sealed and written (the common case,
         kept short: two lock round trips a run, no pool entries to drop, no
-        writeback to wait for)."""
+        writeback to wait for). ``pages`` are ``buffers`` cut into pages; a seal
+        that writes the pages themselves hands the device ``buffers`` (fewer,
+        larger views when a pageout's frames are consecutive)."""
         n = len(pages)
         run = (blk, n)
         with self._mu:
@@ -401,7 +408,13 @@ class SwapTier:
             self._writing.append(run)
         done = False
         try:
-            self._device_write(device, dblk, pages, None, seal)
+            if seal is None:
+                device.write_blocks(dblk, buffers)
+            elif not seal.needs_scratch:
+                seal.seal_run(dblk, pages, None)
+                device.write_blocks(dblk, buffers)
+            else:
+                self._device_write(device, dblk, pages, None, seal)
             done = True
         finally:
             with self._mu:

@@ -70,6 +70,27 @@ class FramePool:
         self._is_free[frame] = 1
         self._free.append(frame)
 
+    def free_many(self, frames: list[int]) -> None:
+        """``free`` each of ``frames``. ValueError on a double free
+        (a frame already free or listed twice), nothing freed then.
+
+        They are handed out again in ascending order (the free list is a
+        stack: they go onto it in descending order). The page daemon frees
+        the frames of a pageout together, and the next pages faulted in, in
+        their order, get them in frame order: consecutive pages then tend to
+        sit in consecutive frames, which a pageout writes as one buffer
+        (frames freed and reused in any other order scatter a stream's
+        pages over the arena for good). O(n log n) for n frames.
+        """
+        is_free = self._is_free
+        for k, frame in enumerate(frames):
+            if is_free[frame]:
+                for earlier in frames[:k]:
+                    is_free[earlier] = 0
+                raise ValueError(f"frame {frame} freed twice")
+            is_free[frame] = 1
+        self._free.extend(sorted(frames, reverse=True))
+
     def frame_view(self, frame: int) -> memoryview:
         """A writable view of one frame (no copy)."""
         start = frame * self.page_size

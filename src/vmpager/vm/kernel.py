@@ -40,7 +40,7 @@ from vmpager.vm.config import VMConfig, watermarks
 from vmpager.vm.fault import hold_page
 from vmpager.vm.frames import FramePool
 from vmpager.vm.object import ObjectKind, VMObject, checked_range
-from vmpager.vm.page import QUEUE_NONE, QUEUE_WIRED, Page
+from vmpager.vm.page import QUEUE_INACTIVE, QUEUE_NONE, QUEUE_WIRED, Page
 from vmpager.vm.pagermap import PagerMap
 from vmpager.vm.queues import PageQueues
 from vmpager.vm.registry import PagerRegistry
@@ -613,6 +613,46 @@ class Kernel:
         self.stuck = False
         self.cond.notify_all()
 
+    def free_pages(self, pages: Sequence[Page]) -> None:
+        """``free_page`` for each of ``pages`` (distinct, resident, data elsewhere), with
+        one wake-up for all, and their frames freed together (``FramePool.free_many``:
+        handed out again in ascending order). Lock held."""
+        if not pages:
+            return
+        queues = self.queues
+        inactive = queues.inactive
+        frames: list[int] = []
+        append = frames.append
+        for page in pages:
+            obj = page.obj
+            if obj.storage is not None:  # mapped objects: vm/storage.py
+                obj.storage.freeing(page)
+            if page.queue == QUEUE_INACTIVE:
+                del inactive[page]
+                page.queue = QUEUE_NONE
+            elif page.queue != QUEUE_NONE:
+                queues.remove(page)
+            if page._dirty:
+                page.dirty = False  # out of the count: its data is dropped or elsewhere
+            del obj.pages[page.pindex]
+            append(page.frame)
+            page.wanted = False
+        self.frames.free_many(frames)
+        self.stuck = False
+        self.cond.notify_all()
+
+    def mark_written(self, pages: Sequence[Page]) -> None:
+        """``pages`` reached their backing store: clean (the dirty count kept) and no
+        longer being written. Waiters are not notified here. Lock held. O(pages)."""
+        cleaned = 0
+        for page in pages:
+            if page._dirty:
+                page._dirty = False
+                cleaned += 1
+            page.writing = False
+            page.wanted = False
+        self.ndirty -= cleaned
+
     def note_swap_freed(self) -> None:
         self.stuck = False
 
@@ -620,14 +660,19 @@ class Kernel:
         """An asynchronous pageout finished: free its pages now if memory is short."""
         if self.frames.free_nframes >= self.pageout_target:
             return
-        for page in pages:
-            self.free_if_clean(page)
+        takeable = self._takeable
+        self.free_pages([page for page in pages if takeable(page)])
+
+    @staticmethod
+    def _takeable(page: Page) -> bool:
+        """Resident, clean, idle and unreferenced: ``free_if_clean`` may free it."""
+        if page.obj.pages.get(page.pindex) is not page:
+            return False
+        return not (page._dirty or page.busy or page.writing or page.referenced)
 
     def free_if_clean(self, page: Page) -> bool:
         """Free ``page`` if it is still resident, clean, idle and unreferenced."""
-        if page.obj.pages.get(page.pindex) is not page:
-            return False
-        if page.dirty or page.busy or page.writing or page.referenced:
+        if not self._takeable(page):
             return False
         self.free_page(page)
         return True

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from itertools import islice
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from vmpager.io.request import IOKind
@@ -34,6 +36,7 @@ from vmpager.vm.queues import ACT_ADVANCE, ACT_DECLINE, ACT_MAX
 
 if TYPE_CHECKING:
     from vmpager.vm.kernel import Kernel
+    from vmpager.vm.object import VMObject
     from vmpager.vm.page import Page
 
 __all__ = ["WRITE_ERROR_PASSES", "PageDaemon", "ScanResult"]
@@ -72,8 +75,8 @@ class ScanResult:
         return bool(self.deactivated or self.aged) and not self.launder_failures
 
 
-def _object_order(page: Page) -> tuple[int, int]:
-    return page.obj.oid, page.pindex
+#: Object order of pages: (object id, page index), computed in C.
+_object_order = attrgetter("obj.oid", "pindex")
 
 
 class PageDaemon:
@@ -92,72 +95,117 @@ class PageDaemon:
     # -- the scan -------------------------------------------------------------
 
     def scan(self, target_free: int, *, asynchronous: bool) -> ScanResult:
-        """One pass over the queues, aiming for ``target_free`` free frames."""
+        """One pass over the queues, aiming for ``target_free`` free frames.
+
+        The inactive queue is taken from its head in slices (as many pages as
+        the batch being gathered has room for, and never more than the frames
+        still missing): the decisions
+        for the pages of a slice are the per-page ones of the module
+        docstring, in queue order, and the slice is given up as soon as
+        anything may have released the lock (a launder), so every page
+        looked at is still where the slice found it. The frames still
+        missing are counted once per slice, not once per page: each page of
+        a slice frees at most one frame (freed, or laundered), so a slice no
+        longer than the shortfall never overshoots it. Clean pages are freed
+        together at the end of each slice.
+        """
         vm = self._vm
         frames = vm.frames
         queues = vm.queues
         inactive = queues.inactive
+        move_to_end = inactive.move_to_end
+        activate = queues.activate
         self.scans += 1
         result = ScanResult()
         max_npages = vm.config.cluster_max_npages
+        cluster_active = vm.config.pageout_cluster_active
 
         # Dirty pages of anonymous objects, written together in pageout order.
         batch: list[Page] = []
         batching = vm.config.pageout_batching
-
-        def short() -> bool:
-            pending = self._pending_npages(asynchronous) + len(batch)
-            return frames.free_nframes + pending < target_free
+        clean: list[Page] = []
+        last_obj: VMObject | None = None
+        last_batches = False
 
         budget = len(inactive)
-        while budget > 0 and inactive and short():
-            budget -= 1
-            page = next(iter(inactive))
-            if page.busy or page.writing:
-                inactive.move_to_end(page)
-                continue
-            if page.referenced:
-                page.referenced = False
-                page.act_count = min(page.act_count + ACT_ADVANCE, ACT_MAX)
-                queues.activate(page)
-                result.reactivated += 1
-                continue
-            if not page.dirty:
-                vm.free_page(page)
-                result.freed += 1
-                continue
-            obj = page.obj
-            pager = obj.pager
-            inactive.move_to_end(page)
-            if batching and pager.batches_pageout(obj):
-                page.writing = True
-                batch.append(page)
-                if len(batch) >= max_npages:
-                    self._launder_batch(batch, asynchronous, result)
-                    batch = []
-                continue
-            outcome = pager_put(
-                pager,
-                obj,
-                page,
-                sync=not asynchronous,
-                max_npages=max_npages,
-                active=vm.config.pageout_cluster_active,
+        while budget > 0 and inactive:
+            short = (
+                target_free - frames.free_nframes - self._pending_npages(asynchronous) - len(batch)
             )
-            if outcome.result is PagerResult.PEND:
-                result.laundered_pages += outcome.cluster_npages
-            elif outcome.result is PagerResult.OK:
-                result.laundered_pages += outcome.cluster_npages
-                if vm.free_if_clean(page):
-                    result.freed += 1
-            else:
-                result.launder_failures += 1
-                if outcome.result in (PagerResult.AGAIN, PagerResult.ERROR):
-                    result.write_errors += 1
+            if short <= 0:
+                break
+            # A full batch ends the slice (its launder may release the lock): no
+            # more pages than it has room for, so that none are taken in vain.
+            chunk = list(islice(inactive, min(short, budget, max_npages - len(batch))))
+            budget -= len(chunk)
+            for page in chunk:
+                if page.busy or page.writing:
+                    move_to_end(page)
+                    continue
+                if page.referenced:
+                    page.referenced = False
+                    page.act_count = min(page.act_count + ACT_ADVANCE, ACT_MAX)
+                    activate(page)
+                    result.reactivated += 1
+                    continue
+                if not page._dirty:
+                    clean.append(page)
+                    continue
+                obj = page.obj
+                if obj is not last_obj:
+                    last_obj = obj
+                    last_batches = batching and obj.pager.batches_pageout(obj)
+                move_to_end(page)
+                if last_batches:
+                    page.writing = True
+                    batch.append(page)
+                    if len(batch) >= max_npages:
+                        budget += self._unscanned(chunk, page)
+                        self._free_clean(clean, result)
+                        self._launder_batch(batch, asynchronous, result)
+                        batch = []
+                        last_obj = None  # the lock may have been released
+                        break
+                    continue
+                budget += self._unscanned(chunk, page)
+                self._free_clean(clean, result)
+                outcome = pager_put(
+                    obj.pager,
+                    obj,
+                    page,
+                    sync=not asynchronous,
+                    max_npages=max_npages,
+                    active=cluster_active,
+                )
+                last_obj = None  # the lock may have been released
+                if outcome.result is PagerResult.PEND:
+                    result.laundered_pages += outcome.cluster_npages
+                elif outcome.result is PagerResult.OK:
+                    result.laundered_pages += outcome.cluster_npages
+                    if vm.free_if_clean(page):
+                        result.freed += 1
+                else:
+                    result.launder_failures += 1
+                    if outcome.result in (PagerResult.AGAIN, PagerResult.ERROR):
+                        result.write_errors += 1
+                break
+            self._free_clean(clean, result)
         if batch:
             self._launder_batch(batch, asynchronous, result)
         self._age_active(result)
         return result
+
+    @staticmethod
+    def _unscanned(chunk: list[Page], page: Page) -> int:
+        """How many pages of ``chunk`` come after ``page`` (given back to the budget)."""
+        return len(chunk) - 1 - chunk.index(page)
+
+    def _free_clean(self, clean: list[Page], result: ScanResult) -> None:
+        """Free the clean idle pages a slice found (still so: the lock was held)."""
+        if clean:
+            self._vm.free_pages(clean)
+            result.freed += len(clean)
+            clean.clear()
 
     def _launder_batch(self, batch: list[Page], asynchronous: bool, result: ScanResult) -> None:
         """Write ``batch`` (dirty pages marked writing) through the swap pager's batch put."""
@@ -165,6 +213,9 @@ class PageDaemon:
         # Object order: neighbours in an object become neighbours on swap.
         batch.sort(key=_object_order)
         results = registry.put_batch(vm.swap_pager, batch, sync=not asynchronous)
+        if results.count(PagerResult.PEND) == len(results):
+            result.laundered_pages += len(results)
+            return
         for page, outcome in zip(batch, results, strict=True):
             if outcome is PagerResult.PEND:
                 result.laundered_pages += 1

@@ -83,8 +83,12 @@ class PageQueues:
 
         For pages the program is done with (vm_page_deactivate_noreuse).
         """
-        if page.queue != QUEUE_INACTIVE:
-            self.remove(page)
+        q = page.queue
+        if q != QUEUE_INACTIVE:
+            if q == QUEUE_ACTIVE and page.obj.storage is None:
+                del self.active[page]  # remove(), inlined: a stream gives up a page per fault
+            else:
+                self.remove(page)
             self.inactive[page] = None
             page.queue = QUEUE_INACTIVE
         self.inactive.move_to_end(page, last=False)
