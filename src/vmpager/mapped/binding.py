@@ -193,16 +193,24 @@ class SharedRegion:
             if write:
                 counts["early_dirty"] += 1
             else:
-                self._protected += 1
-                if self._protected >= 1024:
-                    self._protected //= 2
-                    self._written //= 2
+                self._probed()
         page = self._hold(pindex, write=write)
         if self.bound.get(pindex) is page:
             self.uffd.wake(addr, self.ps)
         else:
             self._bind(page, wp=_clean(page))
-        self._read_ahead(pindex, likely)  # probes are single pages
+        # A read fault in read-as-write mode probes its read-ahead window too (one
+        # page in 32 mapped protected), so a stream that only reads (a.sum() after
+        # the array was written) turns the mode off within a few windows instead of
+        # dirtying, and writing back, everything it reads.
+        self._read_ahead(pindex, likely, probe=likely and not fault.write)
+
+    def _probed(self) -> None:
+        """One more page mapped write-protected for a read (decayed count)."""
+        self._protected += 1
+        if self._protected >= 1024:
+            self._protected //= 2
+            self._written //= 2
 
     def _hold(self, pindex: int, *, write: bool) -> Page:
         page = self.vm.hold_page(self.obj, pindex, write=write, overwrite=False)
@@ -212,7 +220,7 @@ class SharedRegion:
             page = self.vm.hold_page(self.obj, pindex, write=True, overwrite=False)
         return page
 
-    def _read_ahead(self, pindex: int, write: bool) -> None:
+    def _read_ahead(self, pindex: int, write: bool, *, probe: bool = False) -> None:
         """A fault where a stream was expected continues it: bind its next pages too.
 
         Streams go up or down (a quicksort partition scans from both ends) and
@@ -250,7 +258,13 @@ class SharedRegion:
                 continue
             if vm.frames.free_nframes <= vm.free_min_nframes and q not in self.obj.pages:
                 break  # no frame to spare without waiting: stop here
-            held.append(self._hold(q, write=write))
+            if probe and q % _PROBE_EVERY == 0:
+                page = self._hold(q, write=False)
+                if _clean(page):
+                    self._probed()
+                held.append(page)
+            else:
+                held.append(self._hold(q, write=write))
         # Holding may have released the lock (I/O): bind what is still there, idle
         # and unbound, in runs of consecutive pages (none while a call or a flush
         # uses the frames).
@@ -379,12 +393,52 @@ class SharedRegion:
         self._unbind_pages(list(itertools.islice(self.bound.values(), n)))
 
     def _unbind_range(self, first: int, end: int) -> None:
-        """Unbind the bound pages of ``[first, end)`` together and put them at the head
-        of the inactive queue, unreferenced (what ``Kernel.fault_done`` does with
-        what a stream left behind)."""
+        """Give up what a stream left behind in ``[first, end)``: what
+        ``Kernel.fault_done`` does (the pages go to the head of the inactive queue,
+        unreferenced: the next the daemon frees), done before it and together.
+
+        A clean page (the client never wrote it while bound: it is write-protected,
+        and its VM page is not dirty, so its swap copy, if any, is valid; without
+        one it reads as zeros) is dropped at once: its memfd page is punched and its
+        VM page freed, with no copy back into the frame and no trip through the
+        inactive queue. The others are unbound (read back, punched) and deactivated.
+        """
         bound = self.bound
         pages = [page for p in range(first, end) if (page := bound.get(p)) is not None]
-        self._unbind_pages(pages, noreuse=True)
+        writable, aliased = self.writable, self.aliased
+        keep: list[Page] = []
+        drop: list[Page] = []
+        for page in pages:
+            p = page.pindex
+            if page.dirty or page.busy or page.writing or p in writable or p in aliased:
+                keep.append(page)
+            else:
+                drop.append(page)
+        if drop:
+            self._drop_pages(drop)
+        self._unbind_pages(keep, noreuse=True)
+
+    def _drop_pages(self, pages: list[Page]) -> None:
+        """Free clean bound ``pages`` (ascending, none writable, aliased, busy or in a
+        pageout): punch their memfd pages in runs (the client's mappings of them are
+        zapped: its next access faults and pages them in again), then free them in
+        the VM. Their frames are empty already (their memory was given up when they
+        were bound)."""
+        shift = self._shift
+        bound = self.bound
+        start = prev = pages[0].pindex
+        for page in pages[1:]:
+            p = page.pindex
+            if p != prev + 1:
+                U.fallocate_punch(self.memfd, start << shift, (prev + 1 - start) << shift)
+                start = p
+            prev = p
+        U.fallocate_punch(self.memfd, start << shift, (prev + 1 - start) << shift)
+        free_page = self.vm.free_page
+        for page in pages:
+            del bound[page.pindex]
+            free_page(page)
+        self.counts["dropped"] += len(pages)
 
     def _unbind_pages(self, pages: list[Page], *, noreuse: bool = False) -> None:
         """Unbind bound ``pages`` in runs of consecutive pages (one protect, one read,
