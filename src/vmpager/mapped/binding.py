@@ -314,8 +314,7 @@ class SharedRegion:
             start, length = self.base + ((first + i) << shift), (j - i) * ps
             self.uffd.writeprotect(start, length, clean[i], wake=False)
             i = j
-        fview = self.vm.frames.view
-        buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
+        buffers = self._frame_buffers(run)
         for page in run:
             page.busy = True  # the lockless read path waits until the frames are shared
         try:
@@ -329,6 +328,22 @@ class SharedRegion:
         for page, protected in zip(run, clean, strict=True):
             self._bound(page, writable=not protected)
         self.counts["ahead_pages"] += len(run)
+
+    def _frame_buffers(self, run: list[Page]) -> list[memoryview]:
+        """The frames of consecutive pages ``run`` as buffers for one vectored read or
+        write, frames that follow each other in memory merged into one buffer."""
+        fview = self.vm.frames.view
+        shift = self._shift
+        buffers = []
+        first = last = run[0].frame
+        for page in run[1:]:
+            frame = page.frame
+            if frame != last + 1:
+                buffers.append(fview[first << shift : (last + 1) << shift])
+                first = frame
+            last = frame
+        buffers.append(fview[first << shift : (last + 1) << shift])
+        return buffers
 
     def _bind(self, page: Page, *, wp: bool) -> None:
         pindex = page.pindex
@@ -435,7 +450,10 @@ class SharedRegion:
             prev = p
         U.fallocate_punch(self.memfd, start << shift, (prev + 1 - start) << shift)
         free_page = self.vm.free_page
-        for page in pages:
+        # Highest first: the free list hands frames out last-freed first, so the
+        # next run paged in gets them in ascending order and its frames can be
+        # copied in one piece (``_frame_buffers``).
+        for page in reversed(pages):
             del bound[page.pindex]
             free_page(page)
         self.counts["dropped"] += len(pages)
@@ -480,8 +498,7 @@ class SharedRegion:
                 self.uffd.writeprotect(self.base + offset, length, True)
             except OSError:
                 pass  # the client unmapped the region or exited
-        fview = self.vm.frames.view
-        buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
+        buffers = self._frame_buffers(run)
         got = os.preadv(self.memfd, buffers, offset)
         if got != length:
             raise OSError(f"short read of the memfd: {got} of {length} bytes")
