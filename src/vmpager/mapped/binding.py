@@ -126,6 +126,10 @@ class SharedRegion:
         #: Bound pages whose frame is an alias of the memfd page (bound while a
         #: pageout of them was reading the frame); the others' frames are empty.
         self.aliased: set[int] = set()
+        #: When each bound page was bound (a count of binding calls: the pages of a
+        #: run share one), for ``leaving_active``. Entries of unbound pages are stale.
+        self._bound_at: dict[int, int] = {}
+        self._seq = 0
         #: A flush of the file is writing its pages: faults wait (``fault``).
         self.flushing = False
         #: Calls on the object in progress (the VM reads and writes frames, which
@@ -302,6 +306,7 @@ class SharedRegion:
         ps = self.ps
         shift = self._shift
         first = run[0].pindex
+        self._seq += 1
         clean = [_clean(page) for page in run]
         i = 0
         while i < len(run):
@@ -355,6 +360,7 @@ class SharedRegion:
         # path all the same.
         if self.held:
             raise _Held
+        self._seq += 1
         page.busy = True
         try:
             if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
@@ -392,6 +398,7 @@ class SharedRegion:
     def _bound(self, page: Page, *, writable: bool) -> None:
         pindex = page.pindex
         self.bound[pindex] = page
+        self._bound_at[pindex] = self._seq
         if writable:
             self.writable.add(pindex)
         else:
@@ -511,7 +518,15 @@ class SharedRegion:
     # -- PageStorage ------------------------------------------------------------------
 
     def leaving_active(self, page: Page) -> None:
+        """Unbind ``page`` (the daemon deactivates it, or it is wired or freed), and
+        with it the run of bound neighbours bound no later than it (read-ahead binds
+        windows together, and the daemon would take them one by one next): one
+        protect, one read and one punch for the run. The neighbours stay active,
+        unbound: the client's next touch of one is a soft fault."""
         if self.bound.get(page.pindex) is not page:
+            return
+        if page.pindex not in self.aliased:
+            self._unbind_run(self._old_run(page))
             return
         offset = page.pindex << self._shift
         frame_addr = self.arena + (page.frame << self._shift)
@@ -534,6 +549,30 @@ class SharedRegion:
         U.fallocate_punch(self.memfd, offset, self.ps)
         del self.bound[page.pindex]
         self.counts["unbinds"] += 1
+
+    def _old_run(self, page: Page) -> list[Page]:
+        """``page`` and its consecutive bound neighbours (up to ``_UNBIND_BATCH`` on each
+        side) bound no later than it, none aliased, busy or in a pageout; ascending."""
+        bound, bound_at, aliased = self.bound, self._bound_at, self.aliased
+        seq = bound_at[page.pindex]
+        below: list[Page] = []
+        above: list[Page] = []
+        for step, side in ((-1, below), (1, above)):
+            q = page.pindex + step
+            while len(side) < _UNBIND_BATCH:
+                other = bound.get(q)
+                if (
+                    other is None
+                    or bound_at[q] > seq
+                    or q in aliased
+                    or other.busy
+                    or other.writing
+                ):
+                    break
+                side.append(other)
+                q += step
+        below.reverse()
+        return [*below, page, *above]
 
     def freeing(self, page: Page) -> None:
         if self.bound.get(page.pindex) is not page:
