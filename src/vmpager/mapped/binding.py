@@ -3,32 +3,36 @@
 One ``SharedRegion`` per mapped VM object. The client maps a memfd of the
 object's size (MAP_SHARED) and registered it with userfaultfd; the pager
 process holds the same memfd and userfaultfd. A page of the object is
-*bound* when memfd page ``p`` exists: then the VM frame holding the page is
-remapped onto that memfd page (``MAP_FIXED``), so the frame and the client's
-view are one physical page, counted once against the budget. Unbound pages
-live in ordinary frames and their memfd page is a hole: the client's access
-faults, and the pager answers.
+*bound* when memfd page ``p`` exists: its contents are there, and its VM
+frame is emptied (``MADV_DONTNEED``), so the page is counted once against
+the budget. Unbound pages live in ordinary frames and their memfd page is a
+hole: the client's access faults, and the pager answers.
 
 Binding (a fault on page ``p``): the VM makes the page resident (swap-in
 with read-ahead, zero-fill, copy-on-write), ``UFFDIO_COPY`` copies the frame
 into memfd page ``p`` and maps it in the client (write-protected while the
 VM page is clean, so the first write faults once and marks it dirty), then
-the frame is remapped onto memfd page ``p``. A bound page is always on the
-active queue.
+the frame is emptied. A stream's next pages are bound together (one
+``pwritev`` into the memfd, one ``process_madvise`` for the frames). A frame
+that a pageout is still reading is aliased onto the memfd page instead
+(``mmap MAP_FIXED``). A bound page is always on the active queue.
 
-Unbinding (the page leaves the active queue, ``PageStorage.leaving_active``):
-write-protect the client's page, copy it into a spare anonymous page, move
-that page onto the frame with ``mremap`` (an atomic replacement: a reader
-of the frame sees the same bytes throughout), punch memfd page ``p`` (the
-client's mapping of it is zapped). The page stays resident in the VM, on the
-inactive queue: a client touch faults and binds it again cheaply (the BSD
-inactive queue's second chance), else the page daemon launders and frees it
-as any anonymous page. Freeing a bound page punches the hole and gives the
-frame fresh anonymous memory.
+Unbinding (the page leaves the active queue, ``PageStorage.leaving_active``,
+or a call, a clone or the cap needs it): write-protect the client's page,
+read the memfd page back into the frame, punch the memfd page (the client's
+mapping of it is zapped). Pages that go together (the pages a stream left
+behind, the oldest past the cap, a call's range) go in runs of consecutive
+pages, one call of each kind per run. The page stays
+resident in the VM, on the inactive queue: a client touch faults and binds
+it again cheaply (the BSD inactive queue's second chance), else the page
+daemon launders and frees it as any anonymous page. The clean pages a
+stream leaves behind (not written while bound, their swap copy valid) are
+dropped instead: punched and freed at once, with no copy back. Freeing a
+bound page punches its hole.
 
-The number of bound pages is capped (each may split the frame arena's
-mapping, and a process has at most ``vm.max_map_count`` mappings): past the
-cap the oldest bound page is deactivated.
+The number of bound pages is capped (an aliased frame splits the frame
+arena's mapping, and a process has at most ``vm.max_map_count`` mappings):
+past the cap the oldest bound pages are deactivated.
 
 All methods run with the VM lock held.
 """
@@ -126,10 +130,6 @@ class SharedRegion:
         #: Bound pages whose frame is an alias of the memfd page (bound while a
         #: pageout of them was reading the frame); the others' frames are empty.
         self.aliased: set[int] = set()
-        #: When each bound page was bound (a count of binding calls: the pages of a
-        #: run share one), for ``leaving_active``. Entries of unbound pages are stale.
-        self._bound_at: dict[int, int] = {}
-        self._seq = 0
         #: A flush of the file is writing its pages: faults wait (``fault``).
         self.flushing = False
         #: Calls on the object in progress (the VM reads and writes frames, which
@@ -203,10 +203,10 @@ class SharedRegion:
             self.uffd.wake(addr, self.ps)
         else:
             self._bind(page, wp=_clean(page))
-        # A read fault in read-as-write mode probes its read-ahead window too (one
-        # page in 32 mapped protected), so a stream that only reads (a.sum() after
-        # the array was written) turns the mode off within a few windows instead of
-        # dirtying, and writing back, everything it reads.
+        # A read fault in read-as-write mode probes its read-ahead window too (a page
+        # mapped protected), so a stream that only reads (a.sum() after the array
+        # was written) turns the mode off within a few windows instead of dirtying,
+        # and writing back, everything it reads.
         self._read_ahead(pindex, likely, probe=likely and not fault.write)
 
     def _probed(self) -> None:
@@ -256,13 +256,16 @@ class SharedRegion:
             # (Kernel.fault_done), one by one as the window's pages come in: unbind
             # them first, together.
             self._unbind_range(max(first - behind - window - 1, 0), end - behind)
+        # Probes: one page in 32 while the estimate rests on little evidence (just
+        # after a write pass: a.sum() of an array just filled), one a window after.
+        every = _PROBE_EVERY if self._protected + self._written < 64 else _AHEAD_MAX
         held: list[Page] = []
         for q in range(first, end):
             if q in self.bound:
                 continue
             if vm.frames.free_nframes <= vm.free_min_nframes and q not in self.obj.pages:
                 break  # no frame to spare without waiting: stop here
-            if probe and q % _PROBE_EVERY == 0:
+            if probe and q % every == 0:
                 page = self._hold(q, write=False)
                 if _clean(page):
                     self._probed()
@@ -306,7 +309,6 @@ class SharedRegion:
         ps = self.ps
         shift = self._shift
         first = run[0].pindex
-        self._seq += 1
         clean = [_clean(page) for page in run]
         i = 0
         while i < len(run):
@@ -360,7 +362,6 @@ class SharedRegion:
         # path all the same.
         if self.held:
             raise _Held
-        self._seq += 1
         page.busy = True
         try:
             if not self.uffd.copy(self.base + offset, frame_addr, self.ps, wp=wp):
@@ -398,7 +399,6 @@ class SharedRegion:
     def _bound(self, page: Page, *, writable: bool) -> None:
         pindex = page.pindex
         self.bound[pindex] = page
-        self._bound_at[pindex] = self._seq
         if writable:
             self.writable.add(pindex)
         else:
@@ -518,15 +518,7 @@ class SharedRegion:
     # -- PageStorage ------------------------------------------------------------------
 
     def leaving_active(self, page: Page) -> None:
-        """Unbind ``page`` (the daemon deactivates it, or it is wired or freed), and
-        with it the run of bound neighbours bound no later than it (read-ahead binds
-        windows together, and the daemon would take them one by one next): one
-        protect, one read and one punch for the run. The neighbours stay active,
-        unbound: the client's next touch of one is a soft fault."""
         if self.bound.get(page.pindex) is not page:
-            return
-        if page.pindex not in self.aliased:
-            self._unbind_run(self._old_run(page))
             return
         offset = page.pindex << self._shift
         frame_addr = self.arena + (page.frame << self._shift)
@@ -549,30 +541,6 @@ class SharedRegion:
         U.fallocate_punch(self.memfd, offset, self.ps)
         del self.bound[page.pindex]
         self.counts["unbinds"] += 1
-
-    def _old_run(self, page: Page) -> list[Page]:
-        """``page`` and its consecutive bound neighbours (up to ``_UNBIND_BATCH`` on each
-        side) bound no later than it, none aliased, busy or in a pageout; ascending."""
-        bound, bound_at, aliased = self.bound, self._bound_at, self.aliased
-        seq = bound_at[page.pindex]
-        below: list[Page] = []
-        above: list[Page] = []
-        for step, side in ((-1, below), (1, above)):
-            q = page.pindex + step
-            while len(side) < _UNBIND_BATCH:
-                other = bound.get(q)
-                if (
-                    other is None
-                    or bound_at[q] > seq
-                    or q in aliased
-                    or other.busy
-                    or other.writing
-                ):
-                    break
-                side.append(other)
-                q += step
-        below.reverse()
-        return [*below, page, *above]
 
     def freeing(self, page: Page) -> None:
         if self.bound.get(page.pindex) is not page:
