@@ -457,9 +457,9 @@ class SharedRegion:
             prev = p
         U.fallocate_punch(self.memfd, start << shift, (prev + 1 - start) << shift)
         free_page = self.vm.free_page
-        # Highest first: the free list hands frames out last-freed first, so the
-        # next run paged in gets them in ascending order and its frames can be
-        # copied in one piece (``_frame_buffers``).
+        # Highest first: the free list hands frames out last-freed first, so a run
+        # paged in next may get them in ascending order, to be copied in one piece
+        # (``_frame_buffers``; in practice most runs' frames are scattered).
         for page in reversed(pages):
             del bound[page.pindex]
             free_page(page)
