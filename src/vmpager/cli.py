@@ -909,7 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory", default=None, help="memory budget (default: a quarter)")
     bench.add_argument("--patterns", default="seq,random,zipf", help="comma-separated")
     bench.add_argument(
-        "--variants", default="loop", help="loop (per access) and/or batch (batched calls)"
+        "--variants",
+        default="loop",
+        help="comma-separated: loop (per access), batch (batched calls), "
+        "mapped (numpy indexing on a mapped array)",
     )
     bench.add_argument("--batch", type=int, default=4096, help="accesses per batched call")
     bench.add_argument("--reps", type=int, default=1, help="repetitions (default 1)")

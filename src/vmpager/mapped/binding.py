@@ -3,32 +3,36 @@
 One ``SharedRegion`` per mapped VM object. The client maps a memfd of the
 object's size (MAP_SHARED) and registered it with userfaultfd; the pager
 process holds the same memfd and userfaultfd. A page of the object is
-*bound* when memfd page ``p`` exists: then the VM frame holding the page is
-remapped onto that memfd page (``MAP_FIXED``), so the frame and the client's
-view are one physical page, counted once against the budget. Unbound pages
-live in ordinary frames and their memfd page is a hole: the client's access
-faults, and the pager answers.
+*bound* when memfd page ``p`` exists: its contents are there, and its VM
+frame is emptied (``MADV_DONTNEED``), so the page is counted once against
+the budget. Unbound pages live in ordinary frames and their memfd page is a
+hole: the client's access faults, and the pager answers.
 
 Binding (a fault on page ``p``): the VM makes the page resident (swap-in
 with read-ahead, zero-fill, copy-on-write), ``UFFDIO_COPY`` copies the frame
 into memfd page ``p`` and maps it in the client (write-protected while the
 VM page is clean, so the first write faults once and marks it dirty), then
-the frame is remapped onto memfd page ``p``. A bound page is always on the
-active queue.
+the frame is emptied. A stream's next pages are bound together (one
+``pwritev`` into the memfd, one ``process_madvise`` for the frames). A frame
+that a pageout is still reading is aliased onto the memfd page instead
+(``mmap MAP_FIXED``). A bound page is always on the active queue.
 
-Unbinding (the page leaves the active queue, ``PageStorage.leaving_active``):
-write-protect the client's page, copy it into a spare anonymous page, move
-that page onto the frame with ``mremap`` (an atomic replacement: a reader
-of the frame sees the same bytes throughout), punch memfd page ``p`` (the
-client's mapping of it is zapped). The page stays resident in the VM, on the
-inactive queue: a client touch faults and binds it again cheaply (the BSD
-inactive queue's second chance), else the page daemon launders and frees it
-as any anonymous page. Freeing a bound page punches the hole and gives the
-frame fresh anonymous memory.
+Unbinding (the page leaves the active queue, ``PageStorage.leaving_active``,
+or a call, a clone or the cap needs it): write-protect the client's page,
+read the memfd page back into the frame, punch the memfd page (the client's
+mapping of it is zapped). Pages that go together (the pages a stream left
+behind, the oldest past the cap, a call's range) go in runs of consecutive
+pages, one call of each kind per run. The page stays
+resident in the VM, on the inactive queue: a client touch faults and binds
+it again cheaply (the BSD inactive queue's second chance), else the page
+daemon launders and frees it as any anonymous page. The clean pages a
+stream leaves behind (not written while bound, their swap copy valid) are
+dropped instead: punched and freed at once, with no copy back. Freeing a
+bound page punches its hole.
 
-The number of bound pages is capped (each may split the frame arena's
-mapping, and a process has at most ``vm.max_map_count`` mappings): past the
-cap the oldest bound page is deactivated.
+The number of bound pages is capped (an aliased frame splits the frame
+arena's mapping, and a process has at most ``vm.max_map_count`` mappings):
+past the cap the oldest bound pages are deactivated.
 
 All methods run with the VM lock held.
 """
@@ -193,16 +197,24 @@ class SharedRegion:
             if write:
                 counts["early_dirty"] += 1
             else:
-                self._protected += 1
-                if self._protected >= 1024:
-                    self._protected //= 2
-                    self._written //= 2
+                self._probed()
         page = self._hold(pindex, write=write)
         if self.bound.get(pindex) is page:
             self.uffd.wake(addr, self.ps)
         else:
             self._bind(page, wp=_clean(page))
-        self._read_ahead(pindex, likely)  # probes are single pages
+        # A read fault in read-as-write mode probes its read-ahead window too (a page
+        # mapped protected), so a stream that only reads (a.sum() after the array
+        # was written) turns the mode off within a few windows instead of dirtying,
+        # and writing back, everything it reads.
+        self._read_ahead(pindex, likely, probe=likely and not fault.write)
+
+    def _probed(self) -> None:
+        """One more page mapped write-protected for a read (decayed count)."""
+        self._protected += 1
+        if self._protected >= 1024:
+            self._protected //= 2
+            self._written //= 2
 
     def _hold(self, pindex: int, *, write: bool) -> Page:
         page = self.vm.hold_page(self.obj, pindex, write=write, overwrite=False)
@@ -212,7 +224,7 @@ class SharedRegion:
             page = self.vm.hold_page(self.obj, pindex, write=True, overwrite=False)
         return page
 
-    def _read_ahead(self, pindex: int, write: bool) -> None:
+    def _read_ahead(self, pindex: int, write: bool, *, probe: bool = False) -> None:
         """A fault where a stream was expected continues it: bind its next pages too.
 
         Streams go up or down (a quicksort partition scans from both ends) and
@@ -244,13 +256,22 @@ class SharedRegion:
             # (Kernel.fault_done), one by one as the window's pages come in: unbind
             # them first, together.
             self._unbind_range(max(first - behind - window - 1, 0), end - behind)
+        # Probes: one page in 32 while the estimate rests on little evidence (just
+        # after a write pass: a.sum() of an array just filled), one a window after.
+        every = _PROBE_EVERY if self._protected + self._written < 64 else _AHEAD_MAX
         held: list[Page] = []
         for q in range(first, end):
             if q in self.bound:
                 continue
             if vm.frames.free_nframes <= vm.free_min_nframes and q not in self.obj.pages:
                 break  # no frame to spare without waiting: stop here
-            held.append(self._hold(q, write=write))
+            if probe and q % every == 0:
+                page = self._hold(q, write=False)
+                if _clean(page):
+                    self._probed()
+                held.append(page)
+            else:
+                held.append(self._hold(q, write=write))
         # Holding may have released the lock (I/O): bind what is still there, idle
         # and unbound, in runs of consecutive pages (none while a call or a flush
         # uses the frames).
@@ -300,8 +321,7 @@ class SharedRegion:
             start, length = self.base + ((first + i) << shift), (j - i) * ps
             self.uffd.writeprotect(start, length, clean[i], wake=False)
             i = j
-        fview = self.vm.frames.view
-        buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
+        buffers = self._frame_buffers(run)
         for page in run:
             page.busy = True  # the lockless read path waits until the frames are shared
         try:
@@ -315,6 +335,22 @@ class SharedRegion:
         for page, protected in zip(run, clean, strict=True):
             self._bound(page, writable=not protected)
         self.counts["ahead_pages"] += len(run)
+
+    def _frame_buffers(self, run: list[Page]) -> list[memoryview]:
+        """The frames of consecutive pages ``run`` as buffers for one vectored read or
+        write, frames that follow each other in memory merged into one buffer."""
+        fview = self.vm.frames.view
+        shift = self._shift
+        buffers = []
+        first = last = run[0].frame
+        for page in run[1:]:
+            frame = page.frame
+            if frame != last + 1:
+                buffers.append(fview[first << shift : (last + 1) << shift])
+                first = frame
+            last = frame
+        buffers.append(fview[first << shift : (last + 1) << shift])
+        return buffers
 
     def _bind(self, page: Page, *, wp: bool) -> None:
         pindex = page.pindex
@@ -379,12 +415,55 @@ class SharedRegion:
         self._unbind_pages(list(itertools.islice(self.bound.values(), n)))
 
     def _unbind_range(self, first: int, end: int) -> None:
-        """Unbind the bound pages of ``[first, end)`` together and put them at the head
-        of the inactive queue, unreferenced (what ``Kernel.fault_done`` does with
-        what a stream left behind)."""
+        """Give up what a stream left behind in ``[first, end)``: what
+        ``Kernel.fault_done`` does (the pages go to the head of the inactive queue,
+        unreferenced: the next the daemon frees), done before it and together.
+
+        A clean page (the client never wrote it while bound: it is write-protected,
+        and its VM page is not dirty, so its swap copy, if any, is valid; without
+        one it reads as zeros) is dropped at once: its memfd page is punched and its
+        VM page freed, with no copy back into the frame and no trip through the
+        inactive queue. The others are unbound (read back, punched) and deactivated.
+        """
         bound = self.bound
         pages = [page for p in range(first, end) if (page := bound.get(p)) is not None]
-        self._unbind_pages(pages, noreuse=True)
+        writable, aliased = self.writable, self.aliased
+        keep: list[Page] = []
+        drop: list[Page] = []
+        for page in pages:
+            p = page.pindex
+            if page.dirty or page.busy or page.writing or p in writable or p in aliased:
+                keep.append(page)
+            else:
+                drop.append(page)
+        if drop:
+            self._drop_pages(drop)
+        self._unbind_pages(keep, noreuse=True)
+
+    def _drop_pages(self, pages: list[Page]) -> None:
+        """Free clean bound ``pages`` (ascending, none writable, aliased, busy or in a
+        pageout): punch their memfd pages in runs (the client's mappings of them are
+        zapped: its next access faults and pages them in again), then free them in
+        the VM. Their frames are empty already (their memory was given up when they
+        were bound)."""
+        shift = self._shift
+        bound = self.bound
+        start = prev = pages[0].pindex
+        for page in pages[1:]:
+            p = page.pindex
+            if p != prev + 1:
+                U.fallocate_punch(self.memfd, start << shift, (prev + 1 - start) << shift)
+                start = p
+            prev = p
+        U.fallocate_punch(self.memfd, start << shift, (prev + 1 - start) << shift)
+        free_page = self.vm.free_page
+        # Highest first: the free list hands frames out last-freed first, so a run
+        # paged in next may get them in ascending order, to be copied in one piece
+        # (``_frame_buffers``; in practice most runs' frames are scattered).
+        for page in reversed(pages):
+            del bound[page.pindex]
+            free_page(page)
+        self.counts["dropped"] += len(pages)
 
     def _unbind_pages(self, pages: list[Page], *, noreuse: bool = False) -> None:
         """Unbind bound ``pages`` in runs of consecutive pages (one protect, one read,
@@ -426,8 +505,7 @@ class SharedRegion:
                 self.uffd.writeprotect(self.base + offset, length, True)
             except OSError:
                 pass  # the client unmapped the region or exited
-        fview = self.vm.frames.view
-        buffers = [fview[page.frame << shift : (page.frame + 1) << shift] for page in run]
+        buffers = self._frame_buffers(run)
         got = os.preadv(self.memfd, buffers, offset)
         if got != length:
             raise OSError(f"short read of the memfd: {got} of {length} bytes")

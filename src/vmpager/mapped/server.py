@@ -75,6 +75,7 @@ COUNTS = (
     "early_dirty",
     "ahead_pages",
     "unbinds",
+    "dropped",
 )
 
 

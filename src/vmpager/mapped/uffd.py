@@ -41,6 +41,7 @@ __all__ = [
     "madvise_pages",
     "map_fixed",
     "memfd",
+    "merge_ranges",
     "mremap_fixed",
     "munmap",
     "recv_fds",
@@ -199,10 +200,32 @@ _self_pidfd = -1
 _self_pid = 0
 
 
+def merge_ranges(addrs: list[int], length: int) -> list[tuple[int, int]]:
+    """The ranges ``[addr, addr + length)`` of ``addrs`` (any order), sorted, with
+    adjacent ones merged: ``(start, length)`` pairs."""
+    ranges: list[tuple[int, int]] = []
+    start = end = -1
+    for addr in sorted(addrs):
+        if addr == end:
+            end += length
+            continue
+        if start >= 0:
+            ranges.append((start, end - start))
+        start, end = addr, addr + length
+    if start >= 0:
+        ranges.append((start, end - start))
+    return ranges
+
+
 def madvise_pages(addrs: list[int], length: int, advice: int) -> None:
-    """``madvise(addr, length, advice)`` for every address: one ``process_madvise``
-    call on this process per 1024 ranges where the kernel allows it (any advice
-    on oneself: Linux >= 5.10 for some, 6.x for all), else one ``madvise`` each."""
+    """``madvise(addr, length, advice)`` for every address (adjacent ranges merged
+    first): one ``process_madvise`` call on this process per 1024 ranges where
+    the kernel allows it (any advice on oneself: Linux >= 5.10 for some, 6.x
+    for all), else one ``madvise`` each."""
+    ranges = merge_ranges(addrs, length)
+    if len(ranges) == 1:
+        madvise(ranges[0][0], ranges[0][1], advice)
+        return
     global _self_pidfd, _self_pid
     pid = os.getpid()
     if _self_pid != pid:  # first use, or a fork() child
@@ -213,18 +236,18 @@ def madvise_pages(addrs: list[int], length: int, advice: int) -> None:
             _self_pidfd = os.pidfd_open(pid) if _NR_PROCESS_MADVISE is not None else -1
         except OSError:
             _self_pidfd = -1
-    for start in range(0, len(addrs), _UIO_MAXIOV):
-        part = addrs[start : start + _UIO_MAXIOV]
+    for start in range(0, len(ranges), _UIO_MAXIOV):
+        part = ranges[start : start + _UIO_MAXIOV]
         if _self_pidfd >= 0 and len(part) > 1:
-            iov = (_IOVec * len(part))(*[_IOVec(a, length) for a in part])
+            iov = (_IOVec * len(part))(*[_IOVec(a, n) for a, n in part])
             done = libc.syscall(_NR_PROCESS_MADVISE, _self_pidfd, iov, len(part), advice, 0)
-            if done == len(part) * length:
+            if done == sum(n for _, n in part):
                 continue
             if done < 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
                 os.close(_self_pidfd)
                 _self_pidfd = -1  # refused here: one madvise each from now on
-        for addr in part:  # (again: these advices are idempotent)
-            madvise(addr, length, advice)
+        for addr, n in part:  # (again: these advices are idempotent)
+            madvise(addr, n, advice)
 
 
 def mprotect(addr: int, length: int, prot: int) -> None:
