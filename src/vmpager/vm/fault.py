@@ -24,8 +24,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vmpager.errors import DeviceError
-from vmpager.vm.page import Page
+from vmpager.vm.kind import ObjectKind
+from vmpager.vm.page import QUEUE_ACTIVE, Page
 from vmpager.vm.pagerops import PagerResult
+from vmpager.vm.queues import ACT_INIT
 from vmpager.vm.registry import get_pages
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from vmpager.vm.object import VMObject
     from vmpager.vm.pagerops import Pager
 
-__all__ = ["hold_page"]
+__all__ = ["hold_new_run", "hold_page"]
 
 
 def hold_page(vm: Kernel, obj: VMObject, pindex: int, *, write: bool, overwrite: bool) -> Page:
@@ -64,6 +66,65 @@ def hold_page(vm: Kernel, obj: VMObject, pindex: int, *, write: bool, overwrite:
         page = _fault_in(vm, obj, pindex, write=write, overwrite=overwrite)
         if page is not None:
             return page
+
+
+def hold_new_run(vm: Kernel, obj: VMObject, first: int, npages: int) -> list[Page]:
+    """Up to ``npages`` new pages from ``first`` for a write that replaces them whole.
+
+    What ``hold_page(..., write=True, overwrite=True)`` does page by page for
+    pages that are nowhere (not resident, not on the pager), done for the run
+    at once: frames taken without waiting, one look at the pager, one update
+    of the stream, one wake of the daemon. The pages are dirty, idle, on the
+    active queue, and their contents are NOT initialised: the caller must
+    overwrite every one of them before it releases the lock. VM lock held.
+
+    Returns the pages of the longest such run from ``first`` that free frames
+    (above the read reserve) cover; an empty list when the per-page path must
+    decide (first page resident or on the pager, no free frame, a shadow, a
+    strategy request, a closed, mapped or non-anonymous object). O(npages).
+    """
+    if (
+        obj.kind is not ObjectKind.ANONYMOUS
+        or obj.backing is not None
+        or obj.storage is not None
+        or obj.strategy_ranges
+        or obj.closed
+    ):
+        return []
+    pages = obj.pages
+    count = 0
+    while count < npages and first + count not in pages:
+        count += 1
+    frames = vm.frames
+    count = min(count, frames.free_nframes - vm.read_reserve)
+    if count <= 0:
+        return []
+    if obj.swap_backed:
+        on_pager = obj.pager.has_pages(obj, first, count)
+        if True in on_pager:
+            count = on_pager.index(True)
+            if not count:
+                return []
+    alloc = frames.alloc
+    run: list[Page] = []
+    append = run.append
+    active = vm.queues.active
+    for pindex in range(first, first + count):
+        page = Page(obj, pindex, alloc())  # type: ignore[arg-type]  # counted free above
+        page.busy = False
+        page._dirty = True
+        page.queue = QUEUE_ACTIVE
+        page.act_count = ACT_INIT
+        pages[pindex] = page
+        active[page] = None
+        append(page)
+    vm.ndirty += count
+    vm.counters.faults += count
+    if frames.free_nframes < vm.free_min_nframes:
+        vm.wake_daemon()
+    if vm.streams_faults(obj):
+        vm.fault_stream_run(obj, first, count)
+    return run
 
 
 def _fault_in(

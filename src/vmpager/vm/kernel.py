@@ -37,7 +37,7 @@ from vmpager.units import check_int
 from vmpager.vm import readahead, shadow
 from vmpager.vm.condition import VMCondition
 from vmpager.vm.config import VMConfig, watermarks
-from vmpager.vm.fault import hold_page
+from vmpager.vm.fault import hold_new_run, hold_page
 from vmpager.vm.frames import FramePool
 from vmpager.vm.object import ObjectKind, VMObject, checked_range
 from vmpager.vm.page import QUEUE_INACTIVE, QUEUE_NONE, QUEUE_WIRED, Page
@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 __all__ = ["Kernel"]
 
 log = logging.getLogger("vmpager")
+
+#: The most pages one step of a write takes at once (``fault.hold_new_run``):
+#: bounds what a look at the pager costs when the run stops early.
+RUN_MAX_NPAGES = 256
 
 
 class Kernel:
@@ -204,9 +208,19 @@ class Kernel:
         pos = 0
         with self.cond:
             size = obj.size
+            pages = obj.pages
             while pos < length:
                 # A closed object has no pages: the fault reaches the dead pager.
                 pindex, off = divmod(offset + pos, ps)
+                if write and off == 0 and hold is None and pindex not in pages:
+                    # Whole new pages (inside the view and the object): a run at once.
+                    whole = min((length - pos) // ps, size // ps - pindex, RUN_MAX_NPAGES)
+                    if whole > 1:
+                        run = hold_new_run(self, obj, pindex, whole)
+                        if run:
+                            self._fill_run(run, view, pos)
+                            pos += len(run) * ps
+                            continue
                 n = min(ps - off, length - pos)
                 valid = min(ps, size - pindex * ps)
                 overwrite = write and off == 0 and n >= valid
@@ -223,6 +237,24 @@ class Kernel:
                 else:
                     view[pos : pos + n] = fview[start : start + n]
                 pos += n
+
+    def _fill_run(self, run: Sequence[Page], view: memoryview, pos: int) -> None:
+        """Copy ``view[pos:]`` into the consecutive pages ``run``, one slice per run
+        of consecutive frames. Lock held. O(bytes)."""
+        ps = self.page_size
+        fview = self.frames.view
+        count = len(run)
+        i = 0
+        while i < count:
+            frame = run[i].frame
+            j = i + 1
+            while j < count and run[j].frame == frame + j - i:
+                j += 1
+            start = frame * ps
+            nbytes = (j - i) * ps
+            src = pos + i * ps
+            fview[start : start + nbytes] = view[src : src + nbytes]
+            i = j
 
     def discard(self, obj: VMObject, offset: int, length: int) -> None:
         ps = self.page_size
@@ -472,6 +504,36 @@ class Kernel:
         obj.readahead_npages = ahead
         return ahead
 
+    def fault_stream_run(self, obj: VMObject, first: int, npages: int) -> None:
+        """``fault_stream`` then ``fault_done(obj, pindex, 1)`` for each page of
+        ``[first, first + npages)`` in order, in one step (new pages written whole).
+
+        Same windows and the same pages left behind as page by page, but those
+        go to the inactive queue's head together, in ascending order (as
+        ``fault_done`` of a run does). Lock held. O(pages left behind + log window).
+        """
+        cfg = self.config
+        ramp, maximum = cfg.readaround_npages, cfg.readahead_max_npages
+        sequential = first == obj.readahead_next
+        window = readahead.next_window(
+            obj.readahead_npages, sequential=sequential, first=ramp, maximum=maximum
+        )
+        pindex = first
+        last = first + npages - 1
+        # The window ramps (doubling) for a few pages, then stays put.
+        while pindex < last:
+            step = readahead.next_window(window, sequential=True, first=ramp, maximum=maximum)
+            if step == window:
+                break
+            window = step
+            pindex += 1
+        obj.readahead_npages = window
+        obj.readahead_next = last + 1
+        if window < maximum or window <= 0:
+            return  # below full speed, fault_done leaves nothing behind
+        # Pages pindex..last each leave behind the page a window and one before them.
+        self._leave_behind(obj, max(pindex - window - 1, 0), last - window)
+
     def fault_done(self, obj: VMObject, first: int, npages: int) -> None:
         """Pages ``[first, first + npages)`` of anonymous ``obj`` were faulted in. Lock held.
 
@@ -489,7 +551,11 @@ class Kernel:
         if window < self.config.readahead_max_npages or window <= 0:
             return
         end = first - window
-        start = max(end - npages, 0)
+        self._leave_behind(obj, max(end - npages, 0), end)
+
+    def _leave_behind(self, obj: VMObject, start: int, end: int) -> None:
+        """Resident, idle, unwired pages of ``obj`` in ``[start, end)`` to the inactive
+        queue's head, unreferenced, in ascending order. Lock held. O(end - start)."""
         if end <= start:
             return
         pages = obj.pages
