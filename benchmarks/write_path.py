@@ -2,9 +2,12 @@
 own path (fault of each new page, queue, stream, copy), with no pageout.
 
 Each repetition makes a fresh VM with memory for the whole object, then writes
-the object once in ``--chunk-kib`` calls (new pages: the fill of a workload)
-and once more (resident pages: the hit path of a large write). It reports
-the process CPU per page of each pass (medians over ``--reps``).
+the object once in ``--chunk-kib`` calls (new pages: the fill of a workload,
+including the operating system's first touch of the frames), once more
+(resident pages: the hit path of a large write), then discards it and writes
+it again (new pages in frames touched before: the steady state of a program
+writing behind the page daemon). It reports the process CPU per page of each
+pass (medians over ``--reps``).
 
 ``--trees OLD/src NEW/src`` runs this script on each tree alternately in fresh
 processes (``--pairs`` times) and reports the medians and the ratios pair by
@@ -40,10 +43,13 @@ def measure(size_mib: int, chunk_kib: int, reps: int) -> dict[str, Any]:
     data = bytes(range(256)) * (chunk_kib * 1024 // 256)
     new: list[float] = []
     again: list[float] = []
+    renew: list[float] = []
     for _ in range(reps):
         with VM(memory=f"{size_mib + 16}M") as vm:
             obj = vm.allocate(size_mib * MIB)
-            for passes in (new, again):
+            for passes in (new, again, renew):
+                if passes is renew:
+                    obj.discard(0, size_mib * MIB)
                 cpu = time.process_time()
                 for offset in range(0, size_mib * MIB, len(data)):
                     obj.write(offset, data)
@@ -52,6 +58,7 @@ def measure(size_mib: int, chunk_kib: int, reps: int) -> dict[str, Any]:
     return {
         "new_pages_cpu_us_per_page": round(statistics.median(new), 3),
         "resident_pages_cpu_us_per_page": round(statistics.median(again), 3),
+        "new_pages_again_cpu_us_per_page": round(statistics.median(renew), 3),
     }
 
 
@@ -88,7 +95,11 @@ def main() -> int:
             row["loadavg"] = loadavg()
             report["runs"][name].append(row)
             print(name, json.dumps(row), file=sys.stderr)
-    keys = ("new_pages_cpu_us_per_page", "resident_pages_cpu_us_per_page")
+    keys = (
+        "new_pages_cpu_us_per_page",
+        "resident_pages_cpu_us_per_page",
+        "new_pages_again_cpu_us_per_page",
+    )
     report["median"] = {
         name: {k: statistics.median(r[k] for r in runs) for k in keys}
         for name, runs in report["runs"].items()
