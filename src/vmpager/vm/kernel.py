@@ -200,7 +200,13 @@ class Kernel:
         copied under the VM lock, so no page changes or leaves memory while
         it is copied. A write that covers a page's whole valid part (an
         object's ``size`` may end inside its last page) does not read the
-        page's old contents, and keeps the bytes past the end zero.
+        page's old contents, and keeps the bytes past the end zero. A write
+        of whole new pages takes each run of them at once
+        (``fault.hold_new_run``: the same pages, flags, queues and stream
+        as page by page) and copies it with one slice per run of
+        consecutive frames; the page that ends a run for want of a frame
+        takes the per-page path (it waits, or raises with the run before
+        it written).
         """
         ps = self.page_size
         length = view.nbytes
