@@ -234,7 +234,11 @@ class PageDaemon:
         active = queues.active
         budget = len(active)
         target = vm.inactive_target
-        while budget > 0 and active and len(queues.inactive) < target:
+        # The pages to deactivate are moved to the active queue's tail as they are
+        # found (the budget never comes back to them) and deactivated together at
+        # the end: the storage of mapped objects unbinds them in runs.
+        leaving: list[Page] = []
+        while budget > 0 and active and len(queues.inactive) + len(leaving) < target:
             budget -= 1
             page = next(iter(active))
             if page.busy or page.writing:
@@ -249,11 +253,14 @@ class PageDaemon:
             page.act_count -= ACT_DECLINE
             if page.act_count <= 0:
                 page.act_count = 0
-                queues.deactivate(page)
+                active.move_to_end(page)
+                leaving.append(page)
                 result.deactivated += 1
             else:
                 active.move_to_end(page)
                 result.aged += 1
+        if leaving:
+            queues.deactivate_pages(leaving)
 
     def _pending_npages(self, asynchronous: bool) -> int:
         """Frames the asynchronous writes in flight will free on completion.
