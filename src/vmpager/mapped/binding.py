@@ -335,8 +335,7 @@ class SharedRegion:
         finally:
             for page in run:
                 page.busy = False
-        for page, protected in zip(run, clean, strict=True):
-            self._bound(page, writable=not protected)
+        self._bound_run(run, clean)
         self.counts["ahead_pages"] += len(run)
 
     def _frame_buffers(self, run: list[Page]) -> list[memoryview]:
@@ -411,6 +410,24 @@ class SharedRegion:
         if len(self.bound) > self.limit:
             # Past the cap (mappings to spare), the oldest go together.
             self._unbind_oldest(_UNBIND_BATCH)
+
+    def _bound_run(self, run: list[Page], clean: list[bool]) -> None:
+        """``_bound`` for the pages of a run (``clean``: each one's write protection),
+        with one look at the cap for the whole run."""
+        bound, writable = self.bound, self.writable
+        activate = self.vm.queues.activate
+        for page, protected in zip(run, clean, strict=True):
+            pindex = page.pindex
+            bound[pindex] = page
+            if protected:
+                writable.discard(pindex)
+            else:
+                writable.add(pindex)
+            page.referenced = True
+            activate(page)
+        excess = len(bound) - self.limit
+        if excess > 0:
+            self._unbind_oldest(max(_UNBIND_BATCH, excess))
 
     def _unbind_oldest(self, n: int) -> None:
         """Unbind the ``n`` oldest bound pages together and deactivate them (the BSD
