@@ -10,8 +10,9 @@ A scan first walks the inactive queue from its head (oldest first):
 
 Then, if the inactive queue is shorter than its target, it ages the active
 queue: a referenced page gains activity (``act_count``), an unreferenced one
-loses it, and a page whose activity reaches zero is deactivated. Frequently
-used pages thus stay active longer than pages used once.
+loses it, and a page whose activity reaches zero is deactivated (the pages
+of one pass together, at its end: mapped objects' storage unbinds them in
+runs). Frequently used pages thus stay active longer than pages used once.
 
 The daemon runs in its own thread, woken when free frames fall below the
 minimum or a faulting thread waits for a frame; it reports "stuck" when a
