@@ -227,7 +227,7 @@ def resident(mib: int) -> dict[str, Any]:
 # ---- 3. whole-array operations ---------------------------------------------------------------
 
 _OP_PROGRAM = """
-import json, sys, time
+import json, os, sys, time
 import numpy as np
 n, op, mapped, limit = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1", sys.argv[4]
 rng = np.random.default_rng(5)
@@ -242,6 +242,19 @@ t = time.perf_counter()
 for i in range(0, n, chunk):
     a[i:i + chunk] = rng.standard_normal(min(chunk, n - i))
 fill = time.perf_counter() - t
+
+
+def pager_cpu():
+    # The pager process's CPU seconds (user, system): /proc/<pid>/stat fields 14, 15.
+    if not mapped:
+        return (0.0, 0.0)
+    with open(f"/proc/{pager.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) / tick, int(fields[12]) / tick)
+
+
+cpu0, own0 = pager_cpu(), time.process_time()
 t = time.perf_counter()
 if op == "sum":
     value = float(a.sum())
@@ -250,7 +263,14 @@ else:
     value = float(a[n // 2])
     assert bool(np.all(a[: 1 << 16][:-1] <= a[: 1 << 16][1:]))
 seconds = time.perf_counter() - t
+cpu1, own1 = pager_cpu(), time.process_time()
 row = {"op": op, "fill_s": round(fill, 3), "seconds": round(seconds, 3), "value": value}
+row["process_cpu_s"] = round(own1 - own0, 3)
+if mapped:
+    row["pager_user_s"] = round(cpu1[0] - cpu0[0], 2)
+    row["pager_system_s"] = round(cpu1[1] - cpu0[1], 2)
+    info = pager.info()
+    row["pager_counts"] = {k: v for k, v in info.items() if isinstance(v, int) and k != "pid"}
 print(json.dumps(row))
 """
 
@@ -291,7 +311,11 @@ def whole_array(args: argparse.Namespace, kernel: bool) -> list[dict[str, Any]]:
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row.update(system=system, array_mib=mib, limit_mib=limit, loadavg_before=load)
-            print(f"{system:>15} {op}: {row['seconds']:.2f} s", file=sys.stderr, flush=True)
+            cpu = ""
+            if "pager_user_s" in row:
+                user, system_s = row["pager_user_s"], row["pager_system_s"]
+                cpu = f" (pager cpu {user:.2f} user + {system_s:.2f} sys)"
+            print(f"{system:>15} {op}: {row['seconds']:.2f} s{cpu}", file=sys.stderr, flush=True)
             rows.append(row)
     return rows
 

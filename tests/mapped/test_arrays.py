@@ -227,3 +227,36 @@ def test_streams_drop_clean_pages_and_keep_written_ones() -> None:
         assert np.array_equal(a, ref)
         assert memfd_bytes(pager.pid) <= budget
         pager.check()
+
+
+def test_daemon_unbinds_the_bound_pages_it_deactivates_in_runs(pager: PagerProcess) -> None:
+    """Bound pages the page daemon deactivates in one aging pass are unbound together,
+    in runs of consecutive pages (fewer runs than pages), and keep every byte: the
+    array and the object's calls agree afterwards."""
+    npages = 40  # fits the 64-frame budget, all bound
+    a = pager.array(npages * PS, "uint8")
+    obj = pager.object_of(a)
+    ref = np.random.default_rng(11).integers(0, 256, npages * PS, dtype=np.uint8)
+    a[:] = ref  # binds every page, written
+    before = pager.info()
+    assert before["bound_npages"] == npages
+    # Pressure through calls on another object: the daemon ages the active queue
+    # until the array's pages reach zero activity and leave it.
+    other = pager.allocate(256 * PS)
+    for _ in range(6):
+        for i in range(256):
+            other.write(i * PS, bytes([i % 251 + 1]) * 64)
+        if pager.info()["daemon_unbinds"] - before["daemon_unbinds"] >= npages // 2:
+            break
+    after = pager.info()
+    unbound = after["daemon_unbinds"] - before["daemon_unbinds"]
+    assert unbound >= npages // 2
+    runs = after["unbind_runs"] - before["unbind_runs"]
+    assert runs < unbound  # together, not one at a time
+    assert after["bound_npages"] < npages
+    assert obj.read(0, npages * PS) == ref.tobytes()  # through the VM's frames
+    assert np.array_equal(a, ref)  # through the array: faults bind them again
+    assert obj.read(0, npages * PS) == ref.tobytes()
+    for i in (0, 100, 255):
+        assert other.read(i * PS, 64) == bytes([i % 251 + 1]) * 64
+    pager.check()

@@ -64,6 +64,9 @@ _NSTREAMS = 8
 _PROBE_EVERY = 32
 #: Pages unbound together past the cap of bound pages.
 _UNBIND_BATCH = 64
+#: Most pages unbound in one run: one buffer per frame at worst, and a vectored
+#: read takes at most IOV_MAX (1024) buffers.
+_RUN_MAX = 512
 
 
 def bound_page_limit() -> int:
@@ -332,8 +335,7 @@ class SharedRegion:
         finally:
             for page in run:
                 page.busy = False
-        for page, protected in zip(run, clean, strict=True):
-            self._bound(page, writable=not protected)
+        self._bound_run(run, clean)
         self.counts["ahead_pages"] += len(run)
 
     def _frame_buffers(self, run: list[Page]) -> list[memoryview]:
@@ -409,6 +411,24 @@ class SharedRegion:
             # Past the cap (mappings to spare), the oldest go together.
             self._unbind_oldest(_UNBIND_BATCH)
 
+    def _bound_run(self, run: list[Page], clean: list[bool]) -> None:
+        """``_bound`` for the pages of a run (``clean``: each one's write protection),
+        with one look at the cap for the whole run."""
+        bound, writable = self.bound, self.writable
+        activate = self.vm.queues.activate
+        for page, protected in zip(run, clean, strict=True):
+            pindex = page.pindex
+            bound[pindex] = page
+            if protected:
+                writable.discard(pindex)
+            else:
+                writable.add(pindex)
+            page.referenced = True
+            activate(page)
+        excess = len(bound) - self.limit
+        if excess > 0:
+            self._unbind_oldest(max(_UNBIND_BATCH, excess))
+
     def _unbind_oldest(self, n: int) -> None:
         """Unbind the ``n`` oldest bound pages together and deactivate them (the BSD
         inactive queue: a touch soft-faults them back)."""
@@ -473,16 +493,7 @@ class SharedRegion:
         if not pages:
             return
         pages.sort(key=lambda page: page.pindex)
-        run: list[Page] = []
-        for page in pages:
-            if page.pindex in self.aliased:
-                continue  # rare: leaving_active unbinds it alone, below
-            if run and page.pindex != run[-1].pindex + 1:
-                self._unbind_run(run)
-                run = []
-            run.append(page)
-        if run:
-            self._unbind_run(run)
+        self._unbind_runs(pages, aliased=False)
         queues = self.vm.queues
         if noreuse:
             # Highest first: each goes to the head, so the head ends in ascending order.
@@ -493,9 +504,27 @@ class SharedRegion:
             for page in pages:
                 queues.deactivate(page)
 
+    def _unbind_runs(self, pages: list[Page], *, aliased: bool) -> None:
+        """Unbind bound ``pages`` (ascending page index) in runs of consecutive pages,
+        one protect, one read and one punch per run. Aliased pages are passed over,
+        or with ``aliased`` unbound alone (``leaving_active``)."""
+        run: list[Page] = []
+        for page in pages:
+            if page.pindex in self.aliased:
+                if aliased:
+                    self.leaving_active(page)
+                continue  # rare: leaving_active unbinds it alone when it leaves
+            if run and (page.pindex != run[-1].pindex + 1 or len(run) >= _RUN_MAX):
+                self._unbind_run(run)
+                run = []
+            run.append(page)
+        if run:
+            self._unbind_run(run)
+
     def _unbind_run(self, run: list[Page]) -> None:
-        """Unbind consecutive pages (none aliased): protect them from client writes,
-        read the memfd pages back into their frames in one ``preadv``, punch them."""
+        """Unbind consecutive pages (none aliased, at most ``_RUN_MAX``): protect them
+        from client writes, read the memfd pages back into their frames in one
+        ``preadv``, punch them."""
         shift = self._shift
         offset = run[0].pindex << shift
         length = len(run) << shift
@@ -514,6 +543,7 @@ class SharedRegion:
             del self.bound[page.pindex]
             writable.discard(page.pindex)
         self.counts["unbinds"] += len(run)
+        self.counts["unbind_runs"] += 1
 
     # -- PageStorage ------------------------------------------------------------------
 
@@ -541,6 +571,18 @@ class SharedRegion:
         U.fallocate_punch(self.memfd, offset, self.ps)
         del self.bound[page.pindex]
         self.counts["unbinds"] += 1
+        self.counts["unbind_runs"] += 1
+
+    def leaving_active_pages(self, pages: list[Page]) -> None:
+        """``leaving_active`` for several pages at once (the page daemon's
+        deactivations): the bound ones are unbound in runs of consecutive pages."""
+        bound = self.bound
+        mine = [page for page in pages if bound.get(page.pindex) is page]
+        if not mine:
+            return
+        mine.sort(key=lambda page: page.pindex)
+        self._unbind_runs(mine, aliased=True)
+        self.counts["daemon_unbinds"] += len(mine)
 
     def freeing(self, page: Page) -> None:
         if self.bound.get(page.pindex) is not page:

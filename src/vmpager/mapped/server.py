@@ -75,6 +75,8 @@ COUNTS = (
     "early_dirty",
     "ahead_pages",
     "unbinds",
+    "unbind_runs",
+    "daemon_unbinds",
     "dropped",
 )
 

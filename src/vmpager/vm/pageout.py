@@ -10,8 +10,9 @@ A scan first walks the inactive queue from its head (oldest first):
 
 Then, if the inactive queue is shorter than its target, it ages the active
 queue: a referenced page gains activity (``act_count``), an unreferenced one
-loses it, and a page whose activity reaches zero is deactivated. Frequently
-used pages thus stay active longer than pages used once.
+loses it, and a page whose activity reaches zero is deactivated (the pages
+of one pass together, at its end: mapped objects' storage unbinds them in
+runs). Frequently used pages thus stay active longer than pages used once.
 
 The daemon runs in its own thread, woken when free frames fall below the
 minimum or a faulting thread waits for a frame; it reports "stuck" when a
@@ -234,7 +235,11 @@ class PageDaemon:
         active = queues.active
         budget = len(active)
         target = vm.inactive_target
-        while budget > 0 and active and len(queues.inactive) < target:
+        # The pages to deactivate are moved to the active queue's tail as they are
+        # found (the budget never comes back to them) and deactivated together at
+        # the end: the storage of mapped objects unbinds them in runs.
+        leaving: list[Page] = []
+        while budget > 0 and active and len(queues.inactive) + len(leaving) < target:
             budget -= 1
             page = next(iter(active))
             if page.busy or page.writing:
@@ -249,11 +254,14 @@ class PageDaemon:
             page.act_count -= ACT_DECLINE
             if page.act_count <= 0:
                 page.act_count = 0
-                queues.deactivate(page)
+                active.move_to_end(page)
+                leaving.append(page)
                 result.deactivated += 1
             else:
                 active.move_to_end(page)
                 result.aged += 1
+        if leaving:
+            queues.deactivate_pages(leaving)
 
     def _pending_npages(self, asynchronous: bool) -> int:
         """Frames the asynchronous writes in flight will free on completion.

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vmpager.errors import InvariantViolation
 from vmpager.vm.page import QUEUE_ACTIVE, QUEUE_INACTIVE, QUEUE_NONE, QUEUE_WIRED, Page
+
+if TYPE_CHECKING:
+    from vmpager.vm.storage import PageStorage
 
 __all__ = ["ACT_ADVANCE", "ACT_DECLINE", "ACT_INIT", "ACT_MAX", "PageQueues", "QueueStatistics"]
 
@@ -77,6 +81,35 @@ class PageQueues:
         self.remove(page)
         self.inactive[page] = None
         page.queue = QUEUE_INACTIVE
+
+    def deactivate_pages(self, pages: list[Page]) -> None:
+        """Put active ``pages`` at the tail of the inactive queue, in order.
+
+        For mapped objects the storage is told once for all of an object's pages
+        (``PageStorage.leaving_active_pages``: the bound ones are unbound in runs)
+        before any of them reaches the inactive queue. O(len(pages)).
+        """
+        active = self.active
+        leaving: dict[int, tuple[PageStorage, list[Page]]] = {}
+        for page in pages:
+            if page.queue != QUEUE_ACTIVE:
+                raise ValueError(f"pages: {page!r} is not on the active queue")
+        for page in pages:
+            del active[page]
+            page.queue = QUEUE_NONE
+            storage = page.obj.storage
+            if storage is not None:  # mapped objects: vm/storage.py
+                entry = leaving.get(id(storage))
+                if entry is None:
+                    leaving[id(storage)] = (storage, [page])
+                else:
+                    entry[1].append(page)
+        for storage, group in leaving.values():
+            storage.leaving_active_pages(group)
+        inactive = self.inactive
+        for page in pages:
+            inactive[page] = None
+            page.queue = QUEUE_INACTIVE
 
     def deactivate_noreuse(self, page: Page) -> None:
         """Put ``page`` at the head of the inactive queue: the next the daemon looks at. O(1).

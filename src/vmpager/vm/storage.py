@@ -14,6 +14,9 @@ storage two things, with the VM lock held:
   inactive page is one the other process must fault on to use again: that
   fault is the reference the page daemon's second chance looks for, and
   writes can no longer change a page the daemon may launder.
+- ``leaving_active_pages(pages)``: the same for several pages at once (the
+  page daemon's deactivations of one aging pass), so the storage can detach
+  them together; none reaches the inactive queue before it returns.
 - ``freeing(page)``: the page's frame is about to return to the free pool;
   the contents are no longer needed.
 
@@ -36,6 +39,9 @@ __all__ = ["PageStorage"]
 class PageStorage(Protocol):
     def leaving_active(self, page: Page) -> None:
         """``page`` (of the object) leaves the active queue. VM lock held; must not block long."""
+
+    def leaving_active_pages(self, pages: list[Page]) -> None:
+        """``leaving_active`` for each of ``pages`` (of the object), together. VM lock held."""
 
     def freeing(self, page: Page) -> None:
         """``page``'s frame is about to be freed. VM lock held."""
