@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import TypeGuard
 
 from vmpager.devices.protocol import DeviceStatistics, ReadableBuffer, WritableBuffer
 from vmpager.units import check_int
 
-__all__ = ["DeviceCounters", "as_byte_views", "check_block_size", "check_range"]
+__all__ = [
+    "DeviceCounters",
+    "as_byte_views",
+    "check_block_size",
+    "check_range",
+    "is_one_block_view",
+]
 
 
 def check_block_size(block_size: int) -> int:
@@ -38,6 +45,24 @@ def check_range(name: str, nblocks_device: int, blk: int, nblocks: int) -> None:
             f"{name}: blocks {blk}..{blk + nblocks - 1} run past the end of the device "
             f"(blocks 0..{nblocks_device - 1})"
         )
+
+
+def is_one_block_view(
+    buffer: object, blk: object, nblocks_device: int, block_size: int
+) -> TypeGuard[memoryview]:
+    """Whether ``read_block(blk, buffer)`` may skip the request checks: ``buffer``
+    is a writable, C-contiguous byte memoryview of exactly one block and ``blk``
+    a plain int inside the device. False means "take ``read_blocks``", which
+    then says what is wrong, if anything."""
+    return (
+        type(buffer) is memoryview
+        and type(blk) is int
+        and 0 <= blk < nblocks_device
+        and buffer.nbytes == block_size
+        and not buffer.readonly
+        and buffer.format == "B"
+        and buffer.c_contiguous
+    )
 
 
 def as_byte_views(

@@ -26,7 +26,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vmpager.devices._request import DeviceCounters, as_byte_views, check_block_size, check_range
+from vmpager.devices._request import (
+    DeviceCounters,
+    as_byte_views,
+    check_block_size,
+    check_range,
+    is_one_block_view,
+)
 from vmpager.devices.protocol import DeviceStatistics, ReadableBuffer, WritableBuffer
 from vmpager.errors import DeviceError
 from vmpager.io.vectored import drop_cache, libc_function, preadv_all, pwritev_all
@@ -314,17 +320,7 @@ class FileDevice:
         """
         fd = self._fd
         size = self._block_size
-        if (
-            fd < 0
-            or not self._direct
-            or type(buffer) is not memoryview
-            or type(blk) is not int
-            or not 0 <= blk < self._nblocks
-            or buffer.nbytes != size
-            or buffer.readonly
-            or buffer.format != "B"
-            or not buffer.c_contiguous
-        ):
+        if fd < 0 or not self._direct or not is_one_block_view(buffer, blk, self._nblocks, size):
             self.read_blocks(blk, [buffer])
             return
         try:

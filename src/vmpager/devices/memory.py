@@ -7,7 +7,13 @@ import mmap
 import threading
 from collections.abc import Sequence
 
-from vmpager.devices._request import DeviceCounters, as_byte_views, check_block_size, check_range
+from vmpager.devices._request import (
+    DeviceCounters,
+    as_byte_views,
+    check_block_size,
+    check_range,
+    is_one_block_view,
+)
 from vmpager.devices.protocol import DeviceStatistics, ReadableBuffer, WritableBuffer
 from vmpager.units import check_int
 
@@ -82,16 +88,7 @@ class MemoryDevice:
         exactly one block inside the device; anything else takes ``read_blocks``."""
         view = self._view
         size = self._block_size
-        if (
-            view is None
-            or type(buffer) is not memoryview
-            or type(blk) is not int
-            or not 0 <= blk < self._nblocks
-            or buffer.nbytes != size
-            or buffer.readonly
-            or buffer.format != "B"
-            or not buffer.c_contiguous
-        ):
+        if view is None or not is_one_block_view(buffer, blk, self._nblocks, size):
             self.read_blocks(blk, [buffer])
             return
         offset = blk * size

@@ -161,6 +161,20 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _read_many(
+    device: BlockDevice,
+    items: Sequence[tuple[int, Sequence[WritableBuffer]]],
+    run: Callable[[Callable[[int], None], Sequence[int]], None],
+) -> list[DeviceError | None]:
+    """The device's own ``read_many(items, run)``, or ``_read_blocks_each`` for a
+    device without one: one result per item, ``None`` where it was read."""
+    many = getattr(device, "read_many", None)
+    if many is not None:
+        results: list[DeviceError | None] = many(items, run)
+        return results
+    return _read_blocks_each(device, items, run)
+
+
 def _read_blocks_each(
     device: BlockDevice,
     items: Sequence[tuple[int, Sequence[WritableBuffer]]],
@@ -691,11 +705,7 @@ class SwapTier:
                 parts.append((i, first, count, data))
         for device, parts in groups.values():
             items = [(requests[i][2] + first, data) for i, first, _, data in parts]
-            many = getattr(device, "read_many", None)
-            if many is not None:
-                results: list[DeviceError | None] = many(items, run)
-            else:
-                results = _read_blocks_each(device, items, run)
+            results = _read_many(device, items, run)
             for part, failed in zip(parts, results, strict=True):
                 if failed is not None and errors[part[0]] is None:
                     errors[part[0]] = failed
@@ -757,11 +767,7 @@ class SwapTier:
         errors: list[DeviceError | None] = [None] * len(requests)
         for device, _, indices in groups.values():
             items = [(requests[i][2], pages_of[i]) for i in indices]
-            many = getattr(device, "read_many", None)
-            if many is not None:
-                results: list[DeviceError | None] = many(items, run)
-            else:
-                results = _read_blocks_each(device, items, run)
+            results = _read_many(device, items, run)
             for i, failed in zip(indices, results, strict=True):
                 errors[i] = failed
         read = 0
