@@ -163,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a VMConfig field (int or bool), e.g. swap_async_max=8; repeatable",
     )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the run (how long a thread back from the device "
+        "may wait for the interpreter; Python's default is 5 ms)",
+    )
     parser.add_argument("--label", default="", help="a name for this tree in the output")
     parser.add_argument("--output", help="write the JSON report here (else stdout)")
     options = parser.parse_args(argv)
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         fields[key] = value == "true" if value in ("true", "false") else int(value)
     config = VMConfig(**fields)
+    if options.switch_interval_ms is not None:
+        sys.setswitchinterval(options.switch_interval_ms / 1000)
     write_bytes = options.disk_kib * 1024
     report: dict[str, Any] = {
         "benchmark": "pageout bandwidth against the disk's sequential write bandwidth",
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "pageout_write_kib": config.cluster_max_npages * options.page_size // 1024,
             "swap_dir": options.swap_dir,
             "vm_config": fields,
+            "switch_interval_ms": sys.getswitchinterval() * 1000,
         },
         "reps": [],
     }
