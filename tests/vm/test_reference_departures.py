@@ -63,11 +63,12 @@ def test_readaround_default_is_8_each_side_and_7_selects_freebsd() -> None:
             vm.check()
 
 
-def test_pageout_writes_256_pages_at_once_and_16_selects_freebsd() -> None:
+def test_pageout_writes_64_pages_at_once_and_16_selects_freebsd() -> None:
     """FreeBSD 2002's swap pager writes at most 16 pages (nsw_cluster_max); the
-    default writes the page daemon's batches 256 pages at a time."""
-    assert VMConfig().cluster_max_npages == 256
-    for cluster in (256, 16):
+    default writes the page daemon's batches 64 pages at a time, and 256
+    (1 MiB writes) is one switch away."""
+    assert VMConfig().cluster_max_npages == 64
+    for cluster in (256, 64, 16):
         vm, _ = small_vm(nframes=600, swap_nblocks=1024, cluster_max_npages=cluster)
         with vm:
             obj = vm.allocate(512 * PAGE)
