@@ -6,7 +6,13 @@
 Runs ``before``, ``after``, ``before``, ``after``... (each one repetition,
 disk measured in each) and reports per tree the median of every figure, and
 per pair the ratios after / before of the drain and writer rates and CPU per
-page, with their medians. Arguments after ``--`` go to ``pageout.py``.
+page, with their medians. Arguments after ``--`` go to ``pageout.py``;
+``--before-config`` / ``--after-config KEY=VALUE`` (repeatable) and
+``--before-arg`` / ``--after-arg=ARG`` go to one side only, so one tree can be
+compared with itself under two configurations:
+
+    python benchmarks/pageout_ab.py --before src --after src \
+        --before-config cluster_max_npages=64 --pairs 4 -- --limit-mib 512
 """
 
 from __future__ import annotations
@@ -55,6 +61,14 @@ def main() -> int:
     parser.add_argument("--before", required=True, help="the PYTHONPATH of the before tree")
     parser.add_argument("--after", required=True, help="the PYTHONPATH of the after tree")
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--before-config", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--after-config", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--before-arg", action="append", default=[], help="one more pageout.py argument, one side"
+    )
+    parser.add_argument(
+        "--after-arg", action="append", default=[], help="e.g. --after-arg=--switch-interval-ms=1"
+    )
     parser.add_argument("--output")
     parser.add_argument("extra", nargs="*", help="arguments for pageout.py (after --)")
     options = parser.parse_args()
@@ -65,13 +79,19 @@ def main() -> int:
         "before": options.before,
         "after": options.after,
         "pageout_args": options.extra,
+        "before_config": options.before_config,
+        "after_config": options.after_config,
+        "before_args": options.before_arg,
+        "after_args": options.after_arg,
         "runs": {"before": [], "after": []},
     }
     for _ in range(options.pairs):
         for name in ("before", "after"):
-            rep = run_one(getattr(options, name), options.extra)
+            side = [f"--config={item}" for item in getattr(options, f"{name}_config")]
+            side += getattr(options, f"{name}_arg")
+            rep = run_one(getattr(options, name), [*options.extra, *side])
             report.setdefault("machine", rep.pop("machine"))
-            report.setdefault("config", rep.pop("config"))
+            report.setdefault("config", {})[name] = rep.pop("config")
             rep.pop("machine", None)
             rep.pop("config", None)
             report["runs"][name].append(rep)

@@ -63,6 +63,26 @@ def test_readaround_default_is_8_each_side_and_7_selects_freebsd() -> None:
             vm.check()
 
 
+def test_pageout_writes_64_pages_at_once_and_16_selects_freebsd() -> None:
+    """FreeBSD 2002's swap pager writes at most 16 pages (nsw_cluster_max); the
+    default writes the page daemon's batches 64 pages at a time, and 256
+    (1 MiB writes) is one switch away."""
+    assert VMConfig().cluster_max_npages == 64
+    for cluster in (256, 64, 16):
+        vm, _ = small_vm(nframes=600, swap_nblocks=1024, cluster_max_npages=cluster)
+        with vm:
+            obj = vm.allocate(512 * PAGE)
+            fill(obj)
+            assert len(obj.pages) == 512
+            vm.pageout(512)
+            assert not obj.pages
+            histogram = dict(vm.statistics().cluster_histogram)
+            assert max(histogram) == cluster
+            assert sum(size * count for size, count in histogram.items()) == 512
+            assert obj.read(300 * PAGE, PAGE) == page_bytes(301)
+            vm.check()
+
+
 def test_failed_readaround_retries_the_requested_page_alone() -> None:
     """A bad block next to the page fails the read-around transfer; the page
     itself is read again alone and served (the reference returns the error)."""

@@ -42,8 +42,11 @@ class VMConfig:
     """
 
     #: Largest pageout cluster, in pages (MAX_PAGEOUT_CLUSTER / nsw_cluster_max).
-    #: FreeBSD 2002 has 16; 64 pages (256 KiB with 4 KiB pages) is where a disk's
-    #: writes reach its sequential bandwidth, and what batched pageout fills.
+    #: FreeBSD 2002 has 16 (selects it); 64 pages (256 KiB with 4 KiB pages) is
+    #: what batched pageout fills. 256 (1 MiB writes) drains 1.3-1.85x and pages
+    #: out behind a writer 1.3-1.4x faster, but batched random paging ran at
+    #: 0.74-0.87x in every run side by side (docs/performance.md, "Pageout"):
+    #: a switch for workloads that mostly write.
     cluster_max_npages: int = 64
     #: Read-around window on each side of a faulting page. FreeBSD 2002's
     #: swap_pager_haspage gives at most SWB_NPAGES / 2 - 1 = 7 (7 selects it);
