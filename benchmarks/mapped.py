@@ -20,9 +20,8 @@ Measured in one run, side by side (A B A B for the repetitions):
 5. The latency of swap-in faults (``--parts latency``): random pages of an
    array ``--latency-mib`` MiB through a quarter of that, each access timed
    alone (median, p90, p99), with the pager's thread switch interval at
-   Python's default (5 ms) and at ``PAGER_SWITCH_INTERVAL`` (or those of
-   ``--latency-intervals``, seconds, comma-separated), interleaved
-   ``--latency-rounds`` times.
+   each of ``--latency-intervals`` (seconds, comma-separated; default 5 ms,
+   Python's and the pager's, and 0.5 ms), interleaved ``--latency-rounds`` times.
 
 ``--baseline-src DIR`` adds ``vmpager-mapped-before``: the same mapped runs
 (standard workload and whole-array operations) with the package at ``DIR``
@@ -379,11 +378,8 @@ print(json.dumps(row))
 
 
 def latency(args: argparse.Namespace) -> dict[str, Any]:
-    from vmpager.mapped.client import PAGER_SWITCH_INTERVAL
-
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     intervals = [float(x) for x in args.latency_intervals.split(",") if x]
-    intervals = intervals or [0.005, PAGER_SWITCH_INTERVAL]
     rows = []
     for _round in range(args.latency_rounds):
         for interval in intervals:
@@ -526,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-mib", type=int, default=128)
     parser.add_argument("--latency-touches", type=int, default=20_000)
     parser.add_argument("--latency-rounds", type=int, default=3)
-    parser.add_argument("--latency-intervals", default="")
+    parser.add_argument("--latency-intervals", default="0.005,0.0005")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     why = kernel_available() if args.kernel == "auto" else "disabled"

@@ -42,11 +42,11 @@ from vmpager.mapped import uffd as U
 from vmpager.mapped.wire import recv_message, send_message
 from vmpager.units import check_int, parse_size
 
-#: The pager interpreter's thread switch interval (seconds). Python's default,
-#: 5 ms, is how long a thread whose system call has returned may wait for the
-#: GIL while another thread runs Python: the fault thread, back from a swap
-#: read, waited behind the page daemon and the I/O threads (docs/mapped.md).
-PAGER_SWITCH_INTERVAL = 0.0005
+#: The pager interpreter's thread switch interval (seconds): Python's default.
+#: A shorter one bounds how long the fault thread, back from a swap read, may
+#: wait for the GIL while the page daemon or an I/O thread runs Python; 0.5 and
+#: 0.2 ms were measured and gained nothing (docs/mapped.md, Performance).
+PAGER_SWITCH_INTERVAL = 0.005
 MIN_SWITCH_INTERVAL = 1e-6
 MAX_SWITCH_INTERVAL = 1.0
 
