@@ -158,6 +158,8 @@ def test_bad_arguments(pager: PagerProcess) -> None:
 def test_bad_switch_interval(interval: float) -> None:
     with pytest.raises(ValueError, match="switch_interval"):
         PagerProcess("1M", switch_interval=interval)
+    with pytest.raises(TypeError, match="switch_interval"):
+        PagerProcess("1M", switch_interval="1ms")  # type: ignore[arg-type]
 
 
 @needs_uffd

@@ -95,6 +95,12 @@ class PagerProcess:
         faulty_swap_nblocks: int = 0,
         switch_interval: float | None = None,
     ) -> None:
+        if switch_interval is not None and (
+            isinstance(switch_interval, bool) or not isinstance(switch_interval, (int, float))
+        ):
+            raise TypeError(
+                f"switch_interval must be a number of seconds, got {type(switch_interval).__name__}"
+            )
         if switch_interval is not None and not (
             MIN_SWITCH_INTERVAL <= switch_interval <= MAX_SWITCH_INTERVAL
         ):
