@@ -15,7 +15,7 @@ import pytest
 
 from vmpager.errors import ObjectClosed
 from vmpager.mapped import uffd
-from vmpager.mapped.client import PagerDied, PagerProcess
+from vmpager.mapped.client import PAGER_SWITCH_INTERVAL, PagerDied, PagerProcess
 from vmpager.testing.mapped import UNAVAILABLE
 from vmpager.vm.system import VM
 
@@ -151,6 +151,23 @@ def test_bad_arguments(pager: PagerProcess) -> None:
         obj.read(-1, 4)
     with pytest.raises(ValueError, match="length"):
         obj.write(obj.size - 2, b"abc")
+
+
+@needs_uffd
+@pytest.mark.parametrize("interval", [0.0, -1.0, 2.0, float("nan")])
+def test_bad_switch_interval(interval: float) -> None:
+    with pytest.raises(ValueError, match="switch_interval"):
+        PagerProcess("1M", switch_interval=interval)
+    with pytest.raises(TypeError, match="switch_interval"):
+        PagerProcess("1M", switch_interval="1ms")  # type: ignore[arg-type]
+
+
+@needs_uffd
+def test_switch_interval_reaches_the_pager() -> None:
+    with PagerProcess("1M", switch_interval=0.0003) as pager:
+        assert pager.info()["switch_interval"] == pytest.approx(0.0003)
+    with PagerProcess("1M") as pager:
+        assert pager.info()["switch_interval"] == pytest.approx(PAGER_SWITCH_INTERVAL)
 
 
 def test_without_userfaultfd_vm_array_says_how_and_the_rest_works(

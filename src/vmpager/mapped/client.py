@@ -42,6 +42,14 @@ from vmpager.mapped import uffd as U
 from vmpager.mapped.wire import recv_message, send_message
 from vmpager.units import check_int, parse_size
 
+#: The pager interpreter's thread switch interval (seconds): Python's default.
+#: A shorter one bounds how long the fault thread, back from a swap read, may
+#: wait for the GIL while the page daemon or an I/O thread runs Python; 0.5 and
+#: 0.2 ms were measured and gained nothing (docs/mapped.md, Performance).
+PAGER_SWITCH_INTERVAL = 0.005
+MIN_SWITCH_INTERVAL = 1e-6
+MAX_SWITCH_INTERVAL = 1.0
+
 __all__ = ["MappedObject", "PagerDied", "PagerProcess"]
 
 
@@ -68,6 +76,10 @@ class PagerProcess:
     ``bound_limit`` caps the pages mapped in the client at once (default: what
     ``vm.max_map_count`` allows); ``faulty_swap_nblocks`` (tests) gives the VM
     swap in memory behind an error injector, set with ``inject``.
+    ``switch_interval`` is the pager interpreter's thread switch interval
+    (seconds, ``sys.setswitchinterval``; default ``PAGER_SWITCH_INTERVAL``):
+    how long the fault thread may wait for the GIL after its I/O returns
+    while the page daemon or an I/O thread runs Python.
     Raises ``UserfaultfdUnavailable`` (saying how to enable it) when
     userfaultfd cannot be used here. Thread-safe: calls are serialized.
     """
@@ -81,7 +93,21 @@ class PagerProcess:
         config: Any = None,
         bound_limit: int | None = None,
         faulty_swap_nblocks: int = 0,
+        switch_interval: float | None = None,
     ) -> None:
+        if switch_interval is not None and (
+            isinstance(switch_interval, bool) or not isinstance(switch_interval, (int, float))
+        ):
+            raise TypeError(
+                f"switch_interval must be a number of seconds, got {type(switch_interval).__name__}"
+            )
+        if switch_interval is not None and not (
+            MIN_SWITCH_INTERVAL <= switch_interval <= MAX_SWITCH_INTERVAL
+        ):
+            raise ValueError(
+                f"switch_interval must be between {MIN_SWITCH_INTERVAL} and "
+                f"{MAX_SWITCH_INTERVAL} seconds, got {switch_interval!r}"
+            )
         self.uffd = U.Userfaultfd()  # first: fails early, and explains, when unavailable
         self._lock = threading.Lock()
         self._replies: deque[tuple[Any, ...]] = deque()
@@ -110,6 +136,9 @@ class PagerProcess:
             "config": config,
             "bound_limit": bound_limit,
             "faulty_swap_nblocks": faulty_swap_nblocks,
+            "switch_interval": (
+                PAGER_SWITCH_INTERVAL if switch_interval is None else switch_interval
+            ),
         }
         try:
             send_message(ours, settings)

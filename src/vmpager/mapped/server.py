@@ -295,6 +295,7 @@ class PagerServer:
             "bound_npages": bound,
             "bound_limit": self.limit,
             "fault_errors": self.fault_errors,
+            "switch_interval": sys.getswitchinterval(),
             **counts,
         }
 
@@ -407,6 +408,9 @@ def serve(fd: int) -> None:
         settings, _ = recv_message(sock)
     except EOFError:
         return
+    interval = settings.get("switch_interval")
+    if interval:
+        sys.setswitchinterval(interval)
     try:
         server = PagerServer(sock, settings)
     except BaseException as exc:
