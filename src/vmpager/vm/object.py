@@ -166,12 +166,13 @@ class VMObject:
             # negative offset finds no page: the slow path refuses it.)
             off = offset & self._page_mask
             if off + length <= self._page_bytes:
+                pindex = offset >> self._page_shift
                 pages = self.pages
-                page = pages.get(offset >> self._page_shift)
+                page = pages.get(pindex)
                 if page is not None and not (page.busy or page.prefetched):
                     start = (page.frame << self._page_shift) + off
                     data = self._arena[start : start + length]
-                    if pages.get(offset >> self._page_shift) is page and not page.busy:
+                    if pages.get(pindex) is page and not page.busy:
                         page.referenced = True
                         return data
         # A closed object has no pages: the fault reaches the dead pager.
@@ -196,35 +197,40 @@ class VMObject:
             # Hit path: inside one resident, idle, dirty page (what hold_page does
             # for it), under the lock: a frame must not change hands mid-copy. A
             # clean page is made dirty here unless the read reserve is reached.
+            # (acquire/release in try/finally: cheaper than ``with`` per call.)
             off = offset & self._page_mask
             end = off + len(data)
             if end <= self._page_bytes:
-                with self._lock:
+                lock = self._lock
+                lock.acquire()
+                try:
                     page = self.pages.get(offset >> self._page_shift)
                     if page is not None and not (page.busy or page.writing or page.prefetched):
-                        if not page._dirty:
-                            vm = self._kernel
-                            reserve = vm.read_reserve
-                            if (
-                                vm.frames.free_nframes <= reserve
-                                and vm.frames.nframes - vm.ndirty - 1 < reserve
-                            ):
-                                # The frames kept for page-ins would hold dirt
-                                # (Kernel.room_to_dirty): the slow path makes room.
-                                page = None
-                            else:
-                                vm.make_dirty(self, page)  # its swap copy is stale now
-                        if page is not None:
+                        if page._dirty or self._dirty_in_place(page):
                             page.referenced = True
                             start = page.frame << self._page_shift
                             self._arena[start + off : start + end] = data
                             return end - off
+                finally:
+                    lock.release()
         if isinstance(cast(object, data), str):
             raise TypeError("data must be bytes-like, not str")
         view = memoryview(data).cast("B")
         offset, length = self._check_range(offset, view.nbytes)
         self._kernel.write(self, offset, view)
         return length
+
+    def _dirty_in_place(self, page: Page) -> bool:
+        """Make a clean, resident, idle ``page`` of this object dirty for the write
+        hit path, unless that would put dirt into the frames kept for page-ins
+        (``Kernel.room_to_dirty``): then False, and the slow path makes room.
+        VM lock held. O(1)."""
+        vm = self._kernel
+        reserve = vm.read_reserve
+        if vm.frames.free_nframes <= reserve and vm.frames.nframes - vm.ndirty - 1 < reserve:
+            return False
+        vm.make_dirty(self, page)  # its swap copy is stale now
+        return True
 
     # -- batched access (vm/batch.py) ------------------------------------------------
 
