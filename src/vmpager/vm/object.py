@@ -205,12 +205,15 @@ class VMObject:
                 lock.acquire()
                 try:
                     page = self.pages.get(offset >> self._page_shift)
-                    if page is not None and not (page.busy or page.writing or page.prefetched):
-                        if page._dirty or self._dirty_in_place(page):
-                            page.referenced = True
-                            start = page.frame << self._page_shift
-                            self._arena[start + off : start + end] = data
-                            return end - off
+                    if (
+                        page is not None
+                        and not (page.busy or page.writing or page.prefetched)
+                        and (page._dirty or self._dirty_in_place(page))
+                    ):
+                        page.referenced = True
+                        start = page.frame << self._page_shift
+                        self._arena[start + off : start + end] = data
+                        return end - off
                 finally:
                     lock.release()
         if isinstance(cast(object, data), str):
