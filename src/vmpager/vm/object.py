@@ -205,15 +205,24 @@ class VMObject:
                 lock.acquire()
                 try:
                     page = self.pages.get(offset >> self._page_shift)
-                    if (
-                        page is not None
-                        and not (page.busy or page.writing or page.prefetched)
-                        and (page._dirty or self._dirty_in_place(page))
-                    ):
-                        page.referenced = True
-                        start = page.frame << self._page_shift
-                        self._arena[start + off : start + end] = data
-                        return end - off
+                    if page is not None and not (page.busy or page.writing or page.prefetched):
+                        if not page._dirty:
+                            vm = self._kernel
+                            reserve = vm.read_reserve
+                            if (
+                                vm.frames.free_nframes <= reserve
+                                and vm.frames.nframes - vm.ndirty - 1 < reserve
+                            ):
+                                # The frames kept for page-ins would hold dirt
+                                # (Kernel.room_to_dirty): the slow path makes room.
+                                page = None
+                            else:
+                                vm.make_dirty(self, page)  # its swap copy is stale now
+                        if page is not None:
+                            page.referenced = True
+                            start = page.frame << self._page_shift
+                            self._arena[start + off : start + end] = data
+                            return end - off
                 finally:
                     lock.release()
         if isinstance(cast(object, data), str):
@@ -222,18 +231,6 @@ class VMObject:
         offset, length = self._check_range(offset, view.nbytes)
         self._kernel.write(self, offset, view)
         return length
-
-    def _dirty_in_place(self, page: Page) -> bool:
-        """Make a clean, resident, idle ``page`` of this object dirty for the write
-        hit path, unless that would put dirt into the frames kept for page-ins
-        (``Kernel.room_to_dirty``): then False, and the slow path makes room.
-        VM lock held. O(1)."""
-        vm = self._kernel
-        reserve = vm.read_reserve
-        if vm.frames.free_nframes <= reserve and vm.frames.nframes - vm.ndirty - 1 < reserve:
-            return False
-        vm.make_dirty(self, page)  # its swap copy is stale now
-        return True
 
     # -- batched access (vm/batch.py) ------------------------------------------------
 
