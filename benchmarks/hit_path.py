@@ -15,7 +15,13 @@ Usage (from the repository root)::
         [--output benchmarks/results/hit_path.json]
 
 Prints the JSON report (median and every repetition, pairs/s and µs per
-pair, the load average) to stdout; ``--output`` also writes it.
+pair, the load average) to stdout; ``--output`` also writes it. With
+``--breakdown`` it also times, interleaved, in rounds of ``--accesses``
+pairs, the loop with steps of the object's work swapped in one at a time:
+two functions that do nothing, the bytearray, the bytearray with the write
+under the VM lock, and the object (min and median µs per pair over
+``--rounds``). (A mix of the object's read and the bytearray's write would
+touch two arenas per pair, twice the cache and TLB misses: not a part.)
 """
 
 from __future__ import annotations
@@ -97,12 +103,67 @@ def measure(npages: int, accesses: int, reps: int, pattern: str) -> dict[str, An
     }
 
 
+def breakdown(npages: int, accesses: int, rounds: int) -> dict[str, Any]:
+    """Thread CPU µs per pair of the loop with parts of the object's work swapped in."""
+    offsets = (np.random.default_rng(7).integers(0, npages, accesses) * PAGE).tolist()
+    plain = bytearray(npages * PAGE)
+    zeros = bytes(8)
+
+    def empty_read(offset: int, length: int) -> bytes:
+        return zeros
+
+    def empty_write(offset: int, data: bytes) -> int:
+        return 8
+
+    def plain_read(offset: int, length: int) -> bytes:
+        return bytes(plain[offset : offset + length])
+
+    def plain_write(offset: int, data: bytes) -> int:
+        plain[offset : offset + len(data)] = data
+        return len(data)
+
+    times: dict[str, list[float]] = {}
+    with VM(memory=f"{2 * npages * PAGE // MIB + 1}M", swap=[]) as vm:
+        obj = vm.allocate(npages * PAGE)
+        obj.write(0, bytes(npages * PAGE))
+        lock = obj.kernel.lock
+
+        def locked_write(offset: int, data: bytes) -> int:
+            lock.acquire()
+            try:
+                plain[offset : offset + len(data)] = data
+                return len(data)
+            finally:
+                lock.release()
+
+        variants: dict[str, tuple[Callable[[int, int], bytes], Callable[[int, bytes], Any]]] = {
+            "empty functions": (empty_read, empty_write),
+            "bytearray": (plain_read, plain_write),
+            "bytearray, write under the VM lock": (plain_read, locked_write),
+            "object read and write": (obj.read, obj.write),
+        }
+        names = list(variants)
+        for name in names:
+            times[name] = []
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                read, write = variants[name]
+                times[name].append(_loop(read, write, offsets) / accesses * 1e6)
+        vm.check()
+    return {
+        name: {"min_us": round(min(v), 3), "median_us": round(statistics.median(v), 3)}
+        for name, v in times.items()
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--npages", type=int, default=16384)
     parser.add_argument("--accesses", type=int, default=1_000_000)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--pattern", choices=("random", "seq"), default="random")
+    parser.add_argument("--breakdown", action="store_true", help="also time the parts")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds of the breakdown")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     report = {
@@ -113,8 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         **measure(args.npages, args.accesses, args.reps, args.pattern),
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+    if args.breakdown:
+        report["breakdown_us_per_pair"] = breakdown(args.npages, args.accesses, args.rounds)
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(report, indent=2)
     print(text)
     if args.output is not None:
