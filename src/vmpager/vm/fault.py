@@ -58,7 +58,7 @@ def hold_page(vm: Kernel, obj: VMObject, pindex: int, *, write: bool, overwrite:
             if page.prefetched:
                 page.prefetched = False
                 vm.counters.readaround_hits += 1
-            if write and not page.dirty:
+            if write and not page._dirty:
                 if not vm.room_to_dirty():
                     continue  # it made room, releasing the lock: look again
                 vm.make_dirty(obj, page)

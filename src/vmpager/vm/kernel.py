@@ -156,7 +156,7 @@ class Kernel:
             or type(length) is not int
             or offset < 0
             or length < 0
-            or offset + length > obj.size
+            or offset + length > obj.npages << self.page_shift
         ):
             # Anything but plain ints in range gets the full check (bool and
             # float refused by name, numpy integers converted).
@@ -164,7 +164,7 @@ class Kernel:
         ps = self.page_size
         pindex, off = divmod(offset, ps)
         if off + length <= ps:
-            with self.cond:
+            with self.lock:  # the condition's lock, without its Python-level __enter__
                 page = obj.pages.get(pindex)
                 if page is None or page.busy or page.prefetched:
                     # hold_page also counts the use of a read-around page.

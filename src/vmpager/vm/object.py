@@ -166,12 +166,13 @@ class VMObject:
             # negative offset finds no page: the slow path refuses it.)
             off = offset & self._page_mask
             if off + length <= self._page_bytes:
+                pindex = offset >> self._page_shift
                 pages = self.pages
-                page = pages.get(offset >> self._page_shift)
+                page = pages.get(pindex)
                 if page is not None and not (page.busy or page.prefetched):
                     start = (page.frame << self._page_shift) + off
                     data = self._arena[start : start + length]
-                    if pages.get(offset >> self._page_shift) is page and not page.busy:
+                    if pages.get(pindex) is page and not page.busy:
                         page.referenced = True
                         return data
         # A closed object has no pages: the fault reaches the dead pager.
@@ -196,10 +197,13 @@ class VMObject:
             # Hit path: inside one resident, idle, dirty page (what hold_page does
             # for it), under the lock: a frame must not change hands mid-copy. A
             # clean page is made dirty here unless the read reserve is reached.
+            # (acquire/release in try/finally: cheaper than ``with`` per call.)
             off = offset & self._page_mask
             end = off + len(data)
             if end <= self._page_bytes:
-                with self._lock:
+                lock = self._lock
+                lock.acquire()
+                try:
                     page = self.pages.get(offset >> self._page_shift)
                     if page is not None and not (page.busy or page.writing or page.prefetched):
                         if not page._dirty:
@@ -219,6 +223,8 @@ class VMObject:
                             start = page.frame << self._page_shift
                             self._arena[start + off : start + end] = data
                             return end - off
+                finally:
+                    lock.release()
         if isinstance(cast(object, data), str):
             raise TypeError("data must be bytes-like, not str")
         view = memoryview(data).cast("B")
