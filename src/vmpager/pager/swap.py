@@ -510,7 +510,13 @@ class SwapPager:
         vm = self._vm
         n = len(chunk)
         kind = IOKind.WRITE_SYNC if sync else IOKind.WRITE_ASYNC
-        request = IORequest(kind, blk, self._frame_buffers(chunk), chunk, self._write_done)
+        request = IORequest(
+            kind,
+            blk,
+            self._vm.frames.run_views(list(map(_frame_of, chunk))),
+            chunk,
+            self._write_done,
+        )
         vm.counters.pageouts += 1
         vm.counters.pageout_pages += n
         vm.counters.note_cluster(n)
@@ -529,23 +535,6 @@ class SwapPager:
             vm.pagermap.map_out(token)
             vm.inflight.release(kind)
         return self._finish_write(request)
-
-    def _frame_buffers(self, chunk: list[Page]) -> list[memoryview]:
-        """The frames of ``chunk``, in order, as few views as possible: one per run of
-        consecutive frames (fewer, larger buffers for the swap space and device)."""
-        frames = self._vm.frames
-        view = frames.view
-        size = frames.page_size
-        numbers = list(map(_frame_of, chunk))
-        buffers: list[memoryview] = []
-        start = prev = numbers[0]
-        for frame in numbers[1:]:
-            if frame != prev + 1:
-                buffers.append(view[start * size : (prev + 1) * size])
-                start = frame
-            prev = frame
-        buffers.append(view[start * size : (prev + 1) * size])
-        return buffers
 
     def _write_done(self, request: IORequest[Page]) -> None:
         """Completion of an asynchronous write (engine -> Kernel, lock held)."""

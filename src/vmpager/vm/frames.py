@@ -8,6 +8,7 @@ and returned by index; ``view`` and ``array`` expose the arena for copies.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,22 @@ class FramePool:
         """A writable view of one frame (no copy)."""
         start = frame * self.page_size
         return self.view[start : start + self.page_size]
+
+    def run_views(self, frames: Sequence[int]) -> list[memoryview]:
+        """Writable views of ``frames`` (non-empty), in order, as few as possible:
+        one per run of consecutive frame numbers (no copy). A write or copy of
+        many pages then takes one buffer per run. O(len(frames))."""
+        view = self.view
+        size = self.page_size
+        buffers: list[memoryview] = []
+        start = prev = frames[0]
+        for frame in frames[1:]:
+            if frame != prev + 1:
+                buffers.append(view[start * size : (prev + 1) * size])
+                start = frame
+            prev = frame
+        buffers.append(view[start * size : (prev + 1) * size])
+        return buffers
 
     def zero(self, frame: int) -> None:
         self.array[frame].fill(0)

@@ -156,7 +156,7 @@ class Kernel:
             or type(length) is not int
             or offset < 0
             or length < 0
-            or offset + length > obj.npages << self.page_shift
+            or offset + length > obj.size
         ):
             # Anything but plain ints in range gets the full check (bool and
             # float refused by name, numpy integers converted).
@@ -247,20 +247,10 @@ class Kernel:
     def _fill_run(self, run: Sequence[Page], view: memoryview, pos: int) -> None:
         """Copy ``view[pos:]`` into the consecutive pages ``run``, one slice per run
         of consecutive frames. Lock held. O(bytes)."""
-        ps = self.page_size
-        fview = self.frames.view
-        count = len(run)
-        i = 0
-        while i < count:
-            frame = run[i].frame
-            j = i + 1
-            while j < count and run[j].frame == frame + j - i:
-                j += 1
-            start = frame * ps
-            nbytes = (j - i) * ps
-            src = pos + i * ps
-            fview[start : start + nbytes] = view[src : src + nbytes]
-            i = j
+        for buffer in self.frames.run_views([page.frame for page in run]):
+            nbytes = buffer.nbytes
+            buffer[:] = view[pos : pos + nbytes]
+            pos += nbytes
 
     def discard(self, obj: VMObject, offset: int, length: int) -> None:
         ps = self.page_size
