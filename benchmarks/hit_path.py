@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from vmpager.bench.kernel import describe_machine
 from vmpager.vm.system import VM
 
 PAGE = 4096
@@ -167,11 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     report = {
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
+        "machine": describe_machine(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         **measure(args.npages, args.accesses, args.reps, args.pattern),
     }
