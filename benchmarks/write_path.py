@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vmpager.bench.kernel import describe_machine
+
 MIB = 1 << 20
 
 
@@ -79,7 +81,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "benchmark": "write_path.py, before and after, alternately in fresh processes",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": describe_machine(),
         "args": args,
         "loadavg_start": loadavg(),
         "trees": dict(zip(("before", "after"), options.trees, strict=True)),
