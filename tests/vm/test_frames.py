@@ -1,6 +1,8 @@
-"""The frame pool: single and bulk frees, double frees refused, reuse order."""
+"""The frame pool: single and bulk frees, double frees refused, reuse order, run views."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 from hypothesis import given
@@ -54,3 +56,19 @@ def test_free_many_matches_free_one_by_one(ops: list[tuple[bool, int]]) -> None:
         assert pool.free_nframes == len(model)
         assert {f for f in range(32) if pool.is_free(f)} == model
         pool.check()
+
+
+@given(st.lists(st.integers(0, 15), min_size=1, max_size=40))
+def test_run_views_are_the_frames_in_order_one_view_per_run(frames: list[int]) -> None:
+    """The views cover exactly the listed frames' bytes in order, one view per
+    run of consecutive frame numbers, and write through to the arena."""
+    pool = FramePool(16, 512)
+    for f in range(16):
+        pool.array[f].fill(f)
+    views = pool.run_views(frames)
+    breaks = sum(1 for a, b in itertools.pairwise(frames) if b != a + 1)
+    assert len(views) == breaks + 1
+    joined = b"".join(bytes(v) for v in views)
+    assert joined == b"".join(bytes([f]) * 512 for f in frames)
+    views[0][:1] = b"\xff"
+    assert pool.array[frames[0]][0] == 0xFF
